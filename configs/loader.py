@@ -1,0 +1,87 @@
+"""Reads a YAML config, applies `--set` overrides and validates it, with errors that name key and file."""
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from distilflow.configs.schema import PipelineConfig
+from distilflow.tasks.errors import DistilflowError
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Load and validate ``path``; ``overrides`` maps dotted keys (``distill.lora.r``) to values."""
+    path = Path(path).resolve()
+    raw = _read_yaml(path)
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value, path)
+    raw.setdefault("run", {})  # validated with the file's directory, so a default workdir resolves there
+    try:
+        return PipelineConfig.model_validate(raw, context={"base_dir": path.parent})
+    except ValidationError as err:
+        raise DistilflowError(_describe(err, path)) from None
+
+
+def parse_overrides(assignments: list[str]) -> dict[str, Any]:
+    """``["distill.lora.r=16"]`` -> ``{"distill.lora.r": 16}``; values are read as YAML scalars."""
+    overrides = {}
+    for assignment in assignments:
+        key, sep, value = assignment.partition("=")
+        if not sep or not key.strip():
+            raise DistilflowError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set distill.lora.r=16")
+        overrides[key.strip()] = yaml.safe_load(value) if value else ""
+    return overrides
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise DistilflowError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise DistilflowError(f"{path}:{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(data, dict):
+        raise DistilflowError(f"{path}: expected a mapping of config sections (run, task, prototype, ...)")
+    return data
+
+
+def _set_dotted(raw: dict, key: str, value: Any, path: Path) -> None:
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise DistilflowError(f"override {key}: {part} is a value, not a section (in {path})")
+        node = child
+    node[leaf] = value
+
+
+def _describe(err: ValidationError, path: Path) -> str:
+    lines = [f"{path}: invalid config ({err.error_count()} problem{'s' * (err.error_count() > 1)})"]
+    for problem in err.errors():
+        key = ".".join(str(part) for part in problem["loc"])
+        if problem["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key{_did_you_mean(problem['loc'])}")
+        elif problem["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            got = problem.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {key}: {problem['msg'].removeprefix('Value error, ')}{shown}")
+    return "\n".join(lines)
+
+
+def _did_you_mean(loc: tuple) -> str:
+    model: type[BaseModel] = PipelineConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if isinstance(part, str) else None
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f"; did you mean '{close[0]}'?" if close else f"; allowed: {', '.join(model.model_fields)}"

@@ -1,0 +1,97 @@
+"""`distilflow` command line: run, validate and report on pipelines.
+
+Exit codes: 0 done, 2 a problem with the input (config, data, model files), 1 anything else.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from distilflow.tasks.errors import DistilflowError
+
+# Prefect reads its settings at import: set this CLI's defaults first (a user's own env wins).
+PREFECT_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "distilflow",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("distilflow").setLevel(logging.INFO)
+    try:
+        return args.command(args)
+    except DistilflowError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    from distilflow.configs.loader import load_config, parse_overrides
+
+    overrides = parse_overrides(args.set)
+    load_config(args.config, overrides)  # fail on a bad config before Prefect starts
+    for key, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    from distilflow.flows.pipeline import pipeline
+
+    record = pipeline(config_path=str(args.config), overrides=overrides)
+    _print_report(record)
+    return 0
+
+
+def validate(args) -> int:
+    from distilflow.configs.loader import load_config, parse_overrides
+    from distilflow.tasks.data import load_task_data
+
+    cfg = load_config(args.config, parse_overrides(args.set))
+    examples = load_task_data(cfg.task, cfg.run.seed)
+    print(f"{args.config}: valid ({len(examples.train)} training inputs, {len(examples.eval)} held-out)")
+    return 0
+
+
+def report(args) -> int:
+    from distilflow.tasks.history import distilflow_home, latest_run
+
+    record = latest_run(distilflow_home())
+    if args.json:
+        print(json.dumps({k: record[k] for k in ("run_id", "mlflow_run_id", "bundle", "journey")}))
+    else:
+        _print_report(record)
+    return 0
+
+
+def _print_report(record: dict) -> None:
+    from distilflow.tasks.evaluate import journey_table
+
+    print(journey_table(record["journey"]))
+    print(f"\nbundle:        {record['bundle']}")
+    print(f"MLflow run id: {record['mlflow_run_id']}  ({record['mlflow_tracking_uri']})")
+    print(f"run id:        {record['run_id']}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distilflow", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    for name, handler, text in [("run", run, "run the pipeline for a config"),
+                                ("validate", validate, "check a config and its task data without running")]:
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.add_argument("config", help="pipeline YAML, e.g. configs/demo.yaml")
+        sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config value, e.g. --set distill.lora.r=16 (repeatable)")
+        sub.set_defaults(command=handler)
+
+    sub = commands.add_parser("report", help="print the journey of a finished run")
+    sub.add_argument("--latest", action="store_true", required=True, help="the most recently finished run")
+    sub.add_argument("--json", action="store_true", help="one JSON object: run_id, mlflow_run_id, bundle, journey")
+    sub.set_defaults(command=report)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

