@@ -119,6 +119,7 @@ class SFTConfig(Section):
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_length: int = Field(256, ge=8, description="Tokens per training example (prompt + answer).")
     save_steps: int = Field(50, ge=1, description="Checkpoint interval; a re-run resumes from the last one.")
+    logging_steps: int = Field(5, ge=1, description="Interval of the loss curve logged to MLflow.")
 
 
 class DistillConfig(Section):

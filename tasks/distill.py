@@ -75,7 +75,7 @@ def sft(student, tokenizer, dataset: Dataset, cfg: DistillConfig, ctx: StageCont
         per_device_train_batch_size=cfg.sft.batch_size,
         gradient_accumulation_steps=cfg.sft.gradient_accumulation_steps,
         learning_rate=cfg.sft.learning_rate, max_length=cfg.sft.max_length, seed=ctx.seed,
-        logging_steps=5, save_steps=cfg.sft.save_steps, save_total_limit=2, report_to="none",
+        logging_steps=cfg.sft.logging_steps, save_steps=cfg.sft.save_steps, save_total_limit=2, report_to="none",
         use_cpu=ctx.device.type == "cpu", bf16=ctx.device.type == "cuda", gradient_checkpointing=False,
     )
     lora = peft.LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,

@@ -14,7 +14,8 @@ def isolated_homes(tmp_path_factory):
     home = tmp_path_factory.mktemp("homes")
     env = {"DISTILFLOW_HOME": str(home / "distilflow"), "PREFECT_HOME": str(home / "prefect"),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-           "PREFECT_LOGGING_EXTRA_LOGGERS": "distilflow", "TOKENIZERS_PARALLELISM": "false"}
+           "PREFECT_LOGGING_EXTRA_LOGGERS": "distilflow", "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+           "TOKENIZERS_PARALLELISM": "false"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
