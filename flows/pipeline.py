@@ -28,6 +28,9 @@ def stage_flow(name: str, cfg: PipelineConfig, upstream: dict[str, StageResult],
     tracker = MlflowTracker.attach(tracking_uri(cfg), mlflow_run_id)
     result = run_stage(name, cfg, upstream, tracker)
     get_run_logger().info("%s %s: %s", name, "reused" if result.cached else "done", result.directory)
+    if result.summary:
+        create_markdown_artifact(key=f"{_artifact_key(cfg.run.name)}-{name}", markdown=result.summary,
+                                 description=f"{name} stage summary")
     return result
 
 

@@ -9,8 +9,8 @@ from distilflow.configs.schema import CompressConfig
 from distilflow.tasks import quantize
 from distilflow.tasks.artifacts import StageResult
 from distilflow.tasks.context import StageContext
-from distilflow.tasks.evaluate import evaluate
-from distilflow.tasks.models import load_model, size_on_disk
+from distilflow.tasks.evaluate import evaluate_saved
+from distilflow.tasks.models import load_model
 
 
 def run(cfg: CompressConfig, upstream: dict[str, StageResult], ctx: StageContext) -> StageResult:
@@ -21,9 +21,8 @@ def run(cfg: CompressConfig, upstream: dict[str, StageResult], ctx: StageContext
     done = quantize.quantize(student, tokenizer, cfg.quantize, calibration, out / "quantized")
     ctx.tracker.log_params({f"quantize.{k}": v for k, v in done.items()})
 
-    quantized, tokenizer = load_model(out / "quantized", ctx.device)
-    result = evaluate(quantized, tokenizer, ctx.examples.eval, ctx.task, ctx.eval, desc="quantized eval")
-    result.add_size(size_on_disk(out / "quantized"))
+    result = evaluate_saved(out / "quantized", ctx.examples.eval, ctx.task, ctx.eval, ctx.device,
+                            desc="quantized eval")
     (out / "quantized_eval.json").write_text(json.dumps(result.report(), indent=1))
     metrics = {f"quantized.{k}": v for k, v in result.metrics.items()}
     ctx.tracker.log_metrics(metrics)

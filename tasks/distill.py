@@ -13,8 +13,8 @@ from distilflow.configs.schema import DistillConfig, StudentConfig
 from distilflow.tasks import prune
 from distilflow.tasks.artifacts import StageResult
 from distilflow.tasks.context import StageContext
-from distilflow.tasks.evaluate import evaluate
-from distilflow.tasks.models import load_model, save_model, size_on_disk
+from distilflow.tasks.evaluate import evaluate_saved
+from distilflow.tasks.models import load_model, save_model
 from distilflow.tasks.tracking import TrackerCallback
 
 log = logging.getLogger("distilflow")
@@ -32,9 +32,7 @@ def run(cfg: DistillConfig, upstream: dict[str, StageResult], ctx: StageContext)
     trained = sft(student, tokenizer, dataset, cfg, ctx)
     save_model(trained, tokenizer, out / "student")
 
-    student, tokenizer = load_model(out / "student", ctx.device)
-    result = evaluate(student, tokenizer, ctx.examples.eval, ctx.task, ctx.eval, desc="student eval")
-    result.add_size(size_on_disk(out / "student"))
+    result = evaluate_saved(out / "student", ctx.examples.eval, ctx.task, ctx.eval, ctx.device, desc="student eval")
     (out / "student_eval.json").write_text(json.dumps(result.report(), indent=1))
     metrics = {f"student.{k}": v for k, v in result.metrics.items()}
     ctx.tracker.log_metrics(metrics)

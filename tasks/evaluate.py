@@ -1,14 +1,20 @@
 """The one evaluator every stage uses: task score, perplexity, size, bits per parameter, speed."""
 
+import json
 import math
+import subprocess
+import sys
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
 from distilflow.configs.schema import EvalConfig, TaskConfig
-from distilflow.tasks import data, decoding
-from distilflow.tasks.models import parameter_count
+from distilflow.tasks import checks, data, decoding
+from distilflow.tasks.errors import DistilflowError
+from distilflow.tasks.models import load_model, parameter_count, resolve_device, size_on_disk
 
 JOURNEY_FIELDS = ("task_score", "perplexity", "size_bytes", "params", "bits_per_param", "tokens_per_s")
 
@@ -18,6 +24,7 @@ class Evaluation:
     metrics: dict[str, float]
     per_class: dict[str, float] = field(default_factory=dict)
     predictions: list[dict] = field(default_factory=list)
+    smoke: list[dict] = field(default_factory=list)
 
     def add_size(self, size_bytes: int) -> "Evaluation":
         """Record the model's size on disk (its weight files) and the bits each parameter costs."""
@@ -29,7 +36,8 @@ class Evaluation:
         return {"state": state, **{k: self.metrics[k] for k in JOURNEY_FIELDS}}
 
     def report(self) -> dict:
-        return {"metrics": self.metrics, "per_class_accuracy": self.per_class, "predictions": self.predictions}
+        return {"metrics": self.metrics, "per_class_accuracy": self.per_class, "predictions": self.predictions,
+                **({"smoke": self.smoke} if self.smoke else {})}
 
 
 @dataclass(frozen=True)
@@ -61,19 +69,67 @@ def evaluate(model, tokenizer, rows: list[dict], task: TaskConfig, cfg: EvalConf
     answers = [a[0] for a in prompting.choose(model, tokenizer, rows, task, desc=desc)]
     labels = [data.label(row, task) for row in rows]
     metrics = {
-        "task_score": accuracy(answers, labels),
+        "task_score": task_score(answers, rows, task),
         "perplexity": perplexity(model, tokenizer, _reference_chats(rows[:cfg.perplexity_examples], task)),
         "params": parameter_count(model),
         **generation_speed(model, tokenizer, prompts[0], cfg.speed_new_tokens),
     }
-    per_class = {choice: accuracy([a for a, l in zip(answers, labels) if l == choice], [choice] * labels.count(choice))
+    per_class = {choice: task_score([a for a, l in zip(answers, labels) if l == choice],
+                                    [r for r, l in zip(rows, labels) if l == choice], task)
                  for choice in task.check.choices if choice in labels}
     predictions = [{"prompt": p, "answer": a, "label": l} for p, a, l in zip(prompts, answers, labels)]
     return Evaluation(metrics, per_class, predictions)
 
 
-def accuracy(answers: list[str], labels: list[str]) -> float:
-    return sum(a == l for a, l in zip(answers, labels)) / len(labels) if labels else 0.0
+def evaluate_saved(model_dir: Path, rows: list[dict], task: TaskConfig, cfg: EvalConfig, device, *,
+                   smoke_prompts: int = 0, max_new_tokens: int = 16, desc: str = "evaluating") -> Evaluation:
+    """Load ``model_dir`` the way a user would (plain ``from_pretrained``) and evaluate it.
+
+    With ``smoke_prompts``, also answer that many held-out prompts by free greedy generation (what a
+    server without guided decoding returns) and record how many pass the task's check, and latency.
+    """
+    model, tokenizer = load_model(model_dir, device)
+    evaluation = evaluate(model, tokenizer, rows, task, cfg, desc=desc).add_size(size_on_disk(model_dir))
+    if smoke_prompts:
+        sample = rows[:smoke_prompts]
+        start = time.perf_counter()
+        answers = decoding.generate(model, tokenizer, Prompting().prompts(tokenizer, sample, task),
+                                    max_new_tokens=max_new_tokens, batch_size=1)
+        evaluation.metrics["smoke_latency_s"] = (time.perf_counter() - start) / len(sample)
+        evaluation.metrics["smoke_pass_rate"] = sum(checks.is_valid(a, task) for a in answers) / len(sample)
+        evaluation.smoke = [{"input": task.template.format(**row), "answer": a, "label": data.label(row, task)}
+                            for row, a in zip(sample, answers)]
+    return evaluation
+
+
+def evaluate_in_fresh_process(model_dir: Path, rows: list[dict], task: TaskConfig, cfg: EvalConfig, device, *,
+                              smoke_prompts: int = 0, max_new_tokens: int = 16,
+                              timeout_s: int = 1800) -> Evaluation:
+    """``evaluate_saved`` in a new Python process: proves the files on disk, not objects in memory."""
+    with tempfile.TemporaryDirectory() as scratch:
+        request, answer = Path(scratch) / "request.json", Path(scratch) / "evaluation.json"
+        request.write_text(json.dumps({
+            "model_dir": str(model_dir), "device": str(device), "rows": rows, "task": task.model_dump(mode="json"),
+            "eval": cfg.model_dump(mode="json"), "smoke_prompts": smoke_prompts, "max_new_tokens": max_new_tokens}))
+        done = subprocess.run([sys.executable, "-m", "distilflow.tasks.evaluate", str(request), str(answer)],
+                              capture_output=True, text=True, timeout=timeout_s)
+        if done.returncode != 0:
+            raise DistilflowError(f"{model_dir}: failed to load or answer in a fresh process:\n{done.stderr[-3000:]}")
+        return Evaluation(**json.loads(answer.read_text()))
+
+
+def _fresh_process_main(request_path: str, answer_path: str) -> None:
+    request = json.loads(Path(request_path).read_text())
+    evaluation = evaluate_saved(
+        Path(request["model_dir"]), request["rows"], TaskConfig.model_validate(request["task"]),
+        EvalConfig.model_validate(request["eval"]), resolve_device(request["device"].split(":")[0]),
+        smoke_prompts=request["smoke_prompts"], max_new_tokens=request["max_new_tokens"])
+    Path(answer_path).write_text(json.dumps(asdict(evaluation)))
+
+
+def task_score(answers: list[str], rows: list[dict], task: TaskConfig) -> float:
+    """Mean of the task's check over the rows (accuracy, for a `choice` task)."""
+    return sum(checks.score(a, row, task) for a, row in zip(answers, rows)) / len(rows) if rows else 0.0
 
 
 def _reference_chats(rows: list[dict], task: TaskConfig) -> list[list[dict]]:
@@ -117,13 +173,21 @@ def generation_speed(model, tokenizer, prompt: str, new_tokens: int) -> dict[str
 
 
 def journey_table(journey: list[dict]) -> str:
-    """The journey as a markdown table (it reads as plain text in a terminal too)."""
+    """The journey as a markdown table (it reads as plain text in a terminal too).
+
+    Entries may carry a ``phase`` (e.g. the student after each training phase); it is shown beside the state.
+    """
     bar = next((e["task_score"] for e in journey if e["state"] == "teacher"), None)
     lines = ["| state | task score | retention | perplexity | size (MB) | params (M) | bits/param | tokens/s |",
              "|---|---|---|---|---|---|---|---|"]
     for e in journey:
         retention = f"{e['task_score'] / bar:.2f}" if bar else "–"
-        lines.append(f"| {e['state']} | {e['task_score']:.3f} | {retention} | {e['perplexity']:.1f} | "
+        state = f"{e['state']} ({e['phase']})" if e.get("phase") else e["state"]
+        lines.append(f"| {state} | {e['task_score']:.3f} | {retention} | {e['perplexity']:.1f} | "
                      f"{e['size_bytes'] / 1e6:.1f} | {e['params'] / 1e6:.1f} | {e['bits_per_param']:.2f} | "
                      f"{e['tokens_per_s']:.1f} |")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    _fresh_process_main(*sys.argv[1:3])

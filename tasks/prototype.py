@@ -9,10 +9,10 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from distilflow.configs.schema import PrototypeConfig, TaskConfig
-from distilflow.tasks import data
+from distilflow.tasks import checks, data
 from distilflow.tasks.artifacts import StageResult
 from distilflow.tasks.context import StageContext
-from distilflow.tasks.evaluate import Prompting, accuracy, evaluate
+from distilflow.tasks.evaluate import Prompting, evaluate, task_score
 from distilflow.tasks.models import load_teacher, save_model, size_on_disk
 
 
@@ -63,7 +63,7 @@ def choose_prompting(teacher, tokenizer, cfg: PrototypeConfig, ctx: StageContext
     for i, candidate in enumerate(tqdm(candidates, desc="choosing few-shot examples")):
         dev = [row for row in labelled if row not in candidate.shots][:cfg.shot_dev_size]
         answers = [a[0] for a in candidate.choose(teacher, tokenizer, dev, task)]
-        scores[f"shot_set_{i}.dev_score"] = accuracy(answers, [data.label(row, task) for row in dev])
+        scores[f"shot_set_{i}.dev_score"] = task_score(answers, dev, task)
     best = max(range(len(candidates)), key=lambda i: scores[f"shot_set_{i}.dev_score"])
     return candidates[best], {**scores, "shot_set.chosen": best}
 
@@ -72,12 +72,11 @@ def rejection_sample(rows: list[dict], answers: list[list[str]], task: TaskConfi
     """Keep each valid, correct (where labelled), not yet seen answer; count the rest by reason."""
     kept, rejected, seen = [], Counter(), set()
     for row, samples in zip(rows, answers):
-        reference = data.label(row, task)
         for answer in samples:
             key = (task.template.format(**row), answer)
-            if answer not in task.check.choices:
+            if not checks.is_valid(answer, task):
                 rejected["invalid"] += 1
-            elif reference is not None and answer != reference:
+            elif checks.score(answer, row, task) < 1.0:
                 rejected["wrong_label"] += 1
             elif key in seen:
                 rejected["duplicate"] += 1
