@@ -5,7 +5,6 @@ Prefect UI); one MLflow parent run with a nested run per stage. The work itself 
 """
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +14,10 @@ from prefect.runtime import flow_run
 
 from distilflow.configs.loader import load_config
 from distilflow.configs.schema import PipelineConfig
-from distilflow.tasks import history
+from distilflow.tasks import history, tracking
 from distilflow.tasks.artifacts import StageResult
-from distilflow.tasks.data import load_task_data
 from distilflow.tasks.evaluate import journey_table
-from distilflow.tasks.stages import run_stage
+from distilflow.tasks.stages import preflight, run_stage
 from distilflow.tasks.tracking import MlflowTracker, flatten
 
 
@@ -42,7 +40,7 @@ def stage(name: str, cfg: PipelineConfig, upstream: dict[str, StageResult], mlfl
 def pipeline(config_path: str, overrides: dict[str, Any] | None = None) -> dict:
     """Run the whole pipeline for the YAML config at ``config_path`` (plus dotted-key ``overrides``)."""
     cfg = load_config(config_path, overrides)
-    load_task_data(cfg.task, cfg.run.seed)  # bad task data fails here, before any stage starts
+    preflight(cfg, tracking_uri(cfg))
     cfg.run.workdir.mkdir(parents=True, exist_ok=True)
     tracker = start_tracking(cfg)
     try:
@@ -59,8 +57,7 @@ def pipeline(config_path: str, overrides: dict[str, Any] | None = None) -> dict:
 
 
 def tracking_uri(cfg: PipelineConfig) -> str:
-    return (cfg.run.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-            or f"sqlite:///{cfg.run.workdir / 'mlflow.db'}")
+    return tracking.tracking_uri(cfg.run.mlflow_tracking_uri, cfg.run.workdir)
 
 
 def start_tracking(cfg: PipelineConfig) -> MlflowTracker:

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
+from distilflow.tasks.errors import DistilflowError
+
 log = logging.getLogger("distilflow")
 
 MANIFEST = "manifest.json"
@@ -40,6 +42,15 @@ class StageResult:
 
     def path(self, name: str) -> Path:
         return self.directory / self.files[name]
+
+
+def check_writable(workdir: Path) -> None:
+    """The workdir (or the directory that will hold it) must be writable before any stage starts."""
+    existing = workdir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise DistilflowError(f"run.workdir {workdir}: cannot write in {existing}; choose another run.workdir")
 
 
 def stage_key(stage: str, *inputs) -> str:

@@ -15,7 +15,7 @@ from distilflow.tasks.artifacts import StageResult
 from distilflow.tasks.context import StageContext
 from distilflow.tasks.data import load_task_data
 from distilflow.tasks.models import resolve_device
-from distilflow.tasks.tracking import LogTracker, Tracker
+from distilflow.tasks.tracking import LogTracker, Tracker, check_tracking_store
 
 log = logging.getLogger("distilflow")
 
@@ -32,6 +32,17 @@ STAGES = {
     "compress": Stage("distilflow.tasks.compress", needs=("prototype", "distill")),
     "deploy": Stage("distilflow.tasks.deploy", needs=("prototype", "distill", "compress")),
 }
+
+
+def preflight(cfg: PipelineConfig, tracking_uri: str) -> None:
+    """Everything that can be checked before the first stage: task data, workdir, device, tracking store.
+
+    A run that would fail on its input fails here, in seconds, with nothing written.
+    """
+    load_task_data(cfg.task, cfg.run.seed)
+    artifacts.check_writable(cfg.run.workdir)
+    resolve_device(cfg.run.device)
+    check_tracking_store(tracking_uri)
 
 
 def cache_key(name: str, cfg: PipelineConfig, upstream: dict[str, StageResult]) -> str:

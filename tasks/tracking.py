@@ -5,7 +5,10 @@ also run where MLflow is not installed (a ``LogTracker`` then writes the same ca
 """
 
 import logging
+import os
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,7 +16,13 @@ from typing import Any, Protocol
 
 from transformers import TrainerCallback
 
+from distilflow.tasks.errors import DistilflowError
+
 log = logging.getLogger("distilflow")
+
+# A tracking server that does not answer within this time fails the run at its start, instead of
+# MLflow's own retries stalling it for minutes.
+SERVER_PROBE_TIMEOUT_S = 10
 
 
 class Tracker(Protocol):
@@ -113,6 +122,25 @@ class MlflowTracker:
 
     def finish(self, failed: bool = False) -> None:
         self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
+
+
+def tracking_uri(configured: str | None, workdir: Path) -> str:
+    """run.mlflow_tracking_uri, else $MLFLOW_TRACKING_URI, else a sqlite store in the workdir."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workdir / 'mlflow.db'}"
+
+
+def check_tracking_store(tracking_uri: str) -> None:
+    """Fail fast, with the URI named, when an MLflow server does not answer its health check."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    health = tracking_uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(health, timeout=SERVER_PROBE_TIMEOUT_S) as answer:
+            answer.read()
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+        raise DistilflowError(
+            f"MLflow tracking server {tracking_uri} does not answer ({getattr(err, 'reason', err)}); start it, "
+            "fix run.mlflow_tracking_uri / MLFLOW_TRACKING_URI, or unset both to use a local sqlite store") from None
 
 
 def _is_number(value) -> bool:

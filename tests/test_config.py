@@ -136,3 +136,26 @@ def test_unknown_key_without_a_close_match_lists_the_allowed_keys(tmp_path):
     raw = tiny_yaml()
     raw["distill"]["lora"]["rank"] = 8
     assert "distill.lora.rank: unknown key; allowed: r, alpha, dropout, target_modules" in error_of(write(tmp_path, raw))
+
+
+def test_unwritable_workdir_fails_before_any_stage(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["validate", str(TINY_CONFIG), "--set", f"run.workdir={blocker / 'work'}"]) == 2
+    assert "run.workdir" in capsys.readouterr().err
+
+
+def test_gpu_requested_without_a_gpu_is_named(capsys):
+    assert main(["validate", str(TINY_CONFIG), "--set", "run.device=cuda"]) == 2
+    assert "run.device is 'cuda' but no GPU is visible" in capsys.readouterr().err
+
+
+def test_mlflow_server_that_does_not_answer_fails_fast(capsys):
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code = main(["validate", str(TINY_CONFIG), "--set", f"run.mlflow_tracking_uri=http://127.0.0.1:{port}"])
+    assert code == 2
+    assert f"MLflow tracking server http://127.0.0.1:{port} does not answer" in capsys.readouterr().err
