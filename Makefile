@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup demo test test-slow clean
+.PHONY: setup demo test test-slow bench-cpu clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -m slow
+
+# Benchmarks 1 and 4 of tests/benchmarks/RESULTS.md (about 3 demo runs: ~25 min on 2 cores).
+bench-cpu: setup
+	$(PY) -m tests.benchmarks.bench_cpu
 
 clean:
 	rm -rf runs .pytest_cache
