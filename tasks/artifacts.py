@@ -95,6 +95,8 @@ def cached_or_run(stage: str, key: str, workdir: Path, produce: Callable[[Path],
     final = workdir / "artifacts" / stage / key
     final.parent.mkdir(parents=True, exist_ok=True)
     with _locked(final.parent / f"{key}.lock"):
+        for leftover in final.parent.glob(f".{key}.partial-*"):  # a crashed run's; we hold the key's lock
+            shutil.rmtree(leftover, ignore_errors=True)
         if final.exists():
             problems = manifest_problems(final)
             if not problems:

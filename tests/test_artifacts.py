@@ -79,3 +79,11 @@ def test_stage_key_changes_with_any_input():
     assert base != artifacts.stage_key("distill", {"lora": {"r": 8}}, "upstream-digest")
     assert base != artifacts.stage_key("distill", {"lora": {"r": 16}}, "other-digest")
     assert base != artifacts.stage_key("compress", {"lora": {"r": 16}}, "upstream-digest")
+
+
+def test_a_crashed_runs_partial_dir_is_cleared_by_the_next_run(tmp_path):
+    stale = tmp_path / "artifacts" / "demo" / ".k1.partial-deadbeef"
+    stale.mkdir(parents=True)
+    (stale / "half.bin").write_text("half")
+    artifacts.cached_or_run("demo", "k1", tmp_path, producer([]))
+    assert not stale.exists()
