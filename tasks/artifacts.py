@@ -94,7 +94,7 @@ def cached_or_run(stage: str, key: str, workdir: Path, produce: Callable[[Path],
     """Reuse ``WORKDIR/artifacts/stage/key`` if it verifies, else run ``produce(tmp_dir)`` and publish it."""
     final = workdir / "artifacts" / stage / key
     final.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(final.parent / f"{key}.lock"):
+    with exclusive(final.parent / f"{key}.lock"):
         for leftover in final.parent.glob(f".{key}.partial-*"):  # a crashed run's; we hold the key's lock
             shutil.rmtree(leftover, ignore_errors=True)
         if final.exists():
@@ -127,8 +127,8 @@ def _load(directory: Path, cached: bool) -> StageResult:
 
 
 @contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    """One writer per artifact: a second run with the same key waits, then reuses the result."""
+def exclusive(lock_path: Path) -> Iterator[None]:
+    """One process at a time across the workdir: a second run waits here, then sees the first's work."""
     with open(lock_path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:

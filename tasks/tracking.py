@@ -10,12 +10,13 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Protocol
 
 from transformers import TrainerCallback
 
+from distilflow.tasks.artifacts import exclusive
 from distilflow.tasks.errors import DistilflowError
 
 log = logging.getLogger("distilflow")
@@ -68,10 +69,11 @@ class MlflowTracker:
               tags: dict[str, str]) -> "MlflowTracker":
         from mlflow import MlflowClient
 
-        client = MlflowClient(tracking_uri)
-        found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(
-            experiment, artifact_location=artifact_root.as_uri())
+        with _one_store_creator(tracking_uri):
+            client = MlflowClient(tracking_uri)
+            found = client.get_experiment_by_name(experiment)
+            experiment_id = found.experiment_id if found else client.create_experiment(
+                experiment, artifact_location=artifact_root.as_uri())
         run = client.create_run(experiment_id, run_name=run_name, tags=tags)
         return cls(client, run.info.run_id)
 
@@ -122,6 +124,15 @@ class MlflowTracker:
 
     def finish(self, failed: bool = False) -> None:
         self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
+
+
+def _one_store_creator(tracking_uri: str):
+    """Two runs starting on a fresh sqlite store would both run its schema migrations and collide."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return nullcontext()
+    database = Path(tracking_uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    return exclusive(database.with_name(database.name + ".lock"))
 
 
 def tracking_uri(configured: str | None, workdir: Path) -> str:
