@@ -14,9 +14,6 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from jsonschema import validators
-from jsonschema.exceptions import best_match
-
 from distilflow.configs.schema import TaskConfig
 from distilflow.tasks import data
 from distilflow.tasks.errors import DistilflowError
@@ -39,6 +36,8 @@ def problem(answer: str, task: TaskConfig) -> str | None:
         parsed = parse_json(answer)
         if parsed is None:
             return "not JSON"
+        from jsonschema.exceptions import best_match
+
         error = best_match(_schema_validator(json.dumps(check.json_schema, sort_keys=True)).iter_errors(parsed))
         return None if error is None else f"fails the JSON schema: {error.message}"
     return None if answer.strip() else "empty"
@@ -133,6 +132,8 @@ def _pattern(pattern: str) -> re.Pattern:
 
 @functools.lru_cache(maxsize=16)
 def _schema_validator(schema_json: str):
+    from jsonschema import validators  # imported where used: only json_schema tasks need it
+
     schema = json.loads(schema_json)
     return validators.validator_for(schema)(schema)
 

@@ -89,11 +89,11 @@ def score_answers(answers: list[str], rows: list[dict], task: TaskConfig, prompt
     every prediction. Black-box models (text only) are measured by this alone."""
     labels = [data.label(row, task) for row in rows]
     per_class = {} if task.check.type != "choice" else {
-        choice: task_score([a for a, l in zip(answers, labels) if l == choice],
-                           [r for r, l in zip(rows, labels) if l == choice], task)
+        choice: task_score([a for a, label in zip(answers, labels) if label == choice],
+                           [r for r, label in zip(rows, labels) if label == choice], task)
         for choice in task.check.choices if choice in labels}
-    predictions = [{"prompt": p, "answer": a, "label": l, "score": checks.score(a, row, task)}
-                   for p, a, l, row in zip(prompts, answers, labels, rows)]
+    predictions = [{"prompt": p, "answer": a, "label": label, "score": checks.score(a, row, task)}
+                   for p, a, label, row in zip(prompts, answers, labels, rows)]
     return Evaluation({"task_score": task_score(answers, rows, task)}, per_class, predictions)
 
 
@@ -200,15 +200,15 @@ def journey_table(journey: list[dict]) -> str:
         retention = e["task_score"] / bar if bar else None
         state = f"{e['state']} ({e['phase']})" if e.get("phase") else e["state"]
         cells = [_cell(e["task_score"], ".3f"), _cell(retention, ".2f"), _cell(e["perplexity"], ".1f"),
-                 _cell(e["size_bytes"] and e["size_bytes"] / 1e6, ".1f"), _cell(e["params"] and e["params"] / 1e6, ".1f"),
+                 _cell(e["size_bytes"], ".1f", scale=1e-6), _cell(e["params"], ".1f", scale=1e-6),
                  _cell(e["bits_per_param"], ".2f"), _cell(e["tokens_per_s"], ".1f")]
         lines.append(f"| {state} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
-def _cell(value, spec: str) -> str:
+def _cell(value, spec: str, scale: float = 1.0) -> str:
     """A number in the table; "–" where the state has none (e.g. the size of a black-box teacher)."""
-    return "–" if value is None else format(value, spec)
+    return "–" if value is None else format(value * scale, spec)
 
 
 if __name__ == "__main__":

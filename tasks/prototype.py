@@ -49,7 +49,7 @@ def run(cfg: PrototypeConfig, upstream: dict[str, StageResult], ctx: StageContex
         files["teacher"] = "teacher"
     (out / "teacher_eval.json").write_text(json.dumps(baseline.report(), indent=1))
     (out / "few_shot.json").write_text(json.dumps(list(prompting.shots), indent=1))
-    card = data_card(kept, rejected, pool, cfg, task, teacher) + "\n" + baseline_card(baseline, task, len(ctx.examples.eval))
+    card = data_card(kept, rejected, pool, cfg, task, teacher) + "\n" + baseline_card(baseline, task)
     (out / "data_card.md").write_text(card)
 
     metrics = {"kept": len(kept), "rejected": sum(rejected.values()), "teacher.black_box": float(teacher.black_box),
@@ -163,10 +163,10 @@ def data_card(kept: list[dict], rejected: Counter, pool: list[dict], cfg: Protot
     return "\n".join(lines) + "\n"
 
 
-def baseline_card(baseline: Evaluation, task: TaskConfig, examples: int) -> str:
+def baseline_card(baseline: Evaluation, task: TaskConfig) -> str:
     """The teacher's score on the held-out split: the bar for every later model."""
     lines = ["## Teacher baseline", "",
-             f"Task score ({task.check.metric}) on {examples} held-out examples: "
+             f"Task score ({task.check.metric}) on {len(baseline.predictions)} held-out examples: "
              f"**{baseline.metrics['task_score']:.3f}**"]
     if baseline.per_class:
         lines += ["", "| class | accuracy |", "|---|---|"]

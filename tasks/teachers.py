@@ -5,7 +5,6 @@ Both answer chats in the form the task's check asks for and measure their own ta
 held-out split; only a white-box teacher can be saved for logit distillation or pruned into a student.
 """
 
-import logging
 import os
 import time
 from collections.abc import Iterator
@@ -20,8 +19,6 @@ from distilflow.tasks import data, decoding
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.evaluate import Evaluation, Prompting, evaluate, score_answers
 from distilflow.tasks.models import load_teacher
-
-log = logging.getLogger("distilflow")
 
 
 def open_teacher(cfg: LocalTeacherConfig | HttpTeacherConfig, device: torch.device,

@@ -11,7 +11,6 @@ from mlflow import MlflowClient
 
 from distilflow.configs.loader import load_config
 from distilflow.configs.schema import JudgeConfig, PythonCheck
-from distilflow.tasks import data
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.evaluate import JOURNEY_FIELDS
 from distilflow.tasks.judge import SCORES, judge_filter, judge_scores, parse_score
@@ -89,7 +88,7 @@ def test_no_kept_answer_fails_the_stage_with_the_counts(tmp_path):
     (tmp_path / "never.py").write_text("def never(answer, row):\n    return 0.0\n")
     cfg = load_config(TINY_CONFIG, {"run.workdir": str(tmp_path / "work"), **SMALL, "prototype.num_samples": 1,
                                     "task.max_answer_tokens": 4,
-                                    "task.check": {"type": "python", "function": str(tmp_path / "never.py") + ":never"}})
+                                    "task.check": {"type": "python", "function": f"{tmp_path / 'never.py'}:never"}})
     with pytest.raises(DistilflowError, match="no teacher answer was kept \\(wrong_label: 12 of 12\\)"):
         run_stage("prototype", cfg, {})
     assert [p.name for p in (tmp_path / "work" / "artifacts" / "prototype").iterdir()
