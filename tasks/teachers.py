@@ -160,6 +160,10 @@ class HttpTeacher:
 
         try:
             yield
+        except openai.APITimeoutError:
+            raise DistilflowError(f"{self.key}.timeout_s: {self.cfg.base_url} did not answer within "
+                                  f"{self.cfg.timeout_s:g} s ({self.cfg.max_retries} retries); raise timeout_s "
+                                  "or lower max_concurrency") from None
         except openai.APIConnectionError as err:
             raise DistilflowError(f"{self.key}.base_url: cannot reach {self.cfg.base_url} "
                                   f"({type(err).__name__}: {err}) after {self.cfg.max_retries} retries; "

@@ -6,8 +6,9 @@ It implements what distilflow's HTTP teacher relies on, the way vLLM does:
 - vLLM's `structured_outputs: {"choice": [...]}`: the answer is decoded token by token among the
   choices' tokens (guided decoding); other structured outputs are refused with 400, as a server
   without them would;
-- a bearer API key (--api-key), and POST /test/fail-next {"count": N} that answers the next N
-  completion requests with 503, to exercise the client's retries.
+- a bearer API key (--api-key); for the client's retries and timeouts, POST /test/fail-next
+  {"count": N} answers the next N completion requests with 503, and POST /test/slow-next
+  {"count": N, "seconds": S} delays them by S seconds.
 
     python tests/openai_server.py --model tests/assets/tiny-teacher --port 8011 [--api-key KEY]
 """
@@ -41,6 +42,11 @@ class FailNext(BaseModel):
     count: int
 
 
+class SlowNext(BaseModel):
+    count: int
+    seconds: float
+
+
 def choice_constraint(tokenizer, choices: list[str], prompt_length: int):
     """prefix_allowed_tokens_fn that lets the model write exactly one of ``choices``, then end its turn."""
     sequences = [tokenizer(c, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for c in choices]
@@ -58,6 +64,7 @@ def make_app(model_dir: str, served_name: str, api_key: str | None) -> FastAPI:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     lock = threading.Lock()  # one generation at a time, like one accelerator
     failures = {"pending": 0}
+    delays = {"pending": 0, "seconds": 0.0}
     app = FastAPI()
 
     def authorize(authorization: str | None) -> None:
@@ -74,6 +81,11 @@ def make_app(model_dir: str, served_name: str, api_key: str | None) -> FastAPI:
         failures["pending"] = request.count
         return {"ok": True}
 
+    @app.post("/test/slow-next")
+    def slow_next(request: SlowNext):
+        delays.update(pending=request.count, seconds=request.seconds)
+        return {"ok": True}
+
     @app.post("/v1/chat/completions")
     def chat(request: ChatRequest, authorization: str | None = Header(None)):
         authorize(authorization)
@@ -81,6 +93,9 @@ def make_app(model_dir: str, served_name: str, api_key: str | None) -> FastAPI:
             if failures["pending"] > 0:
                 failures["pending"] -= 1
                 raise HTTPException(503, detail={"message": "overloaded, try again"})
+            delay = delays["seconds"] if delays["pending"] > 0 else 0.0
+            delays["pending"] = max(0, delays["pending"] - 1)
+        time.sleep(delay)
         if request.model != served_name:
             raise HTTPException(404, detail={"message": f"model {request.model!r} does not exist"})
         structured = request.structured_outputs or {}

@@ -67,23 +67,30 @@ def test_http_teacher_without_structured_outputs_answers_free_text(http_cfg, tin
     assert all(isinstance(a[0], str) for a in answers)
 
 
-def fail_next(openai_server, count: int) -> None:
-    request = urllib.request.Request(openai_server.base_url.removesuffix("/v1") + "/test/fail-next",
-                                     data=json.dumps({"count": count}).encode(),
-                                     headers={"Content-Type": "application/json"})
-    urllib.request.urlopen(request, timeout=10)
+def inject(openai_server, fault: str, **request) -> None:
+    """Ask the test server to fail (fail-next) or delay (slow-next) its next requests."""
+    urllib.request.urlopen(urllib.request.Request(
+        f"{openai_server.base_url.removesuffix('/v1')}/test/{fault}", data=json.dumps(request).encode(),
+        headers={"Content-Type": "application/json"}), timeout=10)
 
 
 def test_http_teacher_retries_an_overloaded_server(http_cfg, tiny_cfg, split, openai_server):
     teacher = open_teacher(http_cfg.model_copy(update={"max_concurrency": 1}), CPU)
-    fail_next(openai_server, 2)  # two 503s, then answers: within max_retries=2
+    inject(openai_server, "fail-next", count=2)  # two 503s, then answers: within max_retries=2
     assert len(teacher.answer(split.train[:1], tiny_cfg.task, Prompting())) == 1
 
 
 def test_http_teacher_gives_up_after_max_retries_with_the_status(http_cfg, tiny_cfg, split, openai_server):
     teacher = open_teacher(http_cfg.model_copy(update={"max_retries": 0}), CPU)
-    fail_next(openai_server, 1)
+    inject(openai_server, "fail-next", count=1)
     with pytest.raises(DistilflowError, match="answered 503"):
+        teacher.answer(split.train[:1], tiny_cfg.task, Prompting())
+
+
+def test_http_teacher_times_out_a_request_that_takes_too_long(http_cfg, tiny_cfg, split, openai_server):
+    teacher = open_teacher(http_cfg.model_copy(update={"max_retries": 0, "timeout_s": 1.0}), CPU)
+    inject(openai_server, "slow-next", count=1, seconds=3)
+    with pytest.raises(DistilflowError, match="prototype.teacher.timeout_s: .* did not answer within 1 s"):
         teacher.answer(split.train[:1], tiny_cfg.task, Prompting())
 
 
