@@ -71,7 +71,8 @@ def _describe(err: ValidationError, path: Path) -> str:
         else:
             got = problem.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  {key}: {problem['msg'].removeprefix('Value error, ')}{shown}")
+            where = f"{key}: " if key else ""  # a problem across sections names its keys itself
+            lines.append(f"  {where}{problem['msg'].removeprefix('Value error, ')}{shown}")
     return "\n".join(lines)
 
 

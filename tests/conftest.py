@@ -1,4 +1,10 @@
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -49,3 +55,51 @@ def write_config(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:
     path = tmp_path / name
     path.write_text(text.replace("@REPO@", str(REPO)))
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class Server:
+    base_url: str
+    model: str
+    api_key: str
+
+
+SERVER_API_KEY = "test-key-not-a-secret"
+
+
+@pytest.fixture(scope="session")
+def openai_server(tmp_path_factory):
+    """tests/openai_server.py serving the tiny teacher on 127.0.0.1 (real generation), stopped by its PID."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "openai_server.py"), "--model", str(TINY_TEACHER),
+             "--port", str(port), "--api-key", SERVER_API_KEY], stdout=out, stderr=subprocess.STDOUT)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        _wait_until_serving(base_url, process, log)
+        yield Server(base_url=base_url, model="tiny-teacher", api_key=SERVER_API_KEY)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _wait_until_serving(base_url: str, process: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"test server exited:\n{log.read_text()}")
+        try:
+            urllib.request.urlopen(urllib.request.Request(
+                f"{base_url}/models", headers={"Authorization": f"Bearer {SERVER_API_KEY}"}), timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"test server not serving after {timeout_s} s:\n{log.read_text()}")

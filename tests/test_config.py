@@ -34,7 +34,7 @@ def error_of(path, overrides=None) -> str:
     return str(caught.value)
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "tiny.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "tiny.yaml", "http-teacher.yaml"])
 def test_shipped_configs_are_valid(name):
     cfg = load_config(REPO / "configs" / name)
     assert cfg.task.data.is_file()
@@ -159,3 +159,54 @@ def test_mlflow_server_that_does_not_answer_fails_fast(capsys):
     code = main(["validate", str(TINY_CONFIG), "--set", f"run.mlflow_tracking_uri=http://127.0.0.1:{port}"])
     assert code == 2
     assert f"MLflow tracking server http://127.0.0.1:{port} does not answer" in capsys.readouterr().err
+
+
+def check_error(tmp_path, check: dict) -> str:
+    raw = tiny_yaml()
+    raw["task"]["check"] = check
+    return error_of(write(tmp_path, raw))
+
+
+def test_invalid_regex_is_named(tmp_path):
+    message = check_error(tmp_path, {"type": "regex", "pattern": "(a"})
+    assert "task.check.regex.pattern: not a valid regular expression" in message
+
+
+def test_invalid_json_schema_is_named(tmp_path):
+    message = check_error(tmp_path, {"type": "json_schema", "json_schema": {"type": "objekt"}})
+    assert "task.check.json_schema.json_schema: not a valid JSON schema at type" in message
+
+
+def test_python_check_that_cannot_be_imported_is_named(tmp_path):
+    message = check_error(tmp_path, {"type": "python", "function": "no_such_module:score"})
+    assert "task.check.python.function: cannot import no_such_module" in message
+
+
+def test_unknown_check_type_lists_the_kinds(tmp_path):
+    message = check_error(tmp_path, {"type": "regexp", "pattern": "a"})
+    assert "'choice', 'regex', 'json_schema', 'python'" in message
+
+
+def test_http_teacher_needs_a_model(tmp_path):
+    raw = tiny_yaml()
+    raw["prototype"]["teacher"] = {"base_url": "http://127.0.0.1:8000/v1"}
+    assert "prototype.teacher.http.model: required key is missing" in error_of(write(tmp_path, raw))
+
+
+def test_api_key_in_the_config_is_refused(tmp_path):
+    raw = tiny_yaml()
+    raw["prototype"]["teacher"] = {"base_url": "http://127.0.0.1:8000/v1", "model": "m", "api_key": "sk-secret"}
+    message = error_of(write(tmp_path, raw))
+    assert "name that variable in api_key_env" in message and "sk-secret" not in message
+
+
+def test_bitsandbytes_loading_of_a_gguf_file_is_refused(tmp_path):
+    raw = tiny_yaml()
+    raw["prototype"]["teacher"].update(gguf_file="model.gguf", load_in_4bit=True)
+    assert "apply to Hugging Face checkpoints, not GGUF files" in error_of(write(tmp_path, raw))
+
+
+def test_student_cut_from_a_black_box_teacher_is_refused(tmp_path):
+    raw = tiny_yaml()
+    raw["prototype"]["teacher"] = {"base_url": "http://127.0.0.1:8000/v1", "model": "m"}
+    assert "set distill.student.path instead" in error_of(write(tmp_path, raw))

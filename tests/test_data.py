@@ -86,3 +86,111 @@ def test_too_few_labelled_examples_for_the_held_out_split(tiny_cfg, tmp_path):
     path = write_rows(tmp_path, [{"text": f"t{i}", "label": "bug"} for i in range(10)])
     with pytest.raises(DistilflowError, match="task.eval_size is 16"):
         data.load_task_data(with_data(tiny_cfg, path), 0)
+
+
+TICKETS = [{"text": f"ticket {i}", "label": ["payment", "delivery", "bug", "account"][i % 4]} for i in range(24)]
+
+
+def test_csv_parquet_json_and_saved_datasets_read_the_same_rows(tmp_path):
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    with open(tmp_path / "t.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(TICKETS)
+    pq.write_table(pa.Table.from_pylist(TICKETS), tmp_path / "t.parquet")
+    (tmp_path / "t.json").write_text(json.dumps(TICKETS))
+    Dataset.from_list(TICKETS).save_to_disk(tmp_path / "saved")
+    for name in ("t.csv", "t.parquet", "t.json", "saved"):
+        assert data.read_rows(tmp_path / name) == TICKETS, name
+
+
+def test_dataset_dict_split_is_chosen_by_data_split(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"train": Dataset.from_list(TICKETS), "test": Dataset.from_list(TICKETS[:2])}).save_to_disk(
+        tmp_path / "splits")
+    assert data.read_rows(tmp_path / "splits", "test") == TICKETS[:2]
+
+
+def test_dataset_dict_without_data_split_names_the_splits(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"train": Dataset.from_list(TICKETS), "test": Dataset.from_list(TICKETS)}).save_to_disk(
+        tmp_path / "splits")
+    with pytest.raises(DistilflowError, match=r"holds splits \['train', 'test'\]; set task.data_split"):
+        data.read_rows(tmp_path / "splits")
+
+
+def test_unknown_format_names_the_supported_ones(tmp_path):
+    path = tmp_path / "tickets.xlsx"
+    path.write_text("x")
+    with pytest.raises(DistilflowError, match="unknown format; use a .jsonl, .json, .csv or .parquet file"):
+        data.read_rows(path)
+
+
+def test_directory_that_is_not_a_saved_dataset_is_an_error(tmp_path):
+    with pytest.raises(DistilflowError, match="not a saved `datasets` dataset"):
+        data.read_rows(tmp_path)
+
+
+def test_csv_with_only_a_header_is_empty(tmp_path):
+    path = tmp_path / "empty.csv"
+    path.write_text("text,label\n")
+    with pytest.raises(DistilflowError, match="empty"):
+        data.read_rows(path)
+
+
+def test_fields_map_template_fields_to_other_columns(tiny_cfg, tmp_path):
+    rows = [{"body": t["text"], "label": t["label"]} for t in TICKETS]
+    task = with_data(tiny_cfg, write_rows(tmp_path, rows)).model_copy(
+        update={"fields": {"text": "body"}, "eval_size": 4})
+    split = data.load_task_data(task, 0)
+    assert all(row["text"] == row["body"] for row in split.train + split.eval)
+
+
+def test_mapped_column_missing_is_named(tiny_cfg, tmp_path):
+    task = with_data(tiny_cfg, write_rows(tmp_path, TICKETS)).model_copy(update={"fields": {"text": "body"}})
+    with pytest.raises(DistilflowError, match=r"example 1 has no column body \(task.fields.text\)"):
+        data.load_task_data(task, 0)
+
+
+def test_empty_csv_label_means_unlabelled(tiny_cfg):
+    assert data.label({"text": "x", "label": ""}, tiny_cfg.task) is None
+
+
+def test_json_labels_are_written_as_compact_json(tiny_cfg):
+    assert data.label({"label": {"name": "Ada"}}, tiny_cfg.task) == '{"name": "Ada"}'
+
+
+def test_label_failing_a_regex_check_is_named(tiny_cfg, tmp_path):
+    from distilflow.configs.schema import RegexCheck
+
+    task = with_data(tiny_cfg, write_rows(tmp_path, [{"text": "x", "label": "2024-13"}])).model_copy(
+        update={"check": RegexCheck(type="regex", pattern=r"\d{4}-\d{2}-\d{2}")})
+    with pytest.raises(DistilflowError, match=r"example 1 has label '2024-13', which task.check rejects: does not"):
+        data.load_task_data(task, 0)
+
+
+def test_label_failing_the_json_schema_is_named(tiny_cfg, tmp_path):
+    from distilflow.configs.schema import JsonSchemaCheck
+
+    schema = {"type": "object", "required": ["name"]}
+    task = with_data(tiny_cfg, write_rows(tmp_path, [{"text": "x", "label": {"age": 3}}])).model_copy(
+        update={"check": JsonSchemaCheck(type="json_schema", json_schema=schema)})
+    with pytest.raises(DistilflowError, match="example 1 has label .* fails the JSON schema: 'name' is a required"):
+        data.load_task_data(task, 0)
+
+
+def test_few_shot_examples_of_a_free_form_task_are_labelled(tiny_cfg, tmp_path):
+    from distilflow.configs.schema import RegexCheck
+
+    rows = [{"text": f"t{i}", "label": f"{i}"} for i in range(10)] + [{"text": "unlabelled"}]
+    task = with_data(tiny_cfg, write_rows(tmp_path, rows)).model_copy(
+        update={"check": RegexCheck(type="regex", pattern=r"\d+")})
+    shots = data.few_shot_examples(rows, task, k=3, seed=0)
+    assert len(shots) == 3 and all("label" in s for s in shots)

@@ -1,0 +1,185 @@
+"""The prototype stage: rejection sampling, the judge filter, the data card, and a black-box teacher
+served over HTTP, from one stage up to the whole pipeline."""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from datasets import load_from_disk
+from mlflow import MlflowClient
+
+from distilflow.configs.loader import load_config
+from distilflow.configs.schema import JudgeConfig, PythonCheck
+from distilflow.tasks.errors import DistilflowError
+from distilflow.tasks.evaluate import JOURNEY_FIELDS
+from distilflow.tasks.judge import SCORES, judge_filter, judge_scores, parse_score
+from distilflow.tasks.prototype import data_card, rejection_sample
+from distilflow.tasks.stages import run_stage
+from distilflow.tasks.teachers import LocalTeacher
+from tests.conftest import TINY_CONFIG, TINY_TEACHER, free_port
+
+KEY_ENV = "DISTILFLOW_TEST_TEACHER_KEY"
+# The tiny config, smaller still: these tests check what is produced, not how well.
+SMALL = {"task.max_train": 12, "task.eval_size": 8, "compress.quantize.method": "rtn", "deploy.smoke_prompts": 2,
+         "eval.perplexity_examples": 4, "eval.speed_new_tokens": 2}
+
+
+def test_rejection_sampling_keeps_partial_credit_down_to_min_score(tiny_cfg, tmp_path):
+    (tmp_path / "half.py").write_text("def half(answer, row):\n    return 0.5 if answer == 'meh' else 1.0\n")
+    check = PythonCheck.model_validate({"type": "python", "function": "half.py:half"},
+                                       context={"base_dir": tmp_path})
+    task = tiny_cfg.task.model_copy(update={"check": check})
+    rows, answers = [{"text": "a"}], [["meh", "good"]]
+    kept, rejected = rejection_sample(rows, answers, task, min_score=0.5)
+    assert [k["answer"] for k in kept] == ["meh", "good"] and not rejected
+    kept, rejected = rejection_sample(rows, answers, task, min_score=1.0)
+    assert [k["answer"] for k in kept] == ["good"] and rejected == Counter(low_score=1)
+
+
+def test_kept_answers_carry_score_and_provenance(tiny_cfg):
+    kept, _ = rejection_sample([{"text": "a", "label": "bug"}], [["payment", "bug"]], tiny_cfg.task)
+    assert kept == [{"row": {"text": "a", "label": "bug"}, "answer": "bug", "score": 1.0, "input_index": 0,
+                     "sample": 1}]
+
+
+@pytest.mark.parametrize("reply, score", [("4", 4), ("Score: 3/5", 3), ("I give it a 5.", 5), ("10", None),
+                                          ("excellent", None)])
+def test_judge_reply_is_read_for_its_first_digit_1_to_5(reply, score):
+    assert parse_score(reply) == score
+
+
+def test_judge_filter_drops_low_and_unreadable_scores():
+    kept = [{"answer": a} for a in "abcd"]
+    passed, rejected = judge_filter(kept, [5, 3, None, 4], threshold=4)
+    assert [(p["answer"], p["judge_score"]) for p in passed] == [("a", 5), ("d", 4)]
+    assert rejected == Counter(judge_low_score=1, judge_unparsed=1)
+
+
+def test_local_judge_scores_every_answer_by_constrained_choice(tiny_cfg, tiny_teacher):
+    judge = LocalTeacher(*tiny_teacher, name="tiny")
+    kept = [{"row": {"text": "my card was charged twice"}, "answer": answer} for answer in ("payment", "bug")]
+    scores = judge_scores(judge, kept, tiny_cfg.task, JudgeConfig(rubric="The queue fits the ticket."))
+    assert len(scores) == 2 and all(str(s) in SCORES.choices for s in scores)
+
+
+def test_data_card_counts_rejections_labels_and_answer_lengths(tiny_cfg):
+    teacher = LocalTeacher(None, None, name="tiny")
+    kept = [{"row": {}, "answer": "bug"}, {"row": {}, "answer": "bug"}, {"row": {}, "answer": "payment"}]
+    pool = [{"text": "a", "label": "bug"}, {"text": "b"}]
+    card = data_card(kept, Counter(wrong_label=1), pool, tiny_cfg.prototype, tiny_cfg.task, teacher)
+    assert "1 labelled, 1 labelled by the teacher" in card
+    assert "**Kept 3**, rejected 1" in card and "| wrong_label | 1 |" in card
+    assert "| bug | 2 |" in card and "| payment | 1 |" in card
+    assert "min 3, median 3, mean 4.3, max 7" in card
+
+
+def test_judge_scores_travel_with_the_kept_answers(tmp_path):
+    cfg = load_config(TINY_CONFIG, {"run.workdir": str(tmp_path), **SMALL, "prototype.num_samples": 1,
+                                    "prototype.judge": {"rubric": "The queue fits the ticket.", "threshold": 1}})
+    result = run_stage("prototype", cfg, {})
+    dataset = load_from_disk(result.path("dataset"))
+    assert len(dataset) + result.metrics["rejected"] == 12
+    assert all(score in range(1, 6) for score in dataset["judge_score"])
+    assert "Judge (`teacher`)" in result.summary
+
+
+def test_no_kept_answer_fails_the_stage_with_the_counts(tmp_path):
+    (tmp_path / "never.py").write_text("def never(answer, row):\n    return 0.0\n")
+    cfg = load_config(TINY_CONFIG, {"run.workdir": str(tmp_path / "work"), **SMALL, "prototype.num_samples": 1,
+                                    "task.max_answer_tokens": 4,
+                                    "task.check": {"type": "python", "function": f"{tmp_path / 'never.py'}:never"}})
+    with pytest.raises(DistilflowError, match="no teacher answer was kept \\(wrong_label: 12 of 12\\)"):
+        run_stage("prototype", cfg, {})
+    assert [p.name for p in (tmp_path / "work" / "artifacts" / "prototype").iterdir()
+            if not p.name.endswith(".lock")] == []
+
+
+def http_teacher(openai_server) -> dict:
+    return {"base_url": openai_server.base_url, "model": openai_server.model, "api_key_env": KEY_ENV}
+
+
+@pytest.fixture(scope="module")
+def black_box(openai_server, tmp_path_factory):
+    """The prototype stage, alone, with the HTTP teacher (which also judges)."""
+    workdir = tmp_path_factory.mktemp("black-box")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(KEY_ENV, openai_server.api_key)
+        cfg = load_config(TINY_CONFIG, {"run.workdir": str(workdir), **SMALL,
+                                        "prototype.teacher": http_teacher(openai_server),
+                                        "distill.student": {"path": str(TINY_TEACHER)},
+                                        "prototype.judge": {"rubric": "The queue fits the ticket.", "threshold": 1}})
+        return run_stage("prototype", cfg, {}), workdir
+
+
+def test_black_box_stage_writes_dataset_card_and_baseline(black_box):
+    result, _ = black_box
+    dataset = load_from_disk(result.path("dataset"))
+    assert len(dataset) == result.metrics["kept"] > 0
+    assert {"prompt", "completion", "answer", "score", "judge_score", "teacher"} <= set(dataset.column_names)
+    assert json.loads(result.path("teacher_eval").read_text())["metrics"]["task_score"] >= 0
+    assert "## Data card" in result.path("data_card").read_text() and "## Teacher baseline" in result.summary
+
+
+def test_black_box_stage_says_it_has_no_teacher_weights(black_box):
+    result, _ = black_box
+    assert "teacher" not in result.files and result.metrics["teacher.black_box"] == 1.0
+    assert "black-box" in result.summary and "no logit distillation" in result.summary
+    entry = result.journey[0]
+    assert set(JOURNEY_FIELDS) <= entry.keys() and entry["size_bytes"] is None and entry["task_score"] >= 0
+
+
+def test_api_key_is_written_nowhere(black_box, openai_server):
+    result, workdir = black_box
+    for path in Path(workdir).rglob("*"):
+        if path.is_file():
+            assert openai_server.api_key.encode() not in path.read_bytes(), path
+
+
+@pytest.fixture(scope="module")
+def pipeline_runs(openai_server, tmp_path_factory):
+    """The whole pipeline with the HTTP teacher, then with an endpoint nobody serves."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from distilflow.flows.pipeline import pipeline
+
+    workdir = tmp_path_factory.mktemp("http-pipeline")
+    overrides = {"run.workdir": str(workdir), "prototype.teacher": http_teacher(openai_server),
+                 "distill.student": {"path": str(TINY_TEACHER)}, **SMALL}
+    unreachable = {**overrides, "run.workdir": str(workdir / "unreachable"),
+                   "prototype.teacher": {**http_teacher(openai_server), "max_retries": 0,
+                                         "base_url": f"http://127.0.0.1:{free_port()}/v1"}}
+    with pytest.MonkeyPatch.context() as env, prefect_test_harness(server_startup_timeout=120):
+        env.setenv(KEY_ENV, openai_server.api_key)
+        record = pipeline(str(TINY_CONFIG), overrides)
+        with pytest.raises(DistilflowError) as failure:
+            pipeline(str(TINY_CONFIG), unreachable)
+    return record, failure.value, workdir
+
+
+def test_pipeline_with_http_teacher_runs_to_the_bundle(pipeline_runs):
+    record, _, _ = pipeline_runs
+    journey = {e["state"]: e for e in record["journey"]}
+    assert list(journey) == ["teacher", "student", "quantized", "deployed"]
+    assert journey["teacher"]["size_bytes"] is None and journey["teacher"]["task_score"] >= 0
+    assert (Path(record["bundle"]) / "README.md").is_file()
+
+
+def test_pipeline_logs_the_black_box_teacher_to_mlflow_without_its_key(pipeline_runs, openai_server):
+    record, _, _ = pipeline_runs
+    client = MlflowClient(record["mlflow_tracking_uri"])
+    parent = client.get_run(record["mlflow_run_id"])
+    assert parent.data.params["prototype.teacher.api_key_env"] == KEY_ENV
+    assert all(openai_server.api_key not in value for value in parent.data.params.values())
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    prototype = next(run for run in children if run.data.tags["distilflow.stage"] == "prototype")
+    assert prototype.data.tags["distilflow.teacher_access"] == "black-box"
+    assert prototype.data.metrics["teacher.black_box"] == 1.0
+
+
+def test_unreachable_endpoint_fails_the_run_and_publishes_nothing(pipeline_runs):
+    _, failure, workdir = pipeline_runs
+    assert "cannot reach" in str(failure) and "is the server running" in str(failure)
+    published = workdir / "unreachable" / "artifacts" / "prototype"
+    assert not published.exists() or [p.name for p in published.iterdir() if not p.name.endswith(".lock")] == []
