@@ -211,8 +211,9 @@ def train(trainer, ctx: StageContext) -> None:
     """Log the effective settings, then train, resuming from the phase's last checkpoint if there is one."""
     if trainer.is_world_process_zero():
         parameters = list(trainer.model.parameters())
-        ctx.tracker.log_params({
-            "effective.world_size": trainer.args.world_size, "effective.bf16": trainer.args.bf16,
+        # Metrics, not params: a caller may train several times in one run (compress heals each candidate).
+        ctx.tracker.log_metrics({
+            "effective.world_size": trainer.args.world_size, "effective.bf16": int(trainer.args.bf16),
             "effective.trainable_params": sum(p.numel() for p in parameters if p.requires_grad),
             "effective.total_params": sum(p.numel() for p in parameters)})
         args_file = ctx.checkpoint_dir / "effective_training_args.json"
@@ -387,7 +388,8 @@ def launch(phase: str, start: str | Path, out_dir: Path, dataset_dir: Path, sour
 def launch_command(cfg: DistillConfig, device: torch.device, request: Path) -> list[str]:
     """``accelerate launch`` on one machine: DDP, or FSDP2 sharding whole decoder layers (``cfg.fsdp``)."""
     layout = (["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
-               "--fsdp_state_dict_type", "FULL_STATE_DICT"] if cfg.fsdp else ["--multi_gpu"])
+               "--fsdp_state_dict_type", "FULL_STATE_DICT"] if cfg.fsdp
+              else ["--multi_gpu"] if cfg.processes > 1 else [])
     precision = ["--mixed_precision", "bf16"] if device.type == "cuda" else []
     return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(cfg.processes),
             "--num_machines", "1", "--main_process_port", "0", *layout, *precision,

@@ -263,7 +263,8 @@ def test_each_phase_is_a_child_run_of_the_distill_run_with_its_curve(three_phase
 def test_each_phase_logs_its_effective_training_settings(three_phases):
     _, tracker, _ = three_phases
     for run in phase_runs(tracker).values():
-        assert run.data.params["effective.world_size"] == "1" and run.data.params["effective.bf16"] == "False"
+        assert run.data.metrics["effective.world_size"] == 1 and run.data.metrics["effective.bf16"] == 0
+        assert 0 < run.data.metrics["effective.trainable_params"] < run.data.metrics["effective.total_params"]
 
 
 def test_offline_logit_kd_reuses_the_cached_teacher_logits_in_the_workdir(three_phases):
@@ -326,6 +327,7 @@ def test_two_processes_train_a_phase_together_and_publish_one_model(tmp_path):
     records = tmp_path / "records.jsonl"
     prototype = run_stage("prototype", cfg, {})
     result = run_stage("distill", cfg, {"prototype": prototype}, FileTracker(records))
-    params = {k: v for line in records.read_text().splitlines() for k, v in json.loads(line).get("params", {}).items()}
-    assert params["effective.world_size"] == 2
+    metrics = {k: v for line in records.read_text().splitlines()
+               for k, v in json.loads(line).get("metrics", {}).items()}
+    assert metrics["effective.world_size"] == 2
     assert (result.path("student") / "model.safetensors").is_file()

@@ -27,14 +27,15 @@ def run_layout(name: str, processes: int, fsdp: bool, args, student_dir: Path, d
         "run.device": "cpu" if args.cpu else "cuda", "distill.processes": processes, "distill.fsdp": fsdp,
         "distill.lora": {} if args.finetune == "lora" else None, "distill.sft": {
             "max_steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
-            "save_steps": 10_000, "logging_steps": 5, "learning_rate": 1e-4}})
+            "save_steps": 10_000, "logging_steps": args.steps, "learning_rate": 1e-4}})
     records = work / f"{name}.jsonl"
     ctx = context(cfg, work / name, torch.device(cfg.run.device), FileTracker(records))
     ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     distill.launch("sft", student_dir, work / name / "model", dataset_dir, {}, cfg.distill, ctx)
     wall = time.perf_counter() - start
-    final = next(r["metrics"] for r in reversed(logged(records)) if "sft.train_runtime" in r["metrics"])
+    # The last step's log: tokens seen (summed over GPUs) per second of the training loop so far.
+    final = next(r["metrics"] for r in reversed(logged(records)) if "sft.train_tokens_per_second" in r["metrics"])
     return {"processes": processes, "fsdp": fsdp, "tokens_per_s": final["sft.train_tokens_per_second"],
             "train_s": final["sft.train_runtime"], "wall_s_with_launch_and_merge": wall}
 

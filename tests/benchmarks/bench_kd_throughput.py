@@ -43,7 +43,8 @@ def run_mode(mode: str, cfg, dataset, teacher_dir: Path, student_dir: Path, work
         torch.cuda.reset_peak_memory_stats()
     distill.logit_kd(student, tokenizer, dataset, cfg.distill, ctx, **sources)
     entries = logged(records)
-    final = next(r["metrics"] for r in reversed(entries) if "logit_kd.train_runtime" in r["metrics"])
+    # The last step's log: tokens seen (summed over GPUs) per second of the training loop so far.
+    final = next(r["metrics"] for r in reversed(entries) if "logit_kd.train_tokens_per_second" in r["metrics"])
     curve = [(r["step"], r["metrics"]["logit_kd.loss"]) for r in entries if "logit_kd.loss" in r["metrics"]]
     return {"tokens_per_s": final["logit_kd.train_tokens_per_second"], "train_s": final["logit_kd.train_runtime"],
             "steps": curve[-1][0], "teacher_cache_s": cache_seconds,
