@@ -1,6 +1,7 @@
 """Reads a YAML config, applies `--set` overrides and validates it, with errors that name key and file."""
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +81,11 @@ def _did_you_mean(loc: tuple) -> str:
     model: type[BaseModel] = PipelineConfig
     for part in loc[:-1]:
         field = model.model_fields.get(str(part)) if isinstance(part, str) else None
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        # An optional section (`LoraConfig | None`) suggests from its section type.
+        candidates = typing.get_args(field.annotation) or (field.annotation,) if field else ()
+        sections = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not sections:
             return ""
-        model = annotation
+        model = sections[0]
     close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
     return f"; did you mean '{close[0]}'?" if close else f"; allowed: {', '.join(model.model_fields)}"

@@ -241,21 +241,102 @@ class LoraConfig(Section):
     target_modules: str | list[str] = Field("all-linear", description="PEFT target modules.")
 
 
-class SFTConfig(Section):
-    epochs: float = Field(2.0, gt=0)
+class TrainingConfig(Section):
+    """What every training phase sets: length, step size, batch and checkpoints."""
+
+    epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, description="Overrides epochs when > 0.")
     learning_rate: float = Field(2e-4, gt=0)
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="Sequences per device per step.")
     gradient_accumulation_steps: int = Field(1, ge=1)
-    max_length: int = Field(256, ge=8, description="Tokens per training example (prompt + answer).")
     save_steps: int = Field(50, ge=1, description="Checkpoint interval; a re-run resumes from the last one.")
-    logging_steps: int = Field(5, ge=1, description="Interval of the loss curve logged to MLflow.")
+    logging_steps: int = Field(5, ge=1, description="Interval of the curves logged to MLflow.")
+
+
+class SFTConfig(TrainingConfig):
+    epochs: float = Field(2.0, gt=0)
+    max_length: int = Field(256, ge=8, description="Tokens per training example (prompt + answer).")
+
+
+class LogitKDConfig(TrainingConfig):
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl", description="forward_kl (mean-seeking), reverse_kl (mode-seeking), or jsd: the generalized "
+                                  "Jensen-Shannon divergence with `beta`.")
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="jsd only: 0 is forward KL, 1 reverse KL, 0.5 plain JSD.")
+    temperature: float = Field(1.0, gt=0, description="Softens both distributions before comparing them; also the "
+                                                      "sampling temperature of on-policy continuations.")
+    ce_weight: float = Field(0.0, ge=0.0, le=1.0, description="Loss = (1 - w) * divergence + w * cross-entropy on "
+                                                              "the teacher's kept answers.")
+    on_policy_fraction: float = Field(
+        0.0, ge=0.0, le=1.0, description="Share of steps on which the student writes the continuation and the "
+                                         "teacher scores it (GKD's lambda); needs teacher_logits: online.")
+    max_new_tokens: int = Field(16, ge=1, description="Length of on-policy continuations.")
+    teacher_logits: Literal["offline", "online"] = Field(
+        "offline", description="offline: the teacher's top-k log-probs are computed once, cached under "
+                               "WORKDIR/artifacts/teacher_logits and reused; training never loads the teacher. "
+                               "online: the teacher runs beside the student at every step (full vocabulary).")
+    top_k: int = Field(64, ge=1, description="Teacher log-probs kept per token in offline mode; the rest of the "
+                                             "vocabulary is one tail bucket.")
+    max_length: int = Field(256, ge=8, description="Tokens per training example (prompt + answer).")
+    learning_rate: float = Field(1e-4, gt=0)
+
+    @model_validator(mode="after")
+    def _on_policy_needs_the_teacher(self):
+        if self.on_policy_fraction > 0 and self.teacher_logits == "offline":
+            raise ValueError("on_policy_fraction > 0 needs teacher_logits: online (the teacher scores the "
+                             "student's own continuations during training)")
+        return self
+
+
+class GRPOConfig(TrainingConfig):
+    num_generations: int = Field(4, ge=2, description="Group size: answers sampled per prompt, rewarded against "
+                                                      "each other.")
+    beta: float = Field(0.04, ge=0.0, description="Weight of the KL penalty to the phase's starting model.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the answers.")
+    max_completion_length: int = Field(16, ge=1, description="Tokens per sampled answer.")
+    teacher_agreement_bonus: float = Field(
+        0.0, ge=0.0, description="Extra reward for giving the teacher's own answer (added to the task's check).")
+    batch_size: int = Field(8, ge=1, description="Sampled answers per device per step (a multiple of "
+                                                 "num_generations).")
+    learning_rate: float = Field(2e-5, gt=0)
+
+    @model_validator(mode="after")
+    def _whole_groups(self):
+        if (self.batch_size * self.gradient_accumulation_steps) % self.num_generations:
+            raise ValueError(f"batch_size x gradient_accumulation_steps ({self.batch_size} x "
+                             f"{self.gradient_accumulation_steps}) must be a multiple of num_generations "
+                             f"({self.num_generations})")
+        return self
+
+
+Phase = Literal["sft", "logit_kd", "grpo"]
 
 
 class DistillConfig(Section):
     student: StudentConfig
-    lora: LoraConfig = LoraConfig()
+    phases: list[Phase] = Field(
+        ["sft"], min_length=1, description="Training phases in order, each starting from the previous one's "
+                                           "model: sft (teacher's answers), logit_kd (teacher's distribution), "
+                                           "grpo (RL on the task's check).")
+    lora: LoraConfig | None = Field(LoraConfig(), description="LoRA adapters, merged into the student after "
+                                                              "each phase; null trains every weight instead.")
+    qlora: bool = Field(False, description="QLoRA: train the adapters on a 4-bit NF4 copy of the student "
+                                           "(bitsandbytes; GPU only), then merge them into its full weights.")
     sft: SFTConfig = SFTConfig()
+    logit_kd: LogitKDConfig = LogitKDConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    processes: int = Field(1, ge=1, description="GPUs to train on; > 1 launches each phase with `accelerate "
+                                                "launch` (DDP).")
+    fsdp: bool = Field(False, description="With processes > 1: shard the student across GPUs (FSDP) instead of "
+                                          "replicating it (DDP), for students that do not fit on one GPU.")
+
+    @model_validator(mode="after")
+    def _each_phase_once(self):
+        if len(set(self.phases)) != len(self.phases):
+            raise ValueError(f"each phase may appear once (got {self.phases})")
+        if self.qlora and self.lora is None:
+            raise ValueError("qlora trains LoRA adapters: set distill.lora too")
+        return self
 
 
 class QuantizeConfig(Section):

@@ -4,6 +4,7 @@ Stage code only sees a ``Tracker``; MLflow is imported when an ``MlflowTracker``
 also run where MLflow is not installed (a ``LogTracker`` then writes the same calls to the log).
 """
 
+import json
 import logging
 import os
 import time
@@ -56,6 +57,40 @@ class LogTracker:
     @contextmanager
     def child(self, name):
         yield self
+
+
+class FileTracker(LogTracker):
+    """Tracking into a JSON-lines file, for work in worker processes (no MLflow there); the parent
+    ``replay``s it into its own tracker."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def log_params(self, params):
+        self._write({"params": params})
+
+    def log_metrics(self, metrics, step=None):
+        self._write({"metrics": metrics, "step": step})
+
+    def log_artifact(self, path, artifact_path=None):
+        self._write({"artifact": str(path), "artifact_path": artifact_path})
+
+    def _write(self, record: dict) -> None:
+        with open(self.path, "a") as lines:
+            lines.write(json.dumps(record, default=str) + "\n")
+
+    @staticmethod
+    def replay(path: Path, tracker: Tracker) -> None:
+        if not Path(path).is_file():
+            return
+        for line in Path(path).read_text().splitlines():
+            record = json.loads(line)
+            if "params" in record:
+                tracker.log_params(record["params"])
+            elif "metrics" in record:
+                tracker.log_metrics(record["metrics"], step=record["step"])
+            else:
+                tracker.log_artifact(Path(record["artifact"]), record["artifact_path"])
 
 
 class MlflowTracker:

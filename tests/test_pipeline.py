@@ -77,9 +77,12 @@ def test_each_stage_is_a_finished_child_run(runs):
     assert all(run.data.tags["distilflow.cached"] == "false" for run in children.values())
 
 
-def test_training_loss_is_logged_with_steps(runs):
+def test_training_loss_is_logged_with_steps_in_the_phases_run(runs):
+    client = MlflowClient(runs["first"]["mlflow_tracking_uri"])
     distill = stage_runs(runs["first"])["distill"]
-    history = MlflowClient(runs["first"]["mlflow_tracking_uri"]).get_metric_history(distill.info.run_id, "sft.loss")
+    sft = client.search_runs([distill.info.experiment_id], filter_string=(
+        f"tags.mlflow.parentRunId = '{distill.info.run_id}' and tags.`distilflow.phase` = 'sft'"))[0]
+    history = client.get_metric_history(sft.info.run_id, "sft.loss")
     assert [m.step for m in history] == sorted(m.step for m in history) and history[-1].step > 0
 
 

@@ -1,0 +1,176 @@
+"""The teacher's top-k log-probs over the distillation set, computed once and cached by content.
+
+Logit KD against a live teacher holds both models in memory and runs the teacher at every step of
+every epoch. Offline, the teacher runs once: for every answer token it keeps its k most likely next
+tokens (int32 ids, fp16 log-probs) and the log of the probability left over (the tail), which is all
+the divergence needs. The file lives in ``WORKDIR/artifacts/teacher_logits/<key>/``, where the key
+hashes the teacher's weights, the exact token ids and k: any later run with the same teacher and
+data reuses it.
+
+The token ids are stored too, so the student trains on exactly the sequences the teacher scored.
+"""
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoTokenizer
+
+from distilflow.tasks import artifacts
+from distilflow.tasks.artifacts import StageResult
+from distilflow.tasks.errors import DistilflowError
+
+log = logging.getLogger("distilflow")
+
+FILE = "teacher_logits.safetensors"
+
+
+@dataclass(frozen=True)
+class Example:
+    """A prompt + answer as token ids; ``completion_mask`` marks the answer's tokens."""
+
+    input_ids: list[int]
+    completion_mask: list[int]
+
+
+def tokenize(tokenizer, rows, max_length: int) -> list[Example]:
+    """Prompt and answer in the tokenizer's chat template; long examples lose the start of the prompt.
+
+    The prompt (with the assistant's turn opened) and the answer are tokenized apart and joined, so
+    the answer's first token is never merged into the prompt's last one.
+    """
+    examples = []
+    for row in rows:
+        prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
+        if not full.startswith(prompt):
+            raise DistilflowError(f"{tokenizer.name_or_path}: the chat template renders the answer's turn "
+                                  "differently from the generation prompt; logit KD cannot align the answer "
+                                  "tokens (use the sft phase)")
+        prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        answer_ids = tokenizer(full[len(prompt):], add_special_tokens=False).input_ids
+        # Keep the end: the answer is what KD trains on, and at least one prompt token must remain.
+        keep = min(max_length, len(prompt_ids) + len(answer_ids))
+        drop = len(prompt_ids) + len(answer_ids) - keep
+        if drop >= len(prompt_ids):
+            raise DistilflowError(f"distill.logit_kd.max_length ({max_length}) leaves no prompt token before an "
+                                  f"answer of {len(answer_ids)} tokens; raise it")
+        examples.append(Example(input_ids=(prompt_ids + answer_ids)[drop:],
+                                completion_mask=([0] * len(prompt_ids) + [1] * len(answer_ids))[drop:]))
+    return examples
+
+
+def require_shared_vocabulary(teacher_dir: Path, student_dir: str | Path) -> None:
+    """Logit KD compares distributions token by token: both models must use the same ids for the same tokens."""
+    teacher_tokenizer, student_tokenizer = AutoTokenizer.from_pretrained(teacher_dir), \
+        AutoTokenizer.from_pretrained(student_dir)
+    teacher_size = AutoConfig.from_pretrained(teacher_dir).get_text_config().vocab_size
+    student_size = AutoConfig.from_pretrained(student_dir).get_text_config().vocab_size
+    if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab() or teacher_size != student_size:
+        raise DistilflowError(
+            f"distill.phases has logit_kd, but the teacher's tokenizer ({teacher_dir}: "
+            f"{type(teacher_tokenizer).__name__}, {len(teacher_tokenizer)} tokens, vocab_size {teacher_size}) and "
+            f"the student's ({student_dir}: {type(student_tokenizer).__name__}, {len(student_tokenizer)} tokens, "
+            f"vocab_size {student_size}) do not share a vocabulary, so their token distributions cannot be "
+            "compared. Use the sft phase (sequence-level KD on the teacher's answers) instead.")
+
+
+@torch.no_grad()
+def compute(teacher, examples: list[Example], top_k: int, temperature: float,
+            batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """For every answer token: the teacher's top-k next-token ids and log-probs, and the tail's log-prob.
+
+    Position ``j`` predicts token ``j + 1``, so a sequence's targets are the positions before its
+    answer tokens, in order.
+    """
+    device = teacher.device
+    ids, logprobs, tails = [], [], []
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start:start + batch_size]
+        width = max(len(e.input_ids) for e in batch)
+        input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+        attention = torch.zeros(len(batch), width, dtype=torch.long)
+        targets = torch.zeros(len(batch), width, dtype=torch.bool)
+        for row, example in enumerate(batch):
+            input_ids[row, :len(example.input_ids)] = torch.tensor(example.input_ids)
+            attention[row, :len(example.input_ids)] = 1
+            targets[row, :len(example.input_ids) - 1] = torch.tensor(example.completion_mask[1:], dtype=torch.bool)
+        logits = teacher(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+        scaled = (logits[targets.to(device)].float() / temperature).log_softmax(-1)
+        top = scaled.topk(min(top_k, scaled.size(-1)), dim=-1)
+        ids.append(top.indices.to(torch.int32).cpu())
+        logprobs.append(top.values.to(torch.float16).cpu())
+        tails.append(scaled.scatter(-1, top.indices, float("-inf")).logsumexp(-1).cpu())
+    return {"topk_ids": torch.cat(ids), "topk_logprobs": torch.cat(logprobs), "tail_logprob": torch.cat(tails),
+            **_flat_examples(examples)}
+
+
+def _flat_examples(examples: list[Example]) -> dict[str, torch.Tensor]:
+    lengths = torch.tensor([len(e.input_ids) for e in examples])
+    return {"input_ids": torch.tensor([t for e in examples for t in e.input_ids], dtype=torch.int32),
+            "completion_mask": torch.tensor([m for e in examples for m in e.completion_mask], dtype=torch.uint8),
+            "sequence_offsets": torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])}
+
+
+def cache_key(teacher_dir: Path, examples: list[Example], top_k: int, temperature: float) -> str:
+    """Hash of what the log-probs depend on: the teacher's files, the exact token ids, k and temperature."""
+    teacher_files = {str(p.relative_to(teacher_dir)): artifacts.file_sha256(p)
+                     for p in sorted(teacher_dir.rglob("*")) if p.is_file()}
+    tokens = hashlib.sha256(json.dumps([[e.input_ids, e.completion_mask] for e in examples]).encode()).hexdigest()
+    return artifacts.stage_key("teacher_logits", teacher_files, tokens, top_k, temperature)
+
+
+def cached(teacher_dir: Path, examples: list[Example], top_k: int, temperature: float, workdir: Path,
+           load_teacher) -> StageResult:
+    """The teacher's log-probs for ``examples``, from the cache or computed now (``load_teacher()`` is
+    only called then) and published atomically."""
+    key = cache_key(teacher_dir, examples, top_k, temperature)
+
+    def produce(out_dir: Path) -> StageResult:
+        start = time.perf_counter()
+        tensors = compute(load_teacher(), examples, top_k, temperature)
+        save_file(tensors, out_dir / FILE, metadata={"top_k": str(top_k), "temperature": str(temperature),
+                                                     "teacher": str(teacher_dir)})
+        kept_mass = tensors["topk_logprobs"].float().exp().sum(-1).mean().item()
+        metrics = {"teacher_logits.positions": len(tensors["tail_logprob"]), "teacher_logits.top_k": top_k,
+                   "teacher_logits.mass_in_top_k": kept_mass, "teacher_logits.bytes": (out_dir / FILE).stat().st_size,
+                   "teacher_logits.seconds": time.perf_counter() - start}
+        return StageResult(stage="teacher_logits", files={"logits": FILE}, metrics=metrics,
+                           summary=f"top-{top_k} teacher log-probs for {len(examples)} examples; "
+                                   f"mean mass in top-k {kept_mass:.3f}\n")
+
+    result = artifacts.cached_or_run("teacher_logits", key, workdir, produce)
+    log.info("teacher logits %s: %s", "reused" if result.cached else "computed", result.directory)
+    return result
+
+
+class CachedLogits(torch.utils.data.Dataset):
+    """The cached sequences with their teacher log-probs, one training example per item."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.input_ids, self.completion_mask = tensors["input_ids"], tensors["completion_mask"]
+        self.offsets = tensors["sequence_offsets"]
+        self.topk_ids, self.topk_logprobs = tensors["topk_ids"], tensors["topk_logprobs"]
+        self.tail_logprob = tensors["tail_logprob"]
+        targets = torch.tensor([self.completion_mask[a + 1:b].sum().item()
+                                for a, b in zip(self.offsets[:-1].tolist(), self.offsets[1:].tolist())])
+        self.target_offsets = torch.cat([torch.zeros(1, dtype=torch.long), targets.cumsum(0)])
+
+    @classmethod
+    def load(cls, path: Path) -> "CachedLogits":
+        return cls(load_file(path))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        tokens = slice(self.offsets[i].item(), self.offsets[i + 1].item())
+        targets = slice(self.target_offsets[i].item(), self.target_offsets[i + 1].item())
+        return {"input_ids": self.input_ids[tokens].long(), "completion_mask": self.completion_mask[tokens].bool(),
+                "topk_ids": self.topk_ids[targets].long(), "topk_logprobs": self.topk_logprobs[targets].float(),
+                "tail_logprob": self.tail_logprob[targets]}

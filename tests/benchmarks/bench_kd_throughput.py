@@ -1,0 +1,117 @@
+"""Logit KD throughput: offline top-k teacher log-probs against the online teacher, in one run.
+
+Same GPU, same models, data, batch size, sequence length and steps; both through distilflow's own
+``distill.logit_kd``. Offline pays the teacher once (its cache build is reported apart); online runs
+the teacher beside the student at every step. Prints JSON (tokens/s, peak memory, loss curves) and
+writes kd_throughput.json, plus kd_throughput.png where matplotlib is installed:
+
+    python -m tests.benchmarks.bench_kd_throughput --out OUT            # GPU: 1.7B-shaped teacher, 360M student
+    python -m tests.benchmarks.bench_kd_throughput --plot OUT/kd_throughput.json   # the PNG, anywhere
+    python -m tests.benchmarks.bench_kd_throughput --out OUT --teacher tiny --student tiny --steps 4  # CPU smoke
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from distilflow.tasks import distill, teacher_logits
+from distilflow.tasks.models import load_model, resolve_device
+from distilflow.tasks.tracking import FileTracker
+from tests.benchmarks.distill_setup import benchmark_config, context, logged, random_model, task_dataset
+
+
+def run_mode(mode: str, cfg, dataset, teacher_dir: Path, student_dir: Path, work: Path, device) -> dict:
+    records = work / f"{mode}.jsonl"
+    ctx = context(cfg, work / mode, device, FileTracker(records))
+    student, tokenizer = load_model(student_dir, device)
+    sources, cache_seconds = {}, None
+    if mode == "offline":
+        examples = teacher_logits.tokenize(tokenizer, dataset, cfg.distill.logit_kd.max_length)
+        start = time.perf_counter()
+        cache = teacher_logits.cached(teacher_dir, examples, cfg.distill.logit_kd.top_k,
+                                      cfg.distill.logit_kd.temperature, work,
+                                      load_teacher=lambda: load_model(teacher_dir, device)[0])
+        cache_seconds = time.perf_counter() - start
+        sources["logits_file"] = cache.path("logits")
+    else:
+        sources["teacher"] = load_model(teacher_dir, device)[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    distill.logit_kd(student, tokenizer, dataset, cfg.distill, ctx, **sources)
+    entries = logged(records)
+    # The last step's log: tokens seen (summed over GPUs) per second of the training loop so far.
+    final = next(r["metrics"] for r in reversed(entries) if "logit_kd.train_tokens_per_second" in r["metrics"])
+    curve = [(r["step"], r["metrics"]["logit_kd.loss"]) for r in entries if "logit_kd.loss" in r["metrics"]]
+    return {"tokens_per_s": final["logit_kd.train_tokens_per_second"], "train_s": final["logit_kd.train_runtime"],
+            "steps": curve[-1][0], "teacher_cache_s": cache_seconds,
+            "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None,
+            "loss_curve": curve}
+
+
+def plot(result_file: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    result = json.loads(result_file.read_text())
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for axis, mode in zip(axes, ("offline", "online")):
+        steps, losses = zip(*result[mode]["loss_curve"])
+        axis.plot(steps, losses)
+        axis.set_title(f"{mode}: {result[mode]['tokens_per_s']:.0f} tokens/s")
+        axis.set_xlabel("step")
+    axes[0].set_ylabel(f"logit KD loss ({result['settings']['divergence']})")
+    figure.suptitle(f"{result['teacher']} -> {result['student']} on {result['device']}")
+    figure.tight_layout()
+    png = result_file.with_suffix(".png")
+    figure.savefig(png, dpi=120)
+    return png
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--plot", type=Path, help="only draw the PNG of an earlier result file")
+    parser.add_argument("--teacher", default="smollm2-1.7b")
+    parser.add_argument("--student", default="smollm2-360m")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--top-k", type=int, default=64)
+    args = parser.parse_args()
+    if args.plot:
+        print(plot(args.plot))
+        return
+    work = args.out
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = benchmark_config({"run.device": "auto", "distill.logit_kd": {
+        "max_steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length, "top_k": args.top_k,
+        "save_steps": 10_000, "logging_steps": 1, "learning_rate": 1e-4}})
+    device = resolve_device("auto")
+    dataset = task_dataset(cfg, work / "dataset")
+    teacher_dir = random_model(args.teacher, work / "teacher", seed=1)
+    student_dir = random_model(args.student, work / "student", seed=2)
+    result = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if device.type == "cuda"
+              else "cpu", "teacher": args.teacher, "student": args.student, "examples": len(dataset),
+              "settings": {**cfg.distill.logit_kd.model_dump(), "lora": cfg.distill.lora.model_dump()}}
+    for mode in ("offline", "online"):
+        result[mode] = run_mode(mode, cfg, dataset, teacher_dir, student_dir, work, device)
+    result["offline_speedup"] = result["offline"]["tokens_per_s"] / result["online"]["tokens_per_s"]
+    out = work / "kd_throughput.json"
+    out.write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("offline", "online")} | {
+        mode: {k: v for k, v in result[mode].items() if k != "loss_curve"} for mode in ("offline", "online")},
+        indent=1))
+    try:
+        print(plot(out))
+    except ImportError:
+        print(f"matplotlib is not installed here: python -m tests.benchmarks.bench_kd_throughput --plot {out}")
+
+
+if __name__ == "__main__":
+    main()

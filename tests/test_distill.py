@@ -1,0 +1,335 @@
+"""Knowledge transfer: the KD losses, the teacher-logit cache, the phases, their tracking and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import load_from_disk
+from trl.experimental.gkd import GKDTrainer
+
+from distilflow.configs.loader import load_config
+from distilflow.tasks import distill, kd, teacher_logits
+from distilflow.tasks.context import StageContext
+from distilflow.tasks.data import load_task_data
+from distilflow.tasks.errors import DistilflowError
+from distilflow.tasks.prototype import write_dataset
+from distilflow.tasks.stages import run_stage
+from distilflow.tasks.tracking import FileTracker, LogTracker, MlflowTracker
+from tests.conftest import REPO, TINY_CONFIG, TINY_TEACHER
+
+
+def tiny_dataset(cfg, directory: Path, size: int = 12):
+    """The prototype stage's dataset format, with the reference labels as the teacher's answers."""
+    rows = load_task_data(cfg.task, cfg.run.seed).train[:size]
+    kept = [{"row": row, "answer": row["label"], "score": 1.0, "input_index": i, "sample": 0}
+            for i, row in enumerate(rows)]
+    write_dataset(kept, cfg.task, "reference labels", cfg.prototype, directory, directory / "x.jsonl")
+    return load_from_disk(directory)
+
+
+def context(cfg, tmp_path: Path, tracker=LogTracker()) -> StageContext:
+    return StageContext(workdir=tmp_path, out_dir=tmp_path / "out", checkpoint_dir=tmp_path / "checkpoints",
+                        device=torch.device("cpu"), seed=0, task=cfg.task,
+                        examples=load_task_data(cfg.task, cfg.run.seed), eval=cfg.eval, tracker=tracker)
+
+
+# --- the divergence ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_top_k_divergence_equals_trls_full_divergence_when_k_covers_the_vocabulary(beta):
+    torch.manual_seed(0)
+    student, teacher, temperature = torch.randn(6, 40), torch.randn(6, 40) * 3, 2.0
+    full = GKDTrainer.generalized_jsd_loss(student, teacher, beta=beta, temperature=temperature,
+                                           reduction="none").sum(-1)
+    top = (teacher / temperature).log_softmax(-1).topk(40)
+    teacher_buckets = torch.cat([top.values, torch.full((6, 1), kd.TAIL_FLOOR)], -1)
+    ours = kd.divergence(kd.top_k_buckets(student, top.indices, temperature), teacher_buckets, beta)
+    torch.testing.assert_close(ours, full, atol=1e-5, rtol=1e-4)
+
+
+def test_top_k_divergence_never_exceeds_the_full_one():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(6, 40), torch.randn(6, 40) * 3
+    full = GKDTrainer.generalized_jsd_loss(student, teacher, beta=0.0, reduction="none").sum(-1)
+    logprobs = teacher.log_softmax(-1)
+    top = logprobs.topk(5)
+    tail = logprobs.scatter(-1, top.indices, float("-inf")).logsumexp(-1, keepdim=True)
+    coarse = kd.divergence(kd.top_k_buckets(student, top.indices, 1.0), torch.cat([top.values, tail], -1), 0.0)
+    assert (coarse <= full + 1e-6).all() and (coarse > 0).all()
+
+
+# --- tokenization and the teacher-logit cache -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny config, a small distillation set and the tiny teacher's tokenizer."""
+    work = tmp_path_factory.mktemp("tiny")
+    cfg = load_config(TINY_CONFIG, {"run.workdir": str(work / "work")})
+    from transformers import AutoTokenizer
+
+    return cfg, tiny_dataset(cfg, work / "dataset"), AutoTokenizer.from_pretrained(TINY_TEACHER)
+
+
+def test_tokenize_marks_the_answer_and_its_end_of_turn_only(tiny):
+    cfg, dataset, tokenizer = tiny
+    example = teacher_logits.tokenize(tokenizer, dataset, 256)[0]
+    answer = [t for t, m in zip(example.input_ids, example.completion_mask) if m]
+    assert tokenizer.decode(answer) == dataset[0]["answer"] + "<|im_end|>\n"
+    assert example.completion_mask[0] == 0
+
+
+def test_tokenize_drops_the_start_of_a_long_prompt_and_keeps_the_answer(tiny):
+    _, dataset, tokenizer = tiny
+    full = teacher_logits.tokenize(tokenizer, dataset, 256)[0]
+    short = teacher_logits.tokenize(tokenizer, dataset, 12)[0]
+    assert short.input_ids == full.input_ids[-12:] and short.completion_mask == full.completion_mask[-12:]
+
+
+def test_tokenize_refuses_a_max_length_that_leaves_no_prompt(tiny):
+    _, dataset, tokenizer = tiny
+    with pytest.raises(DistilflowError, match="distill.logit_kd.max_length"):
+        teacher_logits.tokenize(tokenizer, dataset, 2)
+
+
+def test_cached_top_k_log_probs_are_the_teachers_at_each_answer_position(tiny, tiny_teacher):
+    _, dataset, tokenizer = tiny
+    model, _ = tiny_teacher
+    examples = teacher_logits.tokenize(tokenizer, dataset, 256)[:3]
+    item = teacher_logits.CachedLogits(teacher_logits.compute(model, examples, 4, 1.0))[1]
+    ids = torch.tensor([examples[1].input_ids])
+    with torch.no_grad():
+        logprobs = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+    positions = torch.tensor(examples[1].completion_mask[1:], dtype=torch.bool)
+    expected = logprobs[positions].topk(4)
+    assert torch.equal(item["topk_ids"], expected.indices)
+    torch.testing.assert_close(item["topk_logprobs"], expected.values, atol=2e-3, rtol=1e-3)
+    kept = item["topk_logprobs"].exp().sum(-1) + item["tail_logprob"].exp()
+    torch.testing.assert_close(kept, torch.ones_like(kept), atol=2e-3, rtol=0)
+
+
+def test_teacher_logits_are_computed_once_then_reused_without_the_teacher(tiny, tiny_teacher, tmp_path):
+    _, dataset, tokenizer = tiny
+    examples = teacher_logits.tokenize(tokenizer, dataset, 256)
+    loads = []
+
+    def load_teacher():
+        loads.append(1)
+        return tiny_teacher[0]
+
+    first = teacher_logits.cached(TINY_TEACHER, examples, 8, 1.0, tmp_path, load_teacher)
+
+    def no_teacher():
+        raise AssertionError("the cached log-probs should have been reused")
+
+    again = teacher_logits.cached(TINY_TEACHER, examples, 8, 1.0, tmp_path, no_teacher)
+    assert loads == [1] and not first.cached and again.cached
+    assert again.directory == first.directory and first.directory.parent == tmp_path / "artifacts" / "teacher_logits"
+    assert first.metrics["teacher_logits.positions"] == sum(sum(e.completion_mask) for e in examples)
+
+
+def test_teacher_logits_cache_key_changes_with_k_and_data(tiny):
+    _, dataset, tokenizer = tiny
+    examples = teacher_logits.tokenize(tokenizer, dataset, 256)
+    key = teacher_logits.cache_key(TINY_TEACHER, examples, 8, 1.0)
+    assert key == teacher_logits.cache_key(TINY_TEACHER, examples, 8, 1.0)
+    assert key != teacher_logits.cache_key(TINY_TEACHER, examples, 16, 1.0)
+    assert key != teacher_logits.cache_key(TINY_TEACHER, examples[1:], 8, 1.0)
+
+
+def test_a_student_with_another_vocabulary_is_refused_naming_both_tokenizers(tmp_path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY_TEACHER)
+    other = tmp_path / "other-student"
+    tokenizer.add_tokens(["<extra_token>"])
+    tokenizer.save_pretrained(other)
+    AutoConfig.from_pretrained(TINY_TEACHER).save_pretrained(other)
+    with pytest.raises(DistilflowError) as caught:
+        teacher_logits.require_shared_vocabulary(TINY_TEACHER, other)
+    message = str(caught.value)
+    assert str(TINY_TEACHER) in message and str(other) in message and "sft" in message
+
+
+# --- what no phase can do ---------------------------------------------------------------------------------
+
+def test_qlora_on_a_cpu_is_refused_before_training(tiny_cfg):
+    cfg = load_config(TINY_CONFIG, {"distill.qlora": True}).distill
+    with pytest.raises(DistilflowError, match="distill.qlora.*needs a GPU"):
+        distill.check_can_train(cfg, TINY_TEACHER, torch.device("cpu"))
+
+
+def test_logit_kd_from_a_black_box_teacher_is_refused(tiny_cfg):
+    cfg = tiny_cfg.distill.model_copy(update={"phases": ["sft", "logit_kd"],
+                                              "student": tiny_cfg.distill.student.model_copy(
+                                                  update={"teacher_layers": None, "path": str(TINY_TEACHER)})})
+    with pytest.raises(DistilflowError, match="logit_kd.*black box"):
+        distill.check_can_train(cfg, None, torch.device("cpu"))
+
+
+def test_a_student_derived_from_a_black_box_teacher_is_refused(tiny_cfg):
+    with pytest.raises(DistilflowError, match="teacher_layers.*black box"):
+        distill.check_can_train(tiny_cfg.distill, None, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"distill.logit_kd.on_policy_fraction": 0.5}, "on_policy_fraction > 0 needs teacher_logits: online"),
+    ({"distill.phases": ["sft", "grpo", "sft"]}, "each phase may appear once"),
+    ({"distill.phases": ["rlhf"]}, "distill.phases.0"),
+    ({"distill.grpo.num_generations": 3}, "must be a multiple of num_generations"),
+])
+def test_bad_distill_settings_name_the_key(overrides, message):
+    with pytest.raises(DistilflowError, match=message):
+        load_config(TINY_CONFIG, overrides)
+
+
+# --- GRPO's reward ----------------------------------------------------------------------------------------
+
+def test_task_check_reward_scores_sampled_answers_like_the_evaluator(tiny_cfg):
+    reward = distill.task_check_reward(tiny_cfg.task)
+    completions = [[{"role": "assistant", "content": " bug\n"}], [{"role": "assistant", "content": "bug"}],
+                   [{"role": "assistant", "content": "a bug"}], [{"role": "assistant", "content": "payment"}]]
+    assert reward(completions, label=["bug", "payment", "bug", ""]) == [1.0, 0.0, 0.0, 1.0]
+
+
+def test_teacher_agreement_rewards_the_teachers_own_answer():
+    completions = [[{"role": "assistant", "content": "bug"}], [{"role": "assistant", "content": "account"}]]
+    assert distill.teacher_agreement(completions, answer=["bug", "payment"]) == [1.0, 0.0]
+
+
+def test_sampling_stops_at_the_chat_templates_end_of_turn(tiny_teacher):
+    model, tokenizer = tiny_teacher
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    distill.stop_at_turn_end(model, tokenizer)
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in model.generation_config.eos_token_id
+
+
+# --- the phases -------------------------------------------------------------------------------------------
+
+def test_online_logit_kd_with_on_policy_steps_changes_the_student(tiny, tmp_path):
+    cfg, dataset, _ = tiny
+    cfg = load_config(TINY_CONFIG, {"distill.logit_kd.teacher_logits": "online", "distill.logit_kd.max_steps": 2,
+                                    "distill.logit_kd.on_policy_fraction": 1.0, "distill.logit_kd.ce_weight": 0.5,
+                                    "distill.logit_kd.max_new_tokens": 4})
+    from distilflow.tasks.models import load_model
+
+    student, tokenizer = load_model(TINY_TEACHER, torch.device("cpu"))
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    teacher, _ = load_model(TINY_TEACHER, torch.device("cpu"))
+    trained = distill.logit_kd(student, tokenizer, dataset, cfg.distill, context(cfg, tmp_path), teacher=teacher)
+    assert any(not torch.equal(before[k], v) for k, v in trained.state_dict().items())
+
+
+@pytest.fixture(scope="module")
+def three_phases(tmp_path_factory):
+    """The distill stage with sft -> logit_kd (offline) -> grpo on the tiny config, tracked in MLflow."""
+    work = tmp_path_factory.mktemp("phases")
+    cfg = load_config(TINY_CONFIG, {"run.workdir": str(work), "distill.phases": ["sft", "logit_kd", "grpo"]})
+    tracker = MlflowTracker.start(f"sqlite:///{work / 'mlflow.db'}", "tiny", work / "mlartifacts", "test", {})
+    prototype = run_stage("prototype", cfg, {}, tracker)
+    result = run_stage("distill", cfg, {"prototype": prototype}, tracker)
+    return cfg, tracker, result
+
+
+def phase_runs(tracker) -> dict:
+    client = tracker.client
+    parent = client.get_run(tracker.run_id)
+    runs = client.search_runs([parent.info.experiment_id], filter_string="tags.`distilflow.phase` != ''")
+    return {run.data.tags["distilflow.phase"]: run for run in runs}
+
+
+def test_journey_has_the_student_after_each_phase_in_order(three_phases):
+    _, _, result = three_phases
+    assert [(e["state"], e["phase"]) for e in result.journey] == [("student", "sft"), ("student", "logit_kd"),
+                                                                   ("student", "grpo")]
+    assert all(0 <= e["task_score"] <= 1 and e["params"] > 0 for e in result.journey)
+
+
+def test_each_phase_is_a_child_run_of_the_distill_run_with_its_curve(three_phases):
+    _, tracker, _ = three_phases
+    runs = phase_runs(tracker)
+    assert set(runs) == {"sft", "logit_kd", "grpo"}
+    parents = {r.data.tags["mlflow.parentRunId"] for r in runs.values()}
+    assert len(parents) == 1 and tracker.client.get_run(parents.pop()).data.tags["distilflow.stage"] == "distill"
+    for phase, metric in (("sft", "sft.loss"), ("logit_kd", "logit_kd.loss"), ("grpo", "grpo.reward")):
+        history = tracker.client.get_metric_history(runs[phase].info.run_id, metric)
+        assert history and history[-1].step > 0, phase
+        assert "student.task_score" in runs[phase].data.metrics
+
+
+def test_each_phase_logs_its_effective_training_settings(three_phases):
+    _, tracker, _ = three_phases
+    for run in phase_runs(tracker).values():
+        assert run.data.metrics["effective.world_size"] == 1 and run.data.metrics["effective.bf16"] == 0
+        assert 0 < run.data.metrics["effective.trainable_params"] < run.data.metrics["effective.total_params"]
+
+
+def test_offline_logit_kd_reuses_the_cached_teacher_logits_in_the_workdir(three_phases):
+    cfg, tracker, _ = three_phases
+    cache = phase_runs(tracker)["logit_kd"].data.tags["distilflow.teacher_logits"]
+    assert Path(cache).parent == cfg.run.workdir / "artifacts" / "teacher_logits"
+    assert (Path(cache) / teacher_logits.FILE).is_file()
+
+
+def test_the_published_student_is_the_last_phases_model(three_phases):
+    _, _, result = three_phases
+    assert (result.path("student") / "model.safetensors").is_file()
+    assert result.metrics["student.task_score"] == result.journey[-1]["task_score"]
+    for phase in ("sft", "logit_kd", "grpo"):
+        assert (result.directory / f"student_eval_{phase}.json").is_file()
+
+
+# --- resume -----------------------------------------------------------------------------------------------
+
+RESUMABLE = {"distill.phases": ["sft", "logit_kd"], "distill.logit_kd.max_steps": 24,
+             "distill.logit_kd.save_steps": 3}
+CHILD = """
+import json, sys
+from distilflow.configs.loader import load_config
+from distilflow.tasks.stages import run_stage
+cfg = load_config(sys.argv[1], {"run.workdir": sys.argv[2], **json.loads(sys.argv[3])})
+run_stage("distill", cfg, {"prototype": run_stage("prototype", cfg, {})})
+"""
+
+
+def test_a_killed_run_resumes_at_its_phase_and_checkpoint_with_the_step_count_continuing(tmp_path):
+    work = tmp_path / "work"
+    cfg = load_config(TINY_CONFIG, {"run.workdir": str(work), **RESUMABLE})
+    prototype = run_stage("prototype", cfg, {})
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(TINY_CONFIG), str(work), json.dumps(RESUMABLE)],
+                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = work / "checkpoints" / "distill"
+    deadline = time.monotonic() + 600
+    while not list(checkpoints.glob("*/logit_kd/checkpoint-*/trainer_state.json")):
+        assert child.poll() is None, "the training subprocess ended before it could be killed"
+        assert time.monotonic() < deadline, "no logit_kd checkpoint within 10 minutes"
+        time.sleep(0.1)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert list(checkpoints.glob("*/sft/model/config.json")), "sft finished and kept its model"
+    killed_at = max(int(p.name.split("-")[1]) for p in checkpoints.glob("*/logit_kd/checkpoint-*")
+                    if (p / "trainer_state.json").is_file())
+
+    records = tmp_path / "rerun.jsonl"
+    run_stage("distill", cfg, {"prototype": prototype}, FileTracker(records))
+    logged = [json.loads(line) for line in records.read_text().splitlines()]
+    steps = [r["step"] for r in logged if "metrics" in r and "logit_kd.loss" in r["metrics"]]
+    assert not any("metrics" in r and "sft.loss" in r["metrics"] for r in logged), "sft was not trained again"
+    assert steps[0] == killed_at + 1 and steps[-1] == 24
+
+
+@pytest.mark.slow
+def test_two_processes_train_a_phase_together_and_publish_one_model(tmp_path):
+    cfg = load_config(TINY_CONFIG, {"run.workdir": str(tmp_path), "distill.processes": 2})
+    records = tmp_path / "records.jsonl"
+    prototype = run_stage("prototype", cfg, {})
+    result = run_stage("distill", cfg, {"prototype": prototype}, FileTracker(records))
+    metrics = {k: v for line in records.read_text().splitlines()
+               for k, v in json.loads(line).get("metrics", {}).items()}
+    assert metrics["effective.world_size"] == 2
+    assert (result.path("student") / "model.safetensors").is_file()
