@@ -124,7 +124,11 @@ def make_candidate(candidate: CandidateConfig, source_dir: Path, dataset: Datase
         evaluation = evaluate(model, tokenizer, ctx.examples.eval, ctx.task, ctx.eval, desc=f"{candidate.label} eval")
         evaluation.add_size(size_on_disk(out_dir))
         del model
-        deployable, note = reload_check(evaluation, out_dir, ctx)
+        try:
+            reloaded = evaluate_in_fresh_process(out_dir, ctx.examples.eval, ctx.task, ctx.eval, ctx.device)
+            deployable, note = reload_verdict(evaluation, reloaded)
+        except DistilflowError as err:
+            deployable, note = False, f"the saved checkpoint does not reload: {str(err).splitlines()[-1]}"
     else:
         if cfg.scheme == "bf16":
             shutil.copytree(source_dir, out_dir)
@@ -142,12 +146,8 @@ def make_candidate(candidate: CandidateConfig, source_dir: Path, dataset: Datase
             "deployable": deployable, "note": note}
 
 
-def reload_check(in_memory: Evaluation, model_dir: Path, ctx: StageContext) -> tuple[bool, str]:
-    """Whether ``model_dir``, reloaded in a fresh process, scores what the in-memory model scored."""
-    try:
-        reloaded = evaluate_in_fresh_process(model_dir, ctx.examples.eval, ctx.task, ctx.eval, ctx.device)
-    except DistilflowError as err:
-        return False, f"the saved checkpoint does not reload: {str(err).splitlines()[-1]}"
+def reload_verdict(in_memory: Evaluation, reloaded: Evaluation) -> tuple[bool, str]:
+    """Whether a checkpoint reloaded in a fresh process scores what the in-memory model scored (deployable)."""
     before, after = in_memory.metrics["perplexity"], reloaded.metrics["perplexity"]
     if math.isclose(before, after, rel_tol=RELOAD_TOLERANCE):
         return True, ""
