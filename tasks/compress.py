@@ -35,38 +35,39 @@ def run(cfg: CompressConfig, upstream: dict[str, StageResult], ctx: StageContext
     student = next(e for e in reversed(upstream["distill"].journey) if e["state"] == "student")
 
     prunings = {c.prune.label: c.prune for c in cfg.candidates if c.prune}
-    sources, pruned = {None: student_dir}, {}
-    for label, pruning in prunings.items():
-        sources[label] = out / "pruned" / label
-        pruned[label] = prune_student(pruning, student_dir, dataset, sources[label], ctx)
-
-    rows = []
-    for candidate in cfg.candidates:
-        source = sources[candidate.prune.label if candidate.prune else None]
-        rows.append(make_candidate(candidate, source, dataset, out / "candidates" / candidate.label, ctx))
+    pruned = {label: prune_student(pruning, student_dir, dataset, out / "pruned" / label, ctx)
+              for label, pruning in prunings.items()}
+    rows = [make_candidate(c, out / "pruned" / c.prune.label if c.prune else student_dir, dataset,
+                           out / "candidates" / c.label, ctx) for c in cfg.candidates]
     for row in rows:
         row["retention"] = row["task_score"] / student["task_score"] if student["task_score"] else 0.0
         row["meets_budget"] = meets(row, cfg.budget)
-        ctx.tracker.log_metrics({f"candidate.{row['candidate']}.{k}": v for k, v in row.items()
-                                 if k in (*JOURNEY_FIELDS, "retention", "quantize_s")})
-
     chosen = choose(rows, cfg.budget)
-    (out / "candidates.json").write_text(json.dumps({"student": student, "budget": cfg.budget.model_dump(),
-                                                     "chosen": chosen["candidate"], "candidates": rows}, indent=1))
-    pareto_chart(rows, chosen, student, cfg.budget, out / "pareto.png")
-    for name in ("candidates.json", "pareto.png"):
-        ctx.tracker.log_artifact(out / name)
-    ctx.tracker.set_tags({"distilflow.chosen_candidate": chosen["candidate"]})
+    report(rows, chosen, student, cfg.budget, ctx)
 
     quantized = {**{k: chosen[k] for k in JOURNEY_FIELDS}, "state": "quantized", "candidate": chosen["candidate"],
                  "scheme": chosen["scheme"]}
-    journey = ([pruned[chosen["pruning"]]] if chosen["pruning"] else []) + [quantized]
     metrics = {f"quantized.{k}": chosen[k] for k in (*JOURNEY_FIELDS, "retention")}
     ctx.tracker.log_metrics(metrics)
-    files = {"model": f"candidates/{chosen['candidate']}", "candidates": "candidates.json", "pareto": "pareto.png",
-             **{f"pruned.{label}": f"pruned/{label}" for label in pruned}}
-    return StageResult(stage="compress", files=files, metrics=metrics, journey=journey,
-                       summary=summary(rows, chosen, pruned, cfg.budget))
+    return StageResult(
+        stage="compress", metrics=metrics, summary=summary(rows, chosen, pruned, cfg.budget),
+        files={"model": f"candidates/{chosen['candidate']}", "candidates": "candidates.json", "pareto": "pareto.png",
+               **{f"pruned.{label}": f"pruned/{label}" for label in pruned}},
+        journey=([pruned[chosen["pruning"]]] if chosen["pruning"] else []) + [quantized])
+
+
+def report(rows: list[dict], chosen: dict, student: dict, budget: BudgetConfig, ctx: StageContext) -> None:
+    """The candidates' table (candidates.json), the Pareto chart and per-candidate metrics, tracked."""
+    out = ctx.out_dir
+    (out / "candidates.json").write_text(json.dumps({"student": student, "budget": budget.model_dump(),
+                                                     "chosen": chosen["candidate"], "candidates": rows}, indent=1))
+    pareto_chart(rows, chosen, student, budget, out / "pareto.png")
+    for name in ("candidates.json", "pareto.png"):
+        ctx.tracker.log_artifact(out / name)
+    for row in rows:
+        ctx.tracker.log_metrics({f"candidate.{row['candidate']}.{k}": v for k, v in row.items()
+                                 if k in (*JOURNEY_FIELDS, "retention", "quantize_s")})
+    ctx.tracker.set_tags({"distilflow.chosen_candidate": chosen["candidate"]})
 
 
 def prune_student(cfg: PruneConfig, student_dir: Path, dataset: Dataset, out_dir: Path, ctx: StageContext) -> dict:
@@ -117,33 +118,39 @@ def make_candidate(candidate: CandidateConfig, source_dir: Path, dataset: Datase
     """
     cfg = candidate.quantize
     start = time.perf_counter()
-    deployable, note = True, ""
     if cfg.scheme == "nf4":
-        model, tokenizer = quantize.nf4(source_dir, ctx.device, out_dir)
-        seconds = time.perf_counter() - start
-        evaluation = evaluate(model, tokenizer, ctx.examples.eval, ctx.task, ctx.eval, desc=f"{candidate.label} eval")
-        evaluation.add_size(size_on_disk(out_dir))
-        del model
-        try:
-            reloaded = evaluate_in_fresh_process(out_dir, ctx.examples.eval, ctx.task, ctx.eval, ctx.device)
-            deployable, note = reload_verdict(evaluation, reloaded)
-        except DistilflowError as err:
-            deployable, note = False, f"the saved checkpoint does not reload: {str(err).splitlines()[-1]}"
+        evaluation, seconds, (deployable, note) = nf4_measured(source_dir, out_dir, ctx)
     else:
         if cfg.scheme == "bf16":
             shutil.copytree(source_dir, out_dir)
         else:
             model, tokenizer = load_model(source_dir, ctx.device)
-            quantize.quantize(model, tokenizer, cfg, calibration_texts(tokenizer, dataset, cfg.calibration_samples),
-                              out_dir)
+            texts = calibration_texts(tokenizer, dataset, cfg.calibration_samples)
+            quantize.quantize(model, tokenizer, cfg, texts, out_dir)
             del model
         seconds = time.perf_counter() - start
         evaluation = evaluate_in_fresh_process(out_dir, ctx.examples.eval, ctx.task, ctx.eval, ctx.device)
+        deployable, note = True, ""
     log.info("candidate %s: task score %.3f, %.1f MB", candidate.label, evaluation.metrics["task_score"],
              evaluation.metrics["size_bytes"] / 1e6)
     return {"candidate": candidate.label, "pruning": candidate.prune.label if candidate.prune else None,
             "scheme": cfg.label, **{k: evaluation.metrics[k] for k in JOURNEY_FIELDS}, "quantize_s": seconds,
             "deployable": deployable, "note": note}
+
+
+def nf4_measured(source_dir: Path, out_dir: Path, ctx: StageContext) -> tuple[Evaluation, float, tuple[bool, str]]:
+    """NF4 evaluated in memory, its quantization time, and whether its saved checkpoint is deployable."""
+    start = time.perf_counter()
+    model, tokenizer = quantize.nf4(source_dir, ctx.device, out_dir)
+    seconds = time.perf_counter() - start
+    evaluation = evaluate(model, tokenizer, ctx.examples.eval, ctx.task, ctx.eval, desc="nf4 eval")
+    evaluation.add_size(size_on_disk(out_dir))
+    del model
+    try:
+        reloaded = evaluate_in_fresh_process(out_dir, ctx.examples.eval, ctx.task, ctx.eval, ctx.device)
+    except DistilflowError as err:
+        return evaluation, seconds, (False, f"the saved checkpoint does not reload: {str(err).splitlines()[-1]}")
+    return evaluation, seconds, reload_verdict(evaluation, reloaded)
 
 
 def reload_verdict(in_memory: Evaluation, reloaded: Evaluation) -> tuple[bool, str]:

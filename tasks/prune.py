@@ -237,7 +237,8 @@ def plot_importance(scores: dict, path: Path) -> Path:
     influence = scores["block_influence"]
     kept = set(scores.get("kept_layers", range(len(influence))))
     axis = axes[0][0]
-    axis.bar(range(len(influence)), influence, color=["tab:blue" if i in kept else "tab:red" for i in range(len(influence))])
+    colors = ["tab:blue" if i in kept else "tab:red" for i in range(len(influence))]
+    axis.bar(range(len(influence)), influence, color=colors)
     axis.set(title="Block influence, 1 - cos(input, output) (red: removed)", xlabel="layer", ylabel="influence",
              yscale="log")
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))

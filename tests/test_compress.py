@@ -14,7 +14,8 @@ from tests.conftest import REPO, TINY_CONFIG
 
 PRUNE = {"depth": {"keep_layers": 1}, "width": {"mlp_ratio": 0.5}, "calibration_samples": 8,
          "heal": {"sft": {"max_steps": 1, "batch_size": 4, "max_length": 96}}}
-CANDIDATES = [{"quantize": {"method": "rtn"}}, {"quantize": {"scheme": "nf4"}}, {"prune": True, "quantize": {"method": "rtn"}}]
+CANDIDATES = [{"quantize": {"method": "rtn"}}, {"quantize": {"scheme": "nf4"}},
+              {"prune": True, "quantize": {"method": "rtn"}}]
 
 
 def compress_config(**overrides):
@@ -58,8 +59,9 @@ def test_a_depth_pruning_needs_one_target():
 
 
 def test_the_compression_study_reuses_the_demo_up_to_compress():
-    demo, study = load_config(REPO / "configs" / "demo.yaml"), load_config(REPO / "configs" / "compression-study.yaml")
-    assert all(getattr(demo, section) == getattr(study, section) for section in ("task", "prototype", "distill", "eval"))
+    demo = load_config(REPO / "configs" / "demo.yaml")
+    study = load_config(REPO / "configs" / "compression-study.yaml")
+    assert all(getattr(demo, part) == getattr(study, part) for part in ("task", "prototype", "distill", "eval"))
     assert (demo.run.workdir, demo.run.seed, demo.run.device) == (study.run.workdir, study.run.seed, study.run.device)
 
 

@@ -60,7 +60,8 @@ def quantized(tmp_path_factory):
             out = tmp_path_factory.mktemp("quantized")
             tokenizer = AutoTokenizer.from_pretrained(TINY_TEACHER)
             model = AutoModelForCausalLM.from_pretrained(TINY_TEACHER, dtype=torch.float32)
-            quantize.quantize(model, tokenizer, QuantizeConfig(calibration_samples=4, awq_grid=3, **settings), TEXTS, out)
+            cfg = QuantizeConfig(calibration_samples=4, awq_grid=3, **settings)
+            quantize.quantize(model, tokenizer, cfg, TEXTS, out)
             done[key] = json.loads((out / "config.json").read_text())["quantization_config"], out
         return done[key]
     return make

@@ -25,7 +25,6 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
-from datasets import Dataset
 
 from distilflow.configs.loader import load_config
 from distilflow.configs.schema import QuantizeConfig, TeacherConfig
@@ -50,7 +49,8 @@ def texts(config: Path, eval_examples: int, calibration_samples: int) -> tuple[l
     """The held-out chats perplexity is measured on, and calibration rows (prompt + reference answer)."""
     task = load_config(config).task
     split = data.load_task_data(task, seed=0)
-    answered = [{"prompt": data.messages(row, task), "completion": [{"role": "assistant", "content": data.label(row, task)}]}
+    answered = [{"prompt": data.messages(row, task),
+                 "completion": [{"role": "assistant", "content": data.label(row, task)}]}
                 for row in split.train if data.label(row, task) is not None]
     held_out = [data.messages(row, task) + [{"role": "assistant", "content": data.label(row, task)}]
                 for row in split.eval[:eval_examples]]
@@ -114,6 +114,9 @@ def main() -> None:
         parser.error("give --model or --gguf-package (with --gguf-file)")
 
     device = resolve_device(args.device)
+    for library in ("llmcompressor", "bitsandbytes"):
+        if importlib.util.find_spec(library):
+            importlib.import_module(library)  # so the first scheme's wall time does not pay for imports
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     chats, calibration = texts(Path(args.config), args.eval_examples, args.calibration_samples)
