@@ -9,7 +9,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from distilflow.configs.schema import PrototypeConfig, TaskConfig
-from distilflow.tasks import checks, data
+from distilflow.tasks import checks, data, package
 from distilflow.tasks.artifacts import StageResult
 from distilflow.tasks.context import StageContext
 from distilflow.tasks.evaluate import Prompting, evaluate, task_score
@@ -33,6 +33,7 @@ def run(cfg: PrototypeConfig, upstream: dict[str, StageResult], ctx: StageContex
     baseline.add_size(size_on_disk(out / "teacher"))
     (out / "teacher_eval.json").write_text(json.dumps(baseline.report(), indent=1))
     (out / "few_shot.json").write_text(json.dumps(list(prompting.shots), indent=1))
+    (out / "teacher_card.json").write_text(json.dumps(package.teacher_card(cfg.teacher), indent=1))
 
     metrics = {"kept": len(kept), "rejected": sum(rejected.values()), **shot_scores,
                **{f"rejected.{reason}": n for reason, n in rejected.items()},
@@ -42,7 +43,7 @@ def run(cfg: PrototypeConfig, upstream: dict[str, StageResult], ctx: StageContex
         ctx.tracker.log_artifact(out / name)
     return StageResult(stage="prototype",
                        files={"dataset": "dataset", "dataset_jsonl": "dataset.jsonl", "teacher": "teacher",
-                              "data_card": "data_card.md"},
+                              "data_card": "data_card.md", "teacher_card": "teacher_card.json"},
                        metrics=metrics, journey=[baseline.journey_entry("teacher")], summary=card)
 
 
