@@ -509,9 +509,42 @@ def _resolve_candidate(candidate, defaults: dict, prune):
     return resolved
 
 
+class ServeConfig(Section):
+    max_model_len: int | None = Field(
+        None, ge=16, description="Context length vLLM serves (and reserves KV cache for); default: the "
+                                 "model's max_position_embeddings.")
+    port: int = Field(8000, ge=1, le=65535, description="Port of vLLM's server (serve.yaml, the GPU Dockerfile).")
+    vllm_image: str = Field("vllm/vllm-openai:v0.33.0",
+                            description="Base image of the bundle's GPU Dockerfile (vLLM's OpenAI-compatible server).")
+    llama_cpp_image: str = Field("ghcr.io/ggml-org/llama.cpp:server-b11206",
+                                 description="Base image of gguf/Dockerfile, which serves the GGUF export on CPUs.")
+
+
+class GateConfig(Section):
+    """What a new model must show before the registry's `champion` alias moves to it (unset: not checked)."""
+
+    min_task_score: float | None = Field(None, ge=0, le=1, description="Deployed model's task score.")
+    min_retention: float | None = Field(None, ge=0, description="Deployed task score over the teacher's.")
+    max_size_mb: float | None = Field(None, gt=0, description="Deployed weight files, in MB (10^6 bytes).")
+    max_latency_s: float | None = Field(
+        None, gt=0, description="Seconds per answer in the fresh-process smoke test, on the pipeline's device.")
+    max_regression: float | None = Field(
+        0.0, ge=0, description="Largest drop in task score below the current champion's; 0 means a model "
+                               "that scores lower never replaces the champion. Unset: not compared.")
+
+
 class DeployConfig(Section):
+    model_name: str = Field(
+        "distilflow", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="The name clients ask for (vLLM's served model name) and the MLflow registered model; "
+                    "default: run.name.")
     smoke_prompts: int = Field(8, ge=1, description="Held-out prompts the fresh-process smoke test answers.")
     max_new_tokens: int = Field(8, ge=1, description="Generation length in the bundle's generation_config.")
+    gguf: Literal["none", "f16", "q8_0"] = Field(
+        "none", description="Also export GGUF for llama.cpp / Ollama (bundle/gguf/, with a CPU Dockerfile); "
+                            "smoke-tested through llama.cpp when llama-cpp-python is installed.")
+    serve: ServeConfig = ServeConfig()
+    gate: GateConfig = GateConfig()
 
 
 class EvalConfig(Section):
@@ -534,3 +567,14 @@ class PipelineConfig(Section):
             raise ValueError("distill.student.teacher_layers keeps layers of the teacher's weights, but "
                              "prototype.teacher is an HTTP endpoint (black-box): set distill.student.path instead")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_name_from_run_name(cls, raw):
+        """deploy.model_name defaults to run.name. It is filled into the deploy section (not looked up
+        later) because the bundle's files name the model, so the name belongs in deploy's cache key."""
+        if isinstance(raw, dict) and isinstance(raw.get("deploy", {}), dict) and isinstance(raw.get("run"), dict):
+            deploy = raw.get("deploy", {})
+            if "model_name" not in deploy and "name" in raw["run"]:
+                raw = {**raw, "deploy": {**deploy, "model_name": raw["run"]["name"]}}
+        return raw

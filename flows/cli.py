@@ -1,6 +1,8 @@
 """`distilflow` command line: run, validate and report on pipelines.
 
-Exit codes: 0 done, 2 a problem with the input (config, data, model files), 1 anything else.
+Exit codes: 0 done, 2 a problem with the input (config, data, model files) or a bundle that fails
+`verify`, 3 the new model failed the deploy gate (it is registered as `candidate`; `champion` did not
+move), 1 anything else.
 """
 
 import argparse
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.command(args)
     except DistilflowError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
 
 
 def run(args) -> int:
@@ -69,6 +71,27 @@ def report(args) -> int:
     return 0
 
 
+def verify(args) -> int:
+    from pathlib import Path
+
+    from distilflow.tasks.artifacts import MANIFEST, manifest_problems
+
+    bundle = Path(args.bundle)
+    if not bundle.is_dir():
+        raise DistilflowError(f"{bundle}: no such bundle directory (`distilflow report --latest` prints the newest)")
+    try:
+        problems = manifest_problems(bundle)
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise DistilflowError(f"{bundle / MANIFEST}: not a distilflow manifest (JSON with a \"files\" map "
+                              "of path to sha256)") from None
+    if problems:
+        raise DistilflowError(f"{bundle}: does not match {MANIFEST} ({len(problems)} problem"
+                              f"{'s' * (len(problems) > 1)}):\n  " + "\n  ".join(problems))
+    count = len(json.loads((bundle / MANIFEST).read_text())["files"])
+    print(f"{bundle}: all {count} files match {MANIFEST}")
+    return 0
+
+
 def _print_report(record: dict) -> None:
     from distilflow.tasks.evaluate import journey_table
 
@@ -76,6 +99,10 @@ def _print_report(record: dict) -> None:
     print(f"\nbundle:        {record['bundle']}")
     print(f"MLflow run id: {record['mlflow_run_id']}  ({record['mlflow_tracking_uri']})")
     print(f"run id:        {record['run_id']}")
+    if "release" in record:
+        release = record["release"]
+        print(f"model:         {release['model_name']} version {release['version']} "
+              f"(aliases: {', '.join(release['aliases']) or 'none'})")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,6 +116,10 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config value, e.g. --set distill.lora.r=16 (repeatable)")
         sub.set_defaults(command=handler)
+
+    sub = commands.add_parser("verify", help="check a bundle's files against its manifest.json (exit 2 if any differ)")
+    sub.add_argument("bundle", help="bundle directory, e.g. the `bundle:` path `distilflow run` prints")
+    sub.set_defaults(command=verify)
 
     sub = commands.add_parser("report", help="print the journey of a finished run")
     sub.add_argument("--latest", action="store_true", required=True, help="the most recently finished run")

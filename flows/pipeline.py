@@ -14,7 +14,7 @@ from prefect.runtime import flow_run
 
 from distilflow.configs.loader import load_config
 from distilflow.configs.schema import PipelineConfig
-from distilflow.tasks import history, tracking
+from distilflow.tasks import history, registry, tracking
 from distilflow.tasks.artifacts import StageResult
 from distilflow.tasks.evaluate import journey_table
 from distilflow.tasks.stages import preflight, run_stage
@@ -53,7 +53,7 @@ def pipeline(config_path: str, overrides: dict[str, Any] | None = None) -> dict:
         tracker.finish(failed=True)
         raise
     record = finish_tracking(cfg, tracker, deploy.path("bundle"))
-    return record
+    return release(cfg, record)
 
 
 def tracking_uri(cfg: PipelineConfig) -> str:
@@ -83,6 +83,20 @@ def finish_tracking(cfg: PipelineConfig, tracker: MlflowTracker, bundle: Path) -
                  f"MLflow run `{tracker.run_id}` at `{tracking_uri(cfg)}`\n\nBundle: `{bundle}`\n",
         description="Task score, size and speed of every model state")
     return record
+
+
+def release(cfg: PipelineConfig, record: dict) -> dict:
+    """Register the bundle in MLflow's model registry; deploy.gate decides whether `champion` moves.
+
+    A model that fails the gate fails the flow run, with the reasons in the error and in an artifact.
+    """
+    outcome = registry.release(cfg, Path(record["bundle"]), record["mlflow_tracking_uri"], record["mlflow_run_id"],
+                               record["run_id"])
+    create_markdown_artifact(key=f"gate-{_artifact_key(cfg.run.name)}", markdown=outcome.markdown(),
+                             description="Deploy gate: its checks, and where the champion alias points")
+    if not outcome.passed:
+        raise registry.GateFailed(outcome.failure())
+    return {**record, "release": outcome.as_dict()}
 
 
 def _artifact_key(name: str) -> str:

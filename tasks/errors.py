@@ -3,3 +3,5 @@
 
 class DistilflowError(Exception):
     """A problem with the user's config, data or model files. The message says where and what to do."""
+
+    exit_code = 2

@@ -10,7 +10,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from distilflow.configs.schema import PrototypeConfig, TaskConfig
-from distilflow.tasks import checks, data
+from distilflow.tasks import checks, data, package
 from distilflow.tasks.artifacts import StageResult
 from distilflow.tasks.context import StageContext
 from distilflow.tasks.errors import DistilflowError
@@ -42,7 +42,7 @@ def run(cfg: PrototypeConfig, upstream: dict[str, StageResult], ctx: StageContex
 
     baseline = teacher.evaluate(ctx.examples.eval, task, ctx.eval, prompting)
     files = {"dataset": "dataset", "dataset_jsonl": "dataset.jsonl", "data_card": "data_card.md",
-             "teacher_eval": "teacher_eval.json"}
+             "teacher_eval": "teacher_eval.json", "teacher_card": "teacher_card.json"}
     if not teacher.black_box:  # a black-box teacher has no weights to save: logit KD and pruning need them
         save_model(teacher.model, teacher.tokenizer, out / "teacher")
         baseline.add_size(size_on_disk(out / "teacher"))
@@ -51,6 +51,7 @@ def run(cfg: PrototypeConfig, upstream: dict[str, StageResult], ctx: StageContex
     (out / "few_shot.json").write_text(json.dumps(list(prompting.shots), indent=1))
     card = data_card(kept, rejected, pool, cfg, task, teacher) + "\n" + baseline_card(baseline, task)
     (out / "data_card.md").write_text(card)
+    (out / "teacher_card.json").write_text(json.dumps(package.teacher_card(cfg.teacher), indent=1))
 
     metrics = {"kept": len(kept), "rejected": sum(rejected.values()), "teacher.black_box": float(teacher.black_box),
                **shot_scores, **{f"rejected.{reason}": n for reason, n in rejected.items()},

@@ -1,0 +1,1 @@
+"""Dockerfile templates the deploy stage renders into each bundle (see tasks/package.py)."""

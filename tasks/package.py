@@ -1,0 +1,321 @@
+"""What a bundle tells the people who run it: how to serve it, how to ask it, and what it is.
+
+Serving files for vLLM (serve.yaml, serve.sh, request.json, Dockerfile) and, with a GGUF export, for
+llama.cpp (gguf/); the model card (README.md) with the journey chart; the teacher's license.
+"""
+
+import importlib.metadata
+import importlib.util
+import json
+import re
+from importlib.resources import files
+from pathlib import Path
+from string import Template
+
+import yaml
+
+from distilflow.configs.schema import DeployConfig, HttpTeacherConfig, TaskConfig, TeacherConfig
+from distilflow.tasks import data
+from distilflow.tasks.evaluate import journey_table
+
+LLAMA_CPP_PORT = 8080  # llama-server's default
+
+
+# --- serving ------------------------------------------------------------------------------------
+
+def checkpoint_config(model_dir: Path) -> dict:
+    return json.loads((model_dir / "config.json").read_text())
+
+
+def context_length(model_dir: Path, cfg: DeployConfig) -> int:
+    return cfg.serve.max_model_len or checkpoint_config(model_dir)["max_position_embeddings"]
+
+
+def compression_line(model_dir: Path, compress_journey: list[dict]) -> str:
+    """What the compress stage did, and the checkpoint's quantization as its config.json states it."""
+    done = "; ".join(e["scheme"] for e in compress_journey if e.get("scheme"))
+    quantization = checkpoint_config(model_dir).get("quantization_config")
+    if not quantization:
+        return done or "none (bf16 weights)"
+    weights = [group["weights"] for group in quantization.get("config_groups", {}).values() if group.get("weights")]
+    stated = ", ".join(f"{w['num_bits']}-bit {w['type']} weights"
+                       + (f" in groups of {w['group_size']}" if w.get("group_size") else f" per {w['strategy']}")
+                       for w in weights)
+    kept = ", ".join(quantization.get("ignore") or []) or "nothing"
+    return (f"{done + ' — ' if done else ''}{quantization['quant_method']} `{quantization.get('format')}`: "
+            f"{stated}; kept in 16 bits: {kept}")
+
+
+def vllm_args(model_dir: Path, cfg: DeployConfig) -> dict:
+    """`vllm serve` arguments for this checkpoint, read from its config.json."""
+    config = checkpoint_config(model_dir)
+    quantization = (config.get("quantization_config") or {}).get("quant_method")
+    return {
+        "served-model-name": cfg.model_name,
+        "dtype": config.get("dtype") or config.get("torch_dtype") or "auto",
+        "max-model-len": context_length(model_dir, cfg),
+        **({"quantization": quantization} if quantization else {}),
+        "generation-config": "auto",  # greedy decoding and the answer length from generation_config.json
+        "port": cfg.serve.port,
+    }
+
+
+def chat_request(task: TaskConfig, row: dict, cfg: DeployConfig, constraint: dict) -> dict:
+    """The OpenAI-compatible chat request a client sends: the prompt the model was trained on, greedy."""
+    return {"model": cfg.model_name, "messages": data.messages(row, task), "temperature": 0,
+            "max_tokens": cfg.max_new_tokens, **constraint}
+
+
+def vllm_constraint(task: TaskConfig) -> dict:
+    """vLLM's structured outputs: the answer is one of the labels, as the evaluator scores it."""
+    return {"structured_outputs": {"choice": list(task.check.choices)}} if task.check.type == "choice" else {}
+
+
+def llama_cpp_constraint(task: TaskConfig) -> dict:
+    """llama-server's GBNF grammar with the same effect as vLLM's choice."""
+    if task.check.type != "choice":
+        return {}
+    return {"grammar": "root ::= " + " | ".join(json.dumps(choice) for choice in task.check.choices)}
+
+
+def write_vllm_files(bundle: Path, task: TaskConfig, example: dict, cfg: DeployConfig, license: str | None) -> None:
+    """serve.yaml (vLLM's --config file), serve.sh, request.json and the GPU Dockerfile."""
+    args = vllm_args(bundle, cfg)
+    (bundle / "serve.yaml").write_text(
+        f"# vLLM server arguments for this bundle: vllm serve BUNDLE --config BUNDLE/serve.yaml\n"
+        f"{yaml.safe_dump(args, sort_keys=False)}")
+    _write_script(bundle / "serve.sh", f"""\
+# Serve this bundle with vLLM's OpenAI-compatible server on a GPU (pip install vllm). Spelled out:
+#   {vllm_command(args, "BUNDLE")}
+# Then ask it: curl -s localhost:{cfg.serve.port}/v1/chat/completions -H 'Content-Type: application/json' -d @request.json
+set -euo pipefail
+bundle="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
+exec vllm serve "$bundle" --config "$bundle/serve.yaml" "$@"
+""")
+    _write_json(bundle / "request.json", chat_request(task, example, cfg, vllm_constraint(task)))
+    (bundle / "Dockerfile").write_text(render_dockerfile(
+        "serve-vllm.Dockerfile", base_image=cfg.serve.vllm_image, model_name=cfg.model_name,
+        port=cfg.serve.port, license=_spdx(license), description=_description(task)))
+
+
+def write_llama_cpp_files(gguf_dir: Path, gguf_file: str, context_length: int, task: TaskConfig, example: dict,
+                          cfg: DeployConfig, license: str | None) -> None:
+    """serve.sh, request.json and the CPU Dockerfile beside the GGUF file."""
+    _write_script(gguf_dir / "serve.sh", f"""\
+# Serve the GGUF export with llama.cpp's OpenAI-compatible llama-server (CPU). Then ask it:
+#   curl -s localhost:{LLAMA_CPP_PORT}/v1/chat/completions -H 'Content-Type: application/json' -d @request.json
+set -euo pipefail
+here="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
+exec llama-server --model "$here/{gguf_file}" --alias {cfg.model_name} --port {LLAMA_CPP_PORT} \\
+    --ctx-size {context_length} --jinja "$@"
+""")
+    _write_json(gguf_dir / "request.json", chat_request(task, example, cfg, llama_cpp_constraint(task)))
+    (gguf_dir / "Dockerfile").write_text(render_dockerfile(
+        "serve-llamacpp.Dockerfile", base_image=cfg.serve.llama_cpp_image, model_name=cfg.model_name,
+        port=LLAMA_CPP_PORT, gguf_file=gguf_file, context_length=context_length, license=_spdx(license),
+        description=_description(task)))
+
+
+def render_dockerfile(template: str, **values) -> str:
+    """A serving Dockerfile from its template in docker/ (``${name}`` placeholders, all required)."""
+    return Template(files("distilflow.docker").joinpath(template).read_text()).substitute(values)
+
+
+def vllm_command(args: dict, model: str = ".") -> str:
+    return f"vllm serve {model} " + " ".join(f"--{key} {value}" for key, value in args.items())
+
+
+def _write_script(path: Path, body: str) -> None:
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+
+
+def _write_json(path: Path, content: dict) -> None:
+    path.write_text(json.dumps(content, indent=1) + "\n")
+
+
+def _spdx(license: str | None) -> str:
+    return license or "NOASSERTION"  # SPDX's word for "not stated"
+
+
+def _description(task: TaskConfig) -> str:
+    text = f"Answers with one of: {', '.join(task.check.choices)}" if task.check.type == "choice" else "distilflow model"
+    return text.replace('"', "'")
+
+
+# --- the teacher's license -------------------------------------------------------------------------
+
+LICENSE_FIELDS = ("license", "license_name", "license_link")
+
+
+def teacher_card(cfg: TeacherConfig) -> dict:
+    """Where the teacher came from and its license fields, read from its own files where present:
+    a GGUF file's general.license*, a model dir's README.md front matter, or the package's metadata;
+    an HTTP teacher is known by its endpoint and served model name only."""
+    if isinstance(cfg, HttpTeacherConfig):
+        return {"source": f"{cfg.model} at {cfg.base_url} (OpenAI-compatible endpoint)", "base_model": cfg.model}
+    if cfg.gguf_package:
+        spec = importlib.util.find_spec(cfg.gguf_package)
+        gguf_file = Path(spec.origin).parent / cfg.gguf_file
+        fields = _gguf_license(gguf_file)
+        if not fields.get("license"):
+            fields["license"] = _package_license(cfg.gguf_package)
+        return {"source": f"{cfg.gguf_package}/{cfg.gguf_file} (PyPI package)", **fields}
+    path = Path(cfg.path)
+    if not path.exists():
+        return {"source": f"{cfg.path} (hub id)", "base_model": cfg.path}
+    if cfg.gguf_file:
+        return {"source": str(path / cfg.gguf_file), **_gguf_license(path / cfg.gguf_file)}
+    return {"source": str(path), **_readme_license(path / "README.md")}
+
+
+def _gguf_license(path: Path) -> dict:
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+    keys = {"license": "general.license", "license_name": "general.license.name",
+            "license_link": "general.license.link", "name": "general.name"}
+    return {ours: fields[theirs].contents() for ours, theirs in keys.items() if theirs in fields}
+
+
+def _readme_license(readme: Path) -> dict:
+    match = re.match(r"^---\n(.*?)\n---", readme.read_text(), re.S) if readme.is_file() else None
+    front = yaml.safe_load(match.group(1)) if match else None
+    front = front if isinstance(front, dict) else {}
+    return {key: front[key] for key in (*LICENSE_FIELDS, "base_model") if front.get(key)}
+
+
+def _package_license(package: str) -> str | None:
+    distribution = importlib.metadata.packages_distributions().get(package, [package])[0]
+    license = importlib.metadata.metadata(distribution).get("License")
+    return license.lower() if license else None
+
+
+# --- the model card --------------------------------------------------------------------------------
+
+def journey_chart(journey: list[dict], path: Path) -> Path:
+    """Task score and size of every model state, side by side (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{e['state']}\n({e['phase']})" if e.get("phase") else e["state"] for e in journey]
+    figure, (score, size) = plt.subplots(1, 2, figsize=(10, 3.6))
+    score.bar(labels, [e["task_score"] for e in journey], color="#4c72b0")
+    score.set(title="task score (held-out)", ylim=(0, 1))
+    size.bar(labels, [e["size_bytes"] / 1e6 for e in journey], color="#dd8452")
+    size.set(title="size on disk (MB)")
+    for axis, key, scale, fmt in ((score, "task_score", 1, "{:.2f}"), (size, "size_bytes", 1e6, "{:.3g}")):
+        for x, e in enumerate(journey):
+            axis.annotate(fmt.format(e[key] / scale), (x, e[key] / scale), ha="center", va="bottom", fontsize=8)
+        axis.tick_params(axis="x", labelsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120, metadata={"Software": None})
+    plt.close(figure)
+    return path
+
+
+def model_card(*, cfg: DeployConfig, task: TaskConfig, teacher: dict, student_summary: str, compression: str,
+               journey: list[dict], exports: list[str], smoke: list[str], vllm_command: str,
+               gguf_file: str | None, data_card: str) -> str:
+    """README.md of the bundle: what the model is, how well it does, how to serve it, where not to use it."""
+    license = teacher.get("license")
+    front = {"license": license, "license_name": teacher.get("license_name"), "license_link": teacher.get("license_link"),
+             "base_model": teacher.get("base_model"), "library_name": "transformers", "pipeline_tag": "text-generation",
+             "tags": ["distilflow", "distillation", *(["compressed-tensors"] if "compressed-tensors" in compression else []),
+                      *(["gguf"] if gguf_file else [])]}
+    front = {k: v for k, v in front.items() if v}
+    license_text = (f"`{license}`" + (f" ({teacher['license_name']})" if teacher.get("license_name") else "")
+                    + (f", {teacher['license_link']}" if teacher.get("license_link") else "")
+                    + ", carried from the teacher") if license \
+        else "not stated in the teacher's files; check the teacher's terms before you ship this model"
+    return f"""---
+{yaml.safe_dump(front, sort_keys=False).strip()}
+---
+
+# {cfg.model_name}
+
+A small model distilled by distilflow from a larger teacher, for one task.
+
+| | |
+|---|---|
+| task | {_task_line(task)} |
+| teacher | {teacher.get("name", "")} `{teacher["source"]}` |
+| license | {license_text} |
+| student | {student_summary.strip()} |
+| compression | {compression} |
+| exports | {"; ".join(exports)} |
+
+## Journey
+
+Every state measured by the same evaluator on the {task.eval_size} held-out examples; retention is the
+task score over the teacher's; tokens/s is greedy decoding of one sequence on the pipeline's device.
+
+{journey_table(journey)}
+
+![task score and size of each state](journey.png)
+
+Smoke test (a fresh process loads the files as a user would and answers held-out prompts by free
+greedy generation, checked by the task's validator):
+{chr(10).join(f"- {line}" for line in smoke)}
+
+## Serving
+
+On a GPU with vLLM; `serve.sh` runs `vllm serve . --config serve.yaml`, which is
+
+```bash
+{vllm_command}
+```
+
+with the dtype, context length and quantization read from the checkpoint. Then:
+
+```bash
+./serve.sh
+curl -s localhost:{cfg.serve.port}/v1/chat/completions -H 'Content-Type: application/json' -d @request.json
+docker build -t {cfg.model_name} . && docker run --gpus all --ipc=host -p {cfg.serve.port}:{cfg.serve.port} {cfg.model_name}
+```
+
+`request.json` is the request a client sends: the system prompt and template the model was trained on
+(system: `{task.system_prompt}`; user: `{task.template}`), greedy, {_constraint_line(task)}.
+{_gguf_serving(cfg, gguf_file)}
+With transformers: `AutoModelForCausalLM.from_pretrained(".")` and the tokenizer's chat template.
+
+Check the files before you ship them: `distilflow verify .` re-hashes every file against `manifest.json`.
+
+## Intended use and limits
+
+- For: {_task_line(task)}, on inputs like the training data (`{task.data.name}`).
+- Not for: open-ended chat, other tasks, or inputs unlike the training data; its answers outside
+  the labels are not meaningful. The scores above are from {task.eval_size} held-out examples: a small
+  sample, so differences of a few points are noise.
+- It inherits the teacher's biases and errors: it was trained on the teacher's answers, kept only
+  where they passed the task's check.
+
+{data_card}"""
+
+
+def _task_line(task: TaskConfig) -> str:
+    if task.check.type == "choice":
+        return f"answer with one of {', '.join(f'`{c}`' for c in task.check.choices)}"
+    return task.check.type
+
+
+def _constraint_line(task: TaskConfig) -> str:
+    if task.check.type == "choice":
+        return ("constrained to the labels with vLLM's structured outputs (`choice`), as the evaluator "
+                "scores them")
+    return "unconstrained"
+
+
+def _gguf_serving(cfg: DeployConfig, gguf_file: str | None) -> str:
+    if not gguf_file:
+        return ""
+    return f"""
+On CPUs with llama.cpp (`gguf/{gguf_file}`; the request carries a GBNF grammar with the same effect):
+
+```bash
+gguf/serve.sh                     # llama-server --model gguf/{gguf_file} --jinja ...
+docker build -t {cfg.model_name}-cpu gguf && docker run -p {LLAMA_CPP_PORT}:{LLAMA_CPP_PORT} {cfg.model_name}-cpu
+```
+"""

