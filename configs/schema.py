@@ -166,6 +166,13 @@ class LocalTeacherConfig(Section):
                              "files (a GGUF file is already quantized)")
         return self
 
+    @property
+    def label(self) -> str:
+        """The teacher as logs, data provenance and the registry name it."""
+        if self.gguf_package:
+            return f"{self.gguf_package}/{self.gguf_file}"
+        return f"{self.path}/{self.gguf_file}" if self.gguf_file else str(self.path)
+
 
 class HttpTeacherConfig(Section):
     base_url: str = Field(description="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1 (vLLM, Ollama, "
@@ -189,6 +196,10 @@ class HttpTeacherConfig(Section):
             raise ValueError("an API key does not belong in the config (it would reach logs and MLflow); "
                              "put it in an environment variable and name that variable in api_key_env")
         return values
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} at {self.base_url}"
 
 
 TeacherConfig = Annotated[Annotated[LocalTeacherConfig, Tag("local")] | Annotated[HttpTeacherConfig, Tag("http")],

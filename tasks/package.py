@@ -202,14 +202,18 @@ def journey_chart(journey: list[dict], path: Path) -> Path:
 
     labels = [f"{e['state']}\n({e['phase']})" if e.get("phase") else e["state"] for e in journey]
     figure, (score, size) = plt.subplots(1, 2, figsize=(10, 3.6))
-    score.bar(labels, [e["task_score"] for e in journey], color="#4c72b0")
-    score.set(title="task score (held-out)", ylim=(0, 1))
-    size.bar(labels, [e["size_bytes"] / 1e6 for e in journey], color="#dd8452")
-    size.set(title="size on disk (MB)")
-    for axis, key, scale, fmt in ((score, "task_score", 1, "{:.2f}"), (size, "size_bytes", 1e6, "{:.3g}")):
+    for axis, key, scale, fmt, color, title in (
+            (score, "task_score", 1, "{:.2f}", "#4c72b0", "task score (held-out)"),
+            (size, "size_bytes", 1e6, "{:.3g}", "#dd8452", "size on disk (MB)")):
+        # A black-box (HTTP) teacher has a score but no size: its bar is left out, its label stays.
+        values = [e[key] / scale if e.get(key) is not None else 0.0 for e in journey]
+        axis.bar(labels, values, color=color)
+        axis.set(title=title)
         for x, e in enumerate(journey):
-            axis.annotate(fmt.format(e[key] / scale), (x, e[key] / scale), ha="center", va="bottom", fontsize=8)
+            axis.annotate(fmt.format(values[x]) if e.get(key) is not None else "n/a", (x, values[x]),
+                          ha="center", va="bottom", fontsize=8)
         axis.tick_params(axis="x", labelsize=8)
+    score.set(ylim=(0, 1))
     figure.tight_layout()
     figure.savefig(path, dpi=120, metadata={"Software": None})
     plt.close(figure)

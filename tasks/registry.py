@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from distilflow.configs.schema import GateConfig, PipelineConfig, TeacherConfig
+from distilflow.configs.schema import GateConfig, PipelineConfig
 from distilflow.tasks.artifacts import manifest_digest
 from distilflow.tasks.errors import DistilflowError
 
@@ -168,13 +168,8 @@ def version_tags(cfg: PipelineConfig, journey: list[dict], flow_run_id: str) -> 
     """What a version is, at a glance in the registry: its journey numbers, teacher, config and run."""
     numbers = {f"journey.{e['state']}.{k}": str(v) for e in journey if e["state"] in ("teacher", "deployed")
                for k, v in e.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return {**numbers, "teacher": teacher_source(cfg.prototype.teacher), "config_hash": config_hash(cfg),
+    return {**numbers, "teacher": cfg.prototype.teacher.label, "config_hash": config_hash(cfg),
             "prefect.flow_run_id": flow_run_id}
-
-
-def teacher_source(cfg: TeacherConfig) -> str:
-    return f"{cfg.gguf_package}/{cfg.gguf_file}" if cfg.gguf_package else \
-        (f"{cfg.path}/{cfg.gguf_file}" if cfg.gguf_file else str(cfg.path))
 
 
 def config_hash(cfg: PipelineConfig) -> str:

@@ -27,7 +27,7 @@ def open_teacher(cfg: LocalTeacherConfig | HttpTeacherConfig, device: torch.devi
     if isinstance(cfg, HttpTeacherConfig):
         return HttpTeacher.connect(cfg, api_key(cfg, os.environ, key), key)
     model, tokenizer = load_teacher(cfg, device, key)
-    return LocalTeacher(model, tokenizer, name=cfg.path or f"{cfg.gguf_package}/{cfg.gguf_file}")
+    return LocalTeacher(model, tokenizer, name=cfg.label)
 
 
 def api_key(cfg: HttpTeacherConfig, environ, key: str = "prototype.teacher") -> str | None:
@@ -75,7 +75,7 @@ class HttpTeacher:
 
     def __init__(self, cfg: HttpTeacherConfig, client, key: str):
         self.cfg, self.client, self.key = cfg, client, key
-        self.name = f"{cfg.model} at {cfg.base_url}"
+        self.name = cfg.label
 
     @classmethod
     def connect(cls, cfg: HttpTeacherConfig, api_key: str | None, key: str = "prototype.teacher") -> "HttpTeacher":

@@ -5,7 +5,7 @@ import shutil
 import pytest
 
 from distilflow.configs.loader import load_config
-from distilflow.configs.schema import DeployConfig, ServeConfig, TeacherConfig
+from distilflow.configs.schema import DeployConfig, HttpTeacherConfig, LocalTeacherConfig, ServeConfig
 from distilflow.tasks import package
 from distilflow.tasks.errors import DistilflowError
 from tests.conftest import REPO, TINY_CONFIG, TINY_TEACHER
@@ -58,16 +58,22 @@ def test_teacher_license_is_read_from_the_model_card_front_matter(tmp_path):
     teacher_dir = shutil.copytree(TINY_TEACHER, tmp_path / "teacher")
     (teacher_dir / "README.md").write_text("---\nlicense: other\nlicense_name: acme-research\n"
                                            "license_link: https://example.com/license\nbase_model: acme/big\n---\n# Acme\n")
-    card = package.teacher_card(TeacherConfig(path=str(teacher_dir)))
+    card = package.teacher_card(LocalTeacherConfig(path=str(teacher_dir)))
     assert card == {"source": str(teacher_dir), "license": "other", "license_name": "acme-research",
                     "license_link": "https://example.com/license", "base_model": "acme/big"}
 
 
 def test_teacher_without_license_files_has_no_license_fields():
-    assert package.teacher_card(TeacherConfig(path=str(TINY_TEACHER))) == {"source": str(TINY_TEACHER)}
+    assert package.teacher_card(LocalTeacherConfig(path=str(TINY_TEACHER))) == {"source": str(TINY_TEACHER)}
 
 
 def test_hub_teacher_is_named_as_the_base_model():
-    card = package.teacher_card(TeacherConfig(path="HuggingFaceTB/SmolLM2-1.7B-Instruct"))
+    card = package.teacher_card(LocalTeacherConfig(path="HuggingFaceTB/SmolLM2-1.7B-Instruct"))
     assert card == {"source": "HuggingFaceTB/SmolLM2-1.7B-Instruct (hub id)",
                     "base_model": "HuggingFaceTB/SmolLM2-1.7B-Instruct"}
+
+
+def test_http_teacher_is_named_by_its_served_model_and_endpoint():
+    card = package.teacher_card(HttpTeacherConfig(base_url="http://127.0.0.1:8000/v1", model="acme/big"))
+    assert card == {"source": "acme/big at http://127.0.0.1:8000/v1 (OpenAI-compatible endpoint)",
+                    "base_model": "acme/big"}
