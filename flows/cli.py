@@ -1,4 +1,4 @@
-"""`distilflow` command line: run, validate and report on pipelines.
+"""`distilflow` command line: run, validate, serve and report on pipelines.
 
 Exit codes: 0 done, 2 a problem with the input (config, data, model files), 1 anything else.
 """
@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from distilflow.tasks.errors import DistilflowError
 
@@ -36,13 +37,31 @@ def run(args) -> int:
 
     overrides = parse_overrides(args.set)
     load_config(args.config, overrides)  # fail on a bad config before Prefect starts
-    for key, value in PREFECT_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    _set_prefect_defaults()
     from distilflow.flows.pipeline import pipeline
 
     record = pipeline(config_path=str(args.config), overrides=overrides)
     _print_report(record)
     return 0
+
+
+def serve(args) -> int:
+    from distilflow.configs.loader import load_config, parse_overrides
+
+    overrides = parse_overrides(args.set)
+    flags = {key: value for key, value in [("schedule.cron", args.cron), ("schedule.deployment", args.name)] if value}
+    cfg = load_config(args.config, {**overrides, **flags})
+    _set_prefect_defaults()
+    from distilflow.flows.deployments import serve_pipeline
+
+    serve_pipeline(Path(args.config).resolve(), overrides, cfg.schedule)
+    return 0
+
+
+def _set_prefect_defaults() -> None:
+    """Before Prefect is imported (it reads its settings then); flow runs started from here inherit them."""
+    for key, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(key, value)
 
 
 def validate(args) -> int:
@@ -82,13 +101,21 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distilflow", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    for name, handler, text in [("run", run, "run the pipeline for a config"),
-                                ("validate", validate, "check a config and its task data without running")]:
-        sub = commands.add_parser(name, help=text, description=text)
+    subs = {}
+    for name, handler, text in [
+        ("run", run, "run the pipeline for a config"),
+        ("validate", validate, "check a config and its task data without running"),
+        ("serve", serve, "register the pipeline for a config as a Prefect deployment (with the schedule of its "
+                         "`schedule:` section) and run what the UI, `prefect deployment run` or the schedule "
+                         "triggers, until stopped; needs PREFECT_API_URL"),
+    ]:
+        subs[name] = sub = commands.add_parser(name, help=text.split(" (")[0], description=text)
         sub.add_argument("config", help="pipeline YAML, e.g. configs/demo.yaml")
         sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config value, e.g. --set distill.lora.r=16 (repeatable)")
         sub.set_defaults(command=handler)
+    subs["serve"].add_argument("--cron", help="schedule, e.g. \"0 2 * * *\" (02:00 nightly); default: schedule.cron")
+    subs["serve"].add_argument("--name", help="deployment name; default: schedule.deployment (nightly)")
 
     sub = commands.add_parser("report", help="print the journey of a finished run")
     sub.add_argument("--latest", action="store_true", required=True, help="the most recently finished run")
