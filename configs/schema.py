@@ -163,8 +163,9 @@ class ScheduleConfig(Section):
     Read when the deployment is registered; a triggered run's overrides do not change it.
     """
 
-    deployment: str = Field("nightly", min_length=1,
-                            description="Deployment name: runs are triggered as 'distilflow/<deployment>'.")
+    deployment: str | None = Field(
+        None, min_length=1, description="Deployment name, default run.name: runs are triggered as "
+                                        "'distilflow/<deployment>'.")
     cron: str | None = Field(None, description="When scheduled runs start, e.g. '0 2 * * *' (02:00 every night); "
                                                "none: runs start only when triggered.")
     timezone: str = Field("UTC", description="IANA time zone the cron is read in, e.g. Europe/Berlin.")

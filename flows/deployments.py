@@ -13,16 +13,18 @@ from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.settings import get_current_settings
 from pydantic import ValidationError
 
-from distilflow.configs.schema import ScheduleConfig
+from distilflow.configs.schema import PipelineConfig, ScheduleConfig
 from distilflow.flows.pipeline import pipeline
 from distilflow.tasks.errors import DistilflowError
 
 
-def pipeline_deployment(config_path: Path, overrides: dict[str, Any], schedule: ScheduleConfig) -> RunnerDeployment:
+def pipeline_deployment(config_path: Path, overrides: dict[str, Any], cfg: PipelineConfig) -> RunnerDeployment:
     """The pipeline flow deployed for ``config_path``: every run gets the config path and ``overrides`` as
-    parameters (a triggered run may replace either), on ``schedule``'s cron, ``concurrency_limit`` at once."""
+    parameters (a triggered run may replace either), on the cron of ``cfg.schedule``, as many at once as
+    its concurrency limit allows."""
+    schedule = cfg.schedule
     return pipeline.to_deployment(
-        name=schedule.deployment,
+        name=schedule.deployment or cfg.run.name,
         schedules=[cron_schedule(schedule, config_path)] if schedule.cron else None,
         concurrency_limit=ConcurrencyLimitConfig(
             limit=schedule.concurrency_limit,
@@ -44,7 +46,7 @@ def cron_schedule(schedule: ScheduleConfig, config_path: Path) -> CronSchedule:
                               f"a time zone is an IANA name, e.g. 'Europe/Berlin')") from None
 
 
-def serve_pipeline(config_path: Path, overrides: dict[str, Any], schedule: ScheduleConfig) -> None:
+def serve_pipeline(config_path: Path, overrides: dict[str, Any], cfg: PipelineConfig) -> None:
     """Register the deployment and run its flow runs in this process until stopped (Ctrl-C / SIGTERM);
     stopping pauses the schedule, since nothing would run it."""
     api_url = get_current_settings().api.url
@@ -52,4 +54,4 @@ def serve_pipeline(config_path: Path, overrides: dict[str, Any], schedule: Sched
         raise DistilflowError(
             "distilflow serve needs a Prefect server for its deployment and schedule: start one with "
             "`prefect server start` and set PREFECT_API_URL (e.g. export PREFECT_API_URL=http://127.0.0.1:4200/api)")
-    serve(pipeline_deployment(config_path, overrides, schedule))
+    serve(pipeline_deployment(config_path, overrides, cfg))

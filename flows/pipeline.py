@@ -47,7 +47,13 @@ def stage(name: str, cfg: PipelineConfig, upstream: dict[str, StageResult], mlfl
 
 @flow(name="distilflow", validate_parameters=True)
 def pipeline(config_path: str, overrides: dict[str, Any] | None = None) -> dict:
-    """Run the whole pipeline for the YAML config at ``config_path`` (plus dotted-key ``overrides``)."""
+    """Run the whole pipeline for a YAML config: prototype, distill, compress, deploy.
+
+    Args:
+        config_path: The pipeline's YAML config (relative paths: against the flow run's working directory).
+        overrides: Dotted config keys and their values, e.g. {"distill.lora.r": 16}; validated with the
+            config before any stage starts.
+    """
     cfg = load_config(config_path, overrides)
     preflight(cfg, tracking_uri(cfg))
     cfg.run.workdir.mkdir(parents=True, exist_ok=True)
@@ -61,13 +67,13 @@ def pipeline(config_path: str, overrides: dict[str, Any] | None = None) -> dict:
     except BaseException:
         tracker.finish(failed=True)
         raise
-    bundle = deploy.path("bundle")
+    bundle = deploy.path("bundle").resolve()
     journey = json.loads((bundle / "journey.json").read_text())
-    retried(finish_tracking, cfg)(tracker, journey, bundle)
+    mlflow_run = retried(finish_tracking, cfg)(tracker, journey, bundle)
     record = {"run_id": str(flow_run.id), "mlflow_run_id": tracker.run_id,
-              "mlflow_tracking_uri": tracking_uri(cfg), "bundle": str(bundle.resolve()), "journey": journey}
+              "mlflow_tracking_uri": tracking_uri(cfg), "bundle": str(bundle), "journey": journey}
     history.record_run(cfg.run.workdir, record, history.distilflow_home())
-    publish_artifacts(cfg, tracker, journey, bundle)
+    publish_artifacts(cfg.run.name, journey, bundle, mlflow_run)
     return record
 
 
@@ -86,32 +92,33 @@ def start_tracking(cfg: PipelineConfig) -> MlflowTracker:
 
 
 @task(retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE, persist_result=False)
-def finish_tracking(tracker: MlflowTracker, journey: list[dict], bundle: Path) -> None:
+def finish_tracking(tracker: MlflowTracker, journey: list[dict], bundle: Path) -> str:
+    """Close the MLflow run with the journey; returns where to see it (markdown)."""
     tracker.log_metrics({f"journey.{e['state']}.{k}": v for e in journey for k, v in e.items()})
     tracker.log_artifact(bundle / "journey.json")
     tracker.finish()
+    return mlflow_run_reference(tracker)
 
 
-def publish_artifacts(cfg: PipelineConfig, tracker: MlflowTracker, journey: list[dict], bundle: Path) -> None:
-    """The journey (with its MLflow run) and the bundle as Prefect artifacts. Their keys hold only the
-    run name, so every run of a config (each night's) adds to one history in the UI's Artifacts page."""
-    key = _artifact_key(cfg.run.name)
-    create_markdown_artifact(
-        key=f"journey-{key}",
-        markdown=f"# {cfg.run.name}: journey\n\n{journey_table(journey)}\n\n{mlflow_reference(cfg, tracker)}\n\n"
-                 f"Bundle: `{bundle}`\n",
-        description="Task score, size and speed of every model state")
-    create_link_artifact(key=f"bundle-{key}", link=bundle.resolve().as_uri(), link_text=str(bundle.resolve()),
-                         description="The deployable bundle: model, tokenizer, model card, journey, manifest")
-
-
-def mlflow_reference(cfg: PipelineConfig, tracker: MlflowTracker) -> str:
-    """A link to the MLflow run where a tracking server has a UI; else how to open one on the store."""
-    uri = tracking_uri(cfg)
+def mlflow_run_reference(tracker: MlflowTracker) -> str:
+    """A link to the run in the tracking server's UI; for a local store, how to open a UI on it."""
+    uri = tracker.client.tracking_uri
     if uri.startswith(("http://", "https://")):
         experiment = tracker.client.get_run(tracker.run_id).info.experiment_id
         return f"MLflow run: [{tracker.run_id}]({uri.rstrip('/')}/#/experiments/{experiment}/runs/{tracker.run_id})"
-    return f"MLflow run `{tracker.run_id}` in `{uri}` (to browse: `mlflow ui --backend-store-uri {uri}`)"
+    return f"MLflow run `{tracker.run_id}` in `{uri}` (to browse it: `mlflow ui --backend-store-uri {uri}`)"
+
+
+def publish_artifacts(run_name: str, journey: list[dict], bundle: Path, mlflow_run: str) -> None:
+    """The journey (with its MLflow run) and the bundle as Prefect artifacts. Their keys hold only the
+    run name, so the runs of one config (each night's) make one history in the UI's Artifacts page."""
+    key = _artifact_key(run_name)
+    create_markdown_artifact(
+        key=f"journey-{key}",
+        markdown=f"# {run_name}: journey\n\n{journey_table(journey)}\n\n{mlflow_run}\n\nBundle: `{bundle}`\n",
+        description="Task score, size and speed of every model state")
+    create_link_artifact(key=f"bundle-{key}", link=bundle.as_uri(), link_text=str(bundle),
+                         description="The deployable bundle: model, tokenizer, model card, journey, manifest")
 
 
 def _artifact_key(name: str) -> str:
