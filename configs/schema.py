@@ -48,6 +48,10 @@ class RunConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when a GPU is visible.")
     mlflow_tracking_uri: str | None = Field(
         None, description="MLflow store; default: $MLFLOW_TRACKING_URI, else sqlite:///WORKDIR/mlflow.db.")
+    retries: int = Field(
+        2, ge=0, description="Retries of a stage, or of an MLflow call, after a transient failure (connection "
+                             "refused or dropped, timeout, HTTP 408/429/5xx); a config or data error never retries.")
+    retry_delay_seconds: float = Field(30.0, ge=0, description="Wait before each retry.")
 
 
 class ChoiceCheck(Section):
@@ -563,6 +567,25 @@ class EvalConfig(Section):
     speed_new_tokens: int = Field(32, ge=1, description="Greedy tokens generated to measure tokens/s.")
 
 
+class ScheduleConfig(Section):
+    """How `distilflow serve` deploys the pipeline on a Prefect server: when it runs, how many at once.
+
+    Read when the deployment is registered; a triggered run's overrides do not change it.
+    """
+
+    deployment: str | None = Field(
+        None, min_length=1, description="Deployment name, default run.name: runs are triggered as "
+                                        "'distilflow/<deployment>'.")
+    cron: str | None = Field(None, description="When scheduled runs start, e.g. '0 2 * * *' (02:00 every night); "
+                                               "none: runs start only when triggered.")
+    timezone: str = Field("UTC", description="IANA time zone the cron is read in, e.g. Europe/Berlin.")
+    concurrency_limit: int = Field(1, ge=1, description="Runs of the deployment allowed at once (1: never two "
+                                                        "runs writing one workdir).")
+    collision_strategy: Literal["enqueue", "cancel_new"] = Field(
+        "enqueue", description="A run triggered beyond the limit waits for a slot (enqueue) or is cancelled "
+                               "(cancel_new).")
+
+
 class PipelineConfig(Section):
     run: RunConfig
     task: TaskConfig
@@ -571,6 +594,7 @@ class PipelineConfig(Section):
     compress: CompressConfig = CompressConfig()
     deploy: DeployConfig = DeployConfig()
     eval: EvalConfig = EvalConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
 
     @model_validator(mode="after")
     def _student_needs_teacher_weights(self):

@@ -1,4 +1,4 @@
-"""`distilflow` command line: run, validate and report on pipelines.
+"""`distilflow` command line: run, validate, serve and report on pipelines.
 
 Exit codes: 0 done, 2 a problem with the input (config, data, model files) or a bundle that fails
 `verify`, 3 the new model failed the deploy gate (it is registered as `candidate`; `champion` did not
@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from distilflow.tasks.errors import DistilflowError
 
@@ -38,8 +39,7 @@ def run(args) -> int:
 
     overrides = parse_overrides(args.set)
     load_config(args.config, overrides)  # fail on a bad config before Prefect starts
-    for key, value in PREFECT_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    _set_prefect_defaults()
     from distilflow.flows.pipeline import pipeline
 
     record = pipeline(config_path=str(args.config), overrides=overrides)
@@ -57,6 +57,22 @@ def validate(args) -> int:
     preflight(cfg, tracking_uri(cfg.run.mlflow_tracking_uri, cfg.run.workdir))
     examples = load_task_data(cfg.task, cfg.run.seed)
     print(f"{args.config}: valid ({len(examples.train)} training inputs, {len(examples.eval)} held-out)")
+    return 0
+
+
+def serve(args) -> int:
+    from distilflow.configs.loader import load_config, parse_overrides
+    from distilflow.tasks.stages import preflight
+    from distilflow.tasks.tracking import tracking_uri
+
+    overrides = parse_overrides(args.set)
+    flags = {key: value for key, value in [("schedule.cron", args.cron), ("schedule.deployment", args.name)] if value}
+    cfg = load_config(args.config, {**overrides, **flags})
+    preflight(cfg, tracking_uri(cfg.run.mlflow_tracking_uri, cfg.run.workdir))  # fail now, not at 02:00
+    _set_prefect_defaults()
+    from distilflow.flows.deployments import serve_pipeline
+
+    serve_pipeline(Path(args.config).resolve(), overrides, cfg)
     return 0
 
 
@@ -105,17 +121,31 @@ def _print_report(record: dict) -> None:
               f"(aliases: {', '.join(release['aliases']) or 'none'})")
 
 
+def _set_prefect_defaults() -> None:
+    """Before Prefect is imported (it reads its settings then); flow runs started from here inherit them."""
+    for key, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distilflow", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    for name, handler, text in [("run", run, "run the pipeline for a config"),
-                                ("validate", validate, "check a config and its task data without running")]:
-        sub = commands.add_parser(name, help=text, description=text)
+    subs = {}
+    for name, handler, text, details in [
+        ("run", run, "run the pipeline for a config", ""),
+        ("validate", validate, "check a config and its task data without running", ""),
+        ("serve", serve, "register the pipeline for a config as a Prefect deployment",
+         " (with the schedule of its `schedule:` section) and run what the UI, `prefect deployment run` or "
+         "the schedule triggers, until stopped; needs PREFECT_API_URL"),
+    ]:
+        subs[name] = sub = commands.add_parser(name, help=text, description=text + details)
         sub.add_argument("config", help="pipeline YAML, e.g. configs/demo.yaml")
         sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config value, e.g. --set distill.lora.r=16 (repeatable)")
         sub.set_defaults(command=handler)
+    subs["serve"].add_argument("--cron", help="schedule, e.g. \"0 2 * * *\" (02:00 nightly); default: schedule.cron")
+    subs["serve"].add_argument("--name", help="deployment name; default: schedule.deployment, else run.name")
 
     sub = commands.add_parser("verify", help="check a bundle's files against its manifest.json (exit 2 if any differ)")
     sub.add_argument("bundle", help="bundle directory, e.g. the `bundle:` path `distilflow run` prints")

@@ -2,18 +2,21 @@
 
 One parent flow run per pipeline run and one child flow run per stage (each with its logs in the
 Prefect UI); one MLflow parent run with a nested run per stage. The work itself is in tasks/.
+Stages and MLflow calls are tasks that retry transient failures (`run.retries`); nothing else retries.
 """
 
 import json
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from distilflow.configs.loader import load_config
 from distilflow.configs.schema import PipelineConfig
+from distilflow.flows.retries import retried, retry_if_transient
 from distilflow.tasks import history, registry, tracking
 from distilflow.tasks.artifacts import StageResult
 from distilflow.tasks.evaluate import journey_table
@@ -21,10 +24,16 @@ from distilflow.tasks.stages import preflight, run_stage
 from distilflow.tasks.tracking import MlflowTracker, flatten
 
 
+@task(name="run-stage", task_run_name="run-{name}", retry_condition_fn=retry_if_transient,
+      cache_policy=NO_CACHE, persist_result=False)  # the stage's own cache is by artifact digest
+def stage_task(name: str, cfg: PipelineConfig, upstream: dict[str, StageResult], mlflow_run_id: str) -> StageResult:
+    tracker = MlflowTracker.attach(tracking_uri(cfg), mlflow_run_id)
+    return run_stage(name, cfg, upstream, tracker)
+
+
 @flow(validate_parameters=False)
 def stage_flow(name: str, cfg: PipelineConfig, upstream: dict[str, StageResult], mlflow_run_id: str) -> StageResult:
-    tracker = MlflowTracker.attach(tracking_uri(cfg), mlflow_run_id)
-    result = run_stage(name, cfg, upstream, tracker)
+    result = retried(stage_task, cfg)(name, cfg, upstream, mlflow_run_id)
     get_run_logger().info("%s %s: %s", name, "reused" if result.cached else "done", result.directory)
     if result.summary:
         create_markdown_artifact(key=f"{_artifact_key(cfg.run.name)}-{name}", markdown=result.summary,
@@ -38,11 +47,17 @@ def stage(name: str, cfg: PipelineConfig, upstream: dict[str, StageResult], mlfl
 
 @flow(name="distilflow", validate_parameters=True)
 def pipeline(config_path: str, overrides: dict[str, Any] | None = None) -> dict:
-    """Run the whole pipeline for the YAML config at ``config_path`` (plus dotted-key ``overrides``)."""
+    """Run the whole pipeline for a YAML config: prototype, distill, compress, deploy.
+
+    Args:
+        config_path: The pipeline's YAML config (relative paths: against the flow run's working directory).
+        overrides: Dotted config keys and their values, e.g. {"distill.lora.r": 16}; validated with the
+            config before any stage starts.
+    """
     cfg = load_config(config_path, overrides)
     preflight(cfg, tracking_uri(cfg))
     cfg.run.workdir.mkdir(parents=True, exist_ok=True)
-    tracker = start_tracking(cfg)
+    tracker = retried(start_tracking, cfg)(cfg)
     try:
         prototype = stage("prototype", cfg, {}, tracker.run_id)
         distill = stage("distill", cfg, {"prototype": prototype}, tracker.run_id)
@@ -52,7 +67,13 @@ def pipeline(config_path: str, overrides: dict[str, Any] | None = None) -> dict:
     except BaseException:
         tracker.finish(failed=True)
         raise
-    record = finish_tracking(cfg, tracker, deploy.path("bundle"))
+    bundle = deploy.path("bundle").resolve()
+    journey = json.loads((bundle / "journey.json").read_text())
+    mlflow_run = retried(finish_tracking, cfg)(tracker, journey, bundle)
+    record = {"run_id": str(flow_run.id), "mlflow_run_id": tracker.run_id,
+              "mlflow_tracking_uri": tracking_uri(cfg), "bundle": str(bundle), "journey": journey}
+    history.record_run(cfg.run.workdir, record, history.distilflow_home())
+    publish_artifacts(cfg.run.name, journey, bundle, mlflow_run)
     return release(cfg, record)
 
 
@@ -60,6 +81,7 @@ def tracking_uri(cfg: PipelineConfig) -> str:
     return tracking.tracking_uri(cfg.run.mlflow_tracking_uri, cfg.run.workdir)
 
 
+@task(retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE, persist_result=False)
 def start_tracking(cfg: PipelineConfig) -> MlflowTracker:
     tracker = MlflowTracker.start(
         tracking_uri(cfg), experiment=cfg.run.name, artifact_root=cfg.run.workdir / "mlartifacts",
@@ -69,20 +91,34 @@ def start_tracking(cfg: PipelineConfig) -> MlflowTracker:
     return tracker
 
 
-def finish_tracking(cfg: PipelineConfig, tracker: MlflowTracker, bundle: Path) -> dict:
-    journey = json.loads((bundle / "journey.json").read_text())
+@task(retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE, persist_result=False)
+def finish_tracking(tracker: MlflowTracker, journey: list[dict], bundle: Path) -> str:
+    """Close the MLflow run with the journey; returns where to see it (markdown)."""
     tracker.log_metrics({f"journey.{e['state']}.{k}": v for e in journey for k, v in e.items()})
     tracker.log_artifact(bundle / "journey.json")
     tracker.finish()
-    record = {"run_id": str(flow_run.id), "mlflow_run_id": tracker.run_id,
-              "mlflow_tracking_uri": tracking_uri(cfg), "bundle": str(bundle.resolve()), "journey": journey}
-    history.record_run(cfg.run.workdir, record, history.distilflow_home())
+    return mlflow_run_reference(tracker)
+
+
+def mlflow_run_reference(tracker: MlflowTracker) -> str:
+    """A link to the run in the tracking server's UI; for a local store, how to open a UI on it."""
+    uri = tracker.client.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        experiment = tracker.client.get_run(tracker.run_id).info.experiment_id
+        return f"MLflow run: [{tracker.run_id}]({uri.rstrip('/')}/#/experiments/{experiment}/runs/{tracker.run_id})"
+    return f"MLflow run `{tracker.run_id}` in `{uri}` (to browse it: `mlflow ui --backend-store-uri {uri}`)"
+
+
+def publish_artifacts(run_name: str, journey: list[dict], bundle: Path, mlflow_run: str) -> None:
+    """The journey (with its MLflow run) and the bundle as Prefect artifacts. Their keys hold only the
+    run name, so the runs of one config (each night's) make one history in the UI's Artifacts page."""
+    key = _artifact_key(run_name)
     create_markdown_artifact(
-        key=f"journey-{_artifact_key(cfg.run.name)}",
-        markdown=f"# {cfg.run.name}: journey\n\n{journey_table(journey)}\n\n"
-                 f"MLflow run `{tracker.run_id}` at `{tracking_uri(cfg)}`\n\nBundle: `{bundle}`\n",
+        key=f"journey-{key}",
+        markdown=f"# {run_name}: journey\n\n{journey_table(journey)}\n\n{mlflow_run}\n\nBundle: `{bundle}`\n",
         description="Task score, size and speed of every model state")
-    return record
+    create_link_artifact(key=f"bundle-{key}", link=bundle.as_uri(), link_text=str(bundle),
+                         description="The deployable bundle: model, tokenizer, model card, journey, manifest")
 
 
 def release(cfg: PipelineConfig, record: dict) -> dict:

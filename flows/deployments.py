@@ -1,0 +1,57 @@
+"""The pipeline as a Prefect deployment: `distilflow serve` registers it, with the schedule and concurrency
+limit of the config's `schedule:` section, and runs what is triggered in the UI, by `prefect deployment
+run` or by the schedule. (prefect.yaml declares the same deployment for `prefect deploy` onto work pools.)
+"""
+
+from pathlib import Path
+from typing import Any
+
+from prefect import serve
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.client.schemas.schedules import CronSchedule
+from prefect.deployments.runner import EntrypointType, RunnerDeployment
+from prefect.settings import get_current_settings
+from pydantic import ValidationError
+
+from distilflow.configs.schema import PipelineConfig, ScheduleConfig
+from distilflow.flows.pipeline import pipeline
+from distilflow.tasks.errors import DistilflowError
+
+
+def pipeline_deployment(config_path: Path, overrides: dict[str, Any], cfg: PipelineConfig) -> RunnerDeployment:
+    """The pipeline flow deployed for ``config_path``: every run gets the config path and ``overrides`` as
+    parameters (a triggered run may replace either), on the cron of ``cfg.schedule``, as many at once as
+    its concurrency limit allows."""
+    schedule = cfg.schedule
+    return pipeline.to_deployment(
+        name=schedule.deployment or cfg.run.name,
+        schedules=[cron_schedule(schedule, config_path)] if schedule.cron else None,
+        concurrency_limit=ConcurrencyLimitConfig(
+            limit=schedule.concurrency_limit,
+            collision_strategy=ConcurrencyLimitStrategy[schedule.collision_strategy.upper()]),
+        parameters={"config_path": str(config_path), "overrides": overrides},
+        description=f"distilflow pipeline for {config_path}",
+        tags=["distilflow"],
+        # by module, not file: the runner imports the installed package, wherever it was started
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+
+
+def cron_schedule(schedule: ScheduleConfig, config_path: Path) -> CronSchedule:
+    try:
+        return CronSchedule(cron=schedule.cron, timezone=schedule.timezone)
+    except ValidationError as err:
+        problems = "; ".join(f"schedule.{p['loc'][0]}: {p['msg'].removeprefix('Value error, ')}" for p in err.errors())
+        raise DistilflowError(f"{config_path}: {problems} (a cron has five fields, e.g. '0 2 * * *'; "
+                              f"a time zone is an IANA name, e.g. 'Europe/Berlin')") from None
+
+
+def serve_pipeline(config_path: Path, overrides: dict[str, Any], cfg: PipelineConfig) -> None:
+    """Register the deployment and run its flow runs in this process until stopped (Ctrl-C / SIGTERM);
+    stopping pauses the schedule, since nothing would run it."""
+    api_url = get_current_settings().api.url
+    if not api_url:
+        raise DistilflowError(
+            "distilflow serve needs a Prefect server for its deployment and schedule: start one with "
+            "`prefect server start` and set PREFECT_API_URL (e.g. export PREFECT_API_URL=http://127.0.0.1:4200/api)")
+    serve(pipeline_deployment(config_path, overrides, cfg))
