@@ -26,6 +26,8 @@ from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRu
                                             FlowRunFilterParentFlowRunId, TaskRunFilter, TaskRunFilterId)
 from prefect.client.schemas.objects import ConcurrencyLimitStrategy, StateType
 from prefect.exceptions import PrefectHTTPStatusError
+from prefect.events.worker import EventsWorker
+from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from distilflow.configs.loader import load_config
@@ -98,9 +100,19 @@ def server(tmp_path_factory):
         stop(process)
 
 
+@contextmanager
 def against(server):
-    """Flows, tasks and clients of this process talk to ``server`` inside this context."""
-    return temporary_settings({PREFECT_API_URL: server["url"]})
+    """Flows, tasks and clients of this process talk to ``server`` inside this context.
+
+    Prefect's log and event workers are process-wide and keep the server they were started for: they
+    are drained while it still answers, or a later test's flow would wait on them for a dead server.
+    """
+    with temporary_settings({PREFECT_API_URL: server["url"]}):
+        try:
+            yield
+        finally:
+            APILogWorker.drain_all(timeout=30)
+            EventsWorker.drain_all(timeout=30)
 
 
 @contextmanager

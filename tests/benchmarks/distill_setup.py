@@ -53,7 +53,8 @@ def benchmark_config(overrides: dict):
 def task_dataset(cfg, directory: Path):
     """The demo task's training pool in the prototype stage's format, the reference labels as answers."""
     rows = load_task_data(cfg.task, cfg.run.seed).train
-    write_dataset([{"row": r, "answer": r["label"]} for r in rows], cfg.task, directory, directory / "dataset.jsonl")
+    kept = [{"row": r, "answer": r["label"], "score": 1.0, "input_index": i, "sample": 0} for i, r in enumerate(rows)]
+    write_dataset(kept, cfg.task, "reference labels", cfg.prototype, directory, directory / "dataset.jsonl")
     return load_from_disk(directory, keep_in_memory=True)
 
 
