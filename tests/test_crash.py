@@ -17,15 +17,17 @@ DISTILFLOW = str(Path(sys.executable).with_name("distilflow"))
 
 def start_run(workdir: Path) -> subprocess.Popen:
     return subprocess.Popen([DISTILFLOW, "run", str(TINY_CONFIG), "--set", f"run.workdir={workdir}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy())
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy(),
+                            start_new_session=True)
 
 
 def kill_when_partial(process: subprocess.Popen, stage_dir: Path, timeout_s: float = 300) -> None:
-    """SIGKILL the run as soon as the stage has started writing its (partial) output."""
+    """SIGKILL the run as soon as the stage has started writing its (partial) output: the whole process
+    group, as a lost machine would, so its temporary Prefect server does not outlive it."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if stage_dir.is_dir() and any(p.name.startswith(".") and ".partial-" in p.name for p in stage_dir.iterdir()):
-            os.kill(process.pid, signal.SIGKILL)
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             return
         if process.poll() is not None:

@@ -333,3 +333,11 @@ def test_two_processes_train_a_phase_together_and_publish_one_model(tmp_path):
                for k, v in json.loads(line).get("metrics", {}).items()}
     assert metrics["effective.world_size"] == 2
     assert (result.path("student") / "model.safetensors").is_file()
+
+
+def test_the_distill_study_reuses_the_demo_teacher_data_and_runs_every_phase():
+    demo = load_config(REPO / "configs" / "demo.yaml")
+    study = load_config(REPO / "configs" / "distill-study.yaml")
+    assert all(getattr(demo, part) == getattr(study, part) for part in ("task", "prototype", "eval"))
+    assert (demo.run.workdir, demo.run.seed, demo.run.device) == (study.run.workdir, study.run.seed, study.run.device)
+    assert study.distill.phases == ["sft", "logit_kd", "grpo"] and study.distill.sft == demo.distill.sft
