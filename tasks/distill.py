@@ -137,7 +137,7 @@ def trained(phase: str, start: str | Path, dataset_dir: Path, dataset: Dataset, 
     sources = teacher_sources(phase, start, dataset, teacher_dir, cfg, ctx)
     partial = ctx.checkpoint_dir / "model.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    if cfg.processes > 1:
+    if cfg.processes > 1 or (ctx.device.type == "cuda" and torch.cuda.device_count() > cfg.processes):
         launch(phase, start, partial, dataset_dir, sources, cfg, ctx)
     else:
         train_phase(phase, start, partial, dataset, sources, cfg, ctx)
@@ -378,7 +378,7 @@ def launch(phase: str, start: str | Path, out_dir: Path, dataset_dir: Path, sour
         "workdir": str(ctx.workdir), "metrics": str(metrics)}))
     command = launch_command(cfg, ctx.device, request)
     log.info("%s: launching %s", phase, " ".join(command))
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, env=launch_env(cfg, ctx.device, os.environ))
     FileTracker.replay(metrics, ctx.tracker)
     if done.returncode != 0:
         raise RuntimeError(f"distill phase {phase} failed in its workers ({' '.join(command)}):\n"
@@ -394,6 +394,15 @@ def launch_command(cfg: DistillConfig, device: torch.device, request: Path) -> l
     return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(cfg.processes),
             "--num_machines", "1", "--main_process_port", "0", *layout, *precision,
             "-m", "distilflow.tasks.distill", str(request)]
+
+
+def launch_env(cfg: DistillConfig, device: torch.device, environ) -> dict[str, str]:
+    """The workers see exactly ``cfg.processes`` GPUs (the first of those visible): a trainer that sees
+    more GPUs than processes would spread one process over them (DataParallel), which TRL refuses."""
+    if device.type != "cuda":
+        return dict(environ)
+    visible = environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(torch.cuda.device_count())))
+    return {**environ, "CUDA_VISIBLE_DEVICES": ",".join(visible.split(",")[:cfg.processes])}
 
 
 def _worker(request_path: str) -> None:

@@ -92,8 +92,11 @@ def _fix_special_tokens(model, tokenizer) -> None:
 def load_model(path: Path, device: torch.device, dtype: torch.dtype | None = None):
     """A checkpoint distilflow wrote (safetensors only) as (model, tokenizer)."""
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or compute_dtype(device), use_safetensors=True)
-    return model.to(device).eval(), tokenizer
+    # Placed on the device as it loads: a qlr checkpoint's compressed backbone, moved after loading,
+    # would stay on the CPU under its adapter.
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or compute_dtype(device), use_safetensors=True,
+                                                 device_map={"": device})
+    return model.eval(), tokenizer
 
 
 def save_model(model, tokenizer, out_dir: Path) -> Path:

@@ -341,3 +341,14 @@ def test_the_distill_study_reuses_the_demo_teacher_data_and_runs_every_phase():
     assert all(getattr(demo, part) == getattr(study, part) for part in ("task", "prototype", "eval"))
     assert (demo.run.workdir, demo.run.seed, demo.run.device) == (study.run.workdir, study.run.seed, study.run.device)
     assert study.distill.phases == ["sft", "logit_kd", "grpo"] and study.distill.sft == demo.distill.sft
+
+
+def test_launched_workers_see_as_many_gpus_as_processes_the_first_of_those_visible():
+    cfg = load_config(TINY_CONFIG, {"distill.processes": 2}).distill
+    env = distill.launch_env(cfg, torch.device("cuda"), {"CUDA_VISIBLE_DEVICES": "3,5,6", "PATH": "/bin"})
+    assert env == {"CUDA_VISIBLE_DEVICES": "3,5", "PATH": "/bin"}
+
+
+def test_launched_workers_on_the_cpu_keep_the_environment():
+    cfg = load_config(TINY_CONFIG).distill
+    assert distill.launch_env(cfg, torch.device("cpu"), {"PATH": "/bin"}) == {"PATH": "/bin"}

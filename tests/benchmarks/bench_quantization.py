@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from distilflow.configs.loader import load_config
-from distilflow.configs.schema import QuantizeConfig, TeacherConfig
+from distilflow.configs.schema import LocalTeacherConfig, QuantizeConfig
 from distilflow.tasks import data, quantize
 from distilflow.tasks.evaluate import perplexity
 from distilflow.tasks.models import load_model, load_teacher, resolve_device, save_model, size_on_disk
@@ -61,7 +61,8 @@ def source_model(args, device, scratch: Path) -> Path:
     """A bf16 HF directory every scheme starts from (the GGUF teacher is dequantized and saved once)."""
     if args.model:
         return Path(args.model)
-    teacher, tokenizer = load_teacher(TeacherConfig(gguf_package=args.gguf_package, gguf_file=args.gguf_file), device)
+    teacher_cfg = LocalTeacherConfig(gguf_package=args.gguf_package, gguf_file=args.gguf_file)
+    teacher, tokenizer = load_teacher(teacher_cfg, device)
     return save_model(teacher, tokenizer, scratch / "bf16")
 
 
