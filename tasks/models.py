@@ -8,9 +8,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-
 from safetensors import SafetensorError
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from distilflow.configs.schema import LocalTeacherConfig, ModelTrust
 from distilflow.tasks.errors import DistilflowError
