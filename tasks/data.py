@@ -132,7 +132,7 @@ def _check_rows(rows: list[dict], cfg: TaskConfig) -> None:
         problem = None if answer is None else checks.problem(answer, cfg)
         if problem:
             raise DistilflowError(f"{cfg.data}: example {number} has label {answer!r}, which task.check rejects: "
-                                  f"{problem}")
+                                  f"{problem}; correct the example, or task.check if the label is right")
 
 
 def _template_fields(template: str) -> set[str]:

@@ -33,14 +33,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 from trl.experimental.gkd import GKDConfig
 
-from distilflow.configs.schema import DistillConfig, EvalConfig, LoraConfig, StudentConfig, TaskConfig, TrainingConfig
+from distilflow.configs.schema import (DistillConfig, EvalConfig, LoraConfig, ModelTrust, StudentConfig, TaskConfig,
+                                      TrainingConfig)
 from distilflow.tasks import checks, decoding, kd, prune, teacher_logits
 from distilflow.tasks.artifacts import StageResult
 from distilflow.tasks.context import StageContext
 from distilflow.tasks.data import TaskData
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.evaluate import Evaluation, evaluate_saved
-from distilflow.tasks.models import compute_dtype, load_model, save_model
+from distilflow.tasks.models import (compute_dtype, explained_load_errors, load_model, loading_safeguards, save_model,
+                                    trust_summary)
 from distilflow.tasks.tracking import FileTracker, TrackerCallback
 
 log = logging.getLogger("distilflow")
@@ -59,7 +61,9 @@ def run(cfg: DistillConfig, upstream: dict[str, StageResult], ctx: StageContext)
     model_dir, origin = initial_student(cfg.student, teacher_dir, dataset, ctx)
     if "logit_kd" in cfg.phases:
         teacher_logits.require_shared_vocabulary(teacher_dir, model_dir)
-    ctx.tracker.log_params({"student.origin": origin, "effective.device": ctx.device.type,
+    ctx.tracker.log_params({"student.origin": origin, "student.allow_pickle": cfg.student.allow_pickle,
+                            "student.trust_remote_code": cfg.student.trust_remote_code,
+                            "effective.device": ctx.device.type,
                             "effective.dtype": str(compute_dtype(ctx.device)).removeprefix("torch.")})
 
     journey, metrics = [], {}
@@ -104,6 +108,8 @@ def initial_student(cfg: StudentConfig, teacher_dir: Path | None, dataset: Datas
     """Where the student starts, and how it was made: a given model, or the teacher's most influential
     layers (kept under the checkpoint dir, so a resumed run does not derive it again)."""
     if cfg.path:
+        loading_safeguards(cfg.path, cfg, "distill.student")  # refuse a pickle-only student before any work
+        log.info("student %s (%s)", cfg.path, trust_summary(cfg))
         return cfg.path, cfg.path
     directory = ctx.checkpoint_dir / "student-init"
     origin_file = ctx.checkpoint_dir / "student-init.json"
@@ -165,7 +171,7 @@ def train_phase(phase: str, start: str | Path, out_dir: Path, dataset: Dataset, 
                 cfg: DistillConfig, ctx: StageContext) -> None:
     """Load the student from ``start``, train ``phase`` and save the merged result to ``out_dir``."""
     set_seed(ctx.seed)
-    student, tokenizer = load_student(start, cfg.qlora, ctx.device)
+    student, tokenizer = load_student(start, cfg.qlora, ctx.device, cfg.student)
     teacher_inputs = {"teacher": load_model(Path(sources["teacher"]), ctx.device)[0]} if "teacher" in sources else \
         {name: Path(path) for name, path in sources.items()}
     trained_model = PHASES[phase](student, tokenizer, dataset, cfg, ctx, **teacher_inputs)
@@ -173,16 +179,19 @@ def train_phase(phase: str, start: str | Path, out_dir: Path, dataset: Dataset, 
         save_model(trained_model, tokenizer, out_dir)
 
 
-def load_student(path: str | Path, qlora: bool, device: torch.device):
-    """The student to train: in the device's compute dtype, or 4-bit (NF4) for QLoRA."""
+def load_student(path: str | Path, qlora: bool, device: torch.device, trust: ModelTrust = ModelTrust()):
+    """The student to train: in the device's compute dtype, or 4-bit (NF4) for QLoRA. ``trust`` is
+    distill.student's: what its files may run (a phase after the first starts from our own safetensors)."""
     if not qlora:
-        return load_model(path, device)
+        return load_model(path, device, trust=trust, key="distill.student")
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=compute_dtype(device))
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=compute_dtype(device),
-                                                 device_map={"": device.index or 0})
-    return peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False), \
-        AutoTokenizer.from_pretrained(path)
+    with explained_load_errors(path, None, "distill.student"):
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization,
+                                                     dtype=compute_dtype(device), device_map={"": device.index or 0},
+                                                     **loading_safeguards(path, trust, "distill.student"))
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust.trust_remote_code)
+    return peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False), tokenizer
 
 
 def with_adapters(student, lora: LoraConfig | None):

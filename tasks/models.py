@@ -2,15 +2,22 @@
 
 import importlib.util
 import logging
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from distilflow.configs.schema import LocalTeacherConfig
+from distilflow.configs.schema import LocalTeacherConfig, ModelTrust
 from distilflow.tasks.errors import DistilflowError
 
 log = logging.getLogger("distilflow")
+
+# Checkpoint formats that torch unpickles: loading one can run any code its author put in it.
+PICKLE_CHECKPOINTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -30,14 +37,14 @@ def load_teacher(cfg: LocalTeacherConfig, device: torch.device, key: str = "prot
     """The teacher as (model, tokenizer): a GGUF file (dequantized by transformers), or a HF dir / hub id,
     optionally quantized on load to 4 or 8 bits by bitsandbytes. ``key`` names the config in errors."""
     source, gguf_file = _teacher_source(cfg, key)
-    log.info("loading teacher %s%s", source, f" ({gguf_file})" if gguf_file else "")
+    log.info("loading teacher %s%s (%s)", source, f" ({gguf_file})" if gguf_file else "", trust_summary(cfg))
     files = {"gguf_file": gguf_file} if gguf_file else {}
     quantization = bitsandbytes_loading(cfg, device, key) if cfg.load_in_4bit or cfg.load_in_8bit else {}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **files)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=compute_dtype(device), **files, **quantization)
-    except (OSError, ValueError) as err:
-        raise DistilflowError(f"{key}: cannot load {source}{' / ' + gguf_file if gguf_file else ''}: {err}") from None
+    safeguards = loading_safeguards(source if not gguf_file else None, cfg, key)
+    with explained_load_errors(source, gguf_file, key):
+        tokenizer = AutoTokenizer.from_pretrained(source, **files, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=compute_dtype(device), **files, **quantization,
+                                                     **safeguards)
     if gguf_file:
         # Dequantized GGUF weights are plain tensors; without this, save_pretrained refuses them.
         model.hf_quantizer.remove_quantization_config(model)
@@ -45,6 +52,57 @@ def load_teacher(cfg: LocalTeacherConfig, device: torch.device, key: str = "prot
     if not quantization:  # bitsandbytes placed the weights itself (device_map); they cannot be moved
         model.to(device)
     return model.eval(), tokenizer
+
+
+def loading_safeguards(source: str | Path | None, trust: ModelTrust, key: str) -> dict:
+    """``from_pretrained`` arguments that keep a model's files from running code: safetensors weights only
+    (transformers' own switch) and no repository code, unless ``trust`` opts in. A local directory holding
+    only pickle checkpoints is refused here, with the way out named. ``source`` None: a GGUF file (no pickle)."""
+    if source is not None and not trust.allow_pickle:
+        _refuse_pickle_only(Path(source), key)
+    return {"use_safetensors": None if trust.allow_pickle else True, "trust_remote_code": trust.trust_remote_code}
+
+
+def trust_summary(trust: ModelTrust) -> str:
+    return (f"{'pickle checkpoints allowed' if trust.allow_pickle else 'safetensors/GGUF weights only'}, "
+            f"{'repository code trusted' if trust.trust_remote_code else 'no repository code'}")
+
+
+def _refuse_pickle_only(directory: Path, key: str) -> None:
+    if not directory.is_dir() or any(directory.glob("*.safetensors")):
+        return
+    pickles = sorted({p.name for pattern in PICKLE_CHECKPOINTS for p in directory.glob(pattern)})
+    if pickles:
+        raise DistilflowError(
+            f"{key}.path: {directory} holds its weights only as pickle checkpoints ({', '.join(pickles)}), which "
+            f"can run arbitrary code when loaded. Convert them to safetensors, or set {key}.allow_pickle: true "
+            "if you trust where they came from")
+
+
+@contextmanager
+def explained_load_errors(source: str | Path, gguf_file: str | None, key: str) -> Iterator[None]:
+    """transformers', safetensors' and gguf's loading errors as errors that name the config key and the fix."""
+    try:
+        yield
+    except SafetensorError as err:
+        raise DistilflowError(f"{key}: a safetensors file in {source} is corrupted or truncated ({err}); replace "
+                              "it with a complete copy (download or save it again)") from None
+    except (ValueError, struct.error) as err:
+        if gguf_file:  # gguf's reader fails on a cut-off file with shape and buffer errors
+            raise DistilflowError(f"{key}.gguf_file: {Path(source) / gguf_file} is not a complete GGUF file "
+                                  f"({err}); it may be truncated (an interrupted download): replace it") from None
+        raise _load_error(source, key, err) from None
+    except OSError as err:
+        if isinstance(err, (ConnectionError, TimeoutError)):
+            raise  # a hub that did not answer: transient, left for the retry policy
+        raise _load_error(source, key, err) from None
+
+
+def _load_error(source, key: str, err: Exception) -> DistilflowError:
+    if "trust_remote_code" in str(err):
+        return DistilflowError(f"{key}: {source} ships its own model code, which runs only with "
+                               f"{key}.trust_remote_code: true; set it only if you trust the source ({err})")
+    return DistilflowError(f"{key}: cannot load {source}: {err}")
 
 
 def bitsandbytes_loading(cfg: LocalTeacherConfig, device: torch.device, key: str = "prototype.teacher") -> dict:
@@ -89,13 +147,17 @@ def _fix_special_tokens(model, tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
-def load_model(path: Path, device: torch.device, dtype: torch.dtype | None = None):
-    """A checkpoint distilflow wrote (safetensors only) as (model, tokenizer)."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    # Placed on the device as it loads: a qlr checkpoint's compressed backbone, moved after loading,
-    # would stay on the CPU under its adapter.
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or compute_dtype(device), use_safetensors=True,
-                                                 device_map={"": device})
+def load_model(path: str | Path, device: torch.device, dtype: torch.dtype | None = None,
+               trust: ModelTrust = ModelTrust(), key: str = "model"):
+    """A checkpoint as (model, tokenizer): one distilflow wrote, or a user's (``trust`` from its config
+    section, ``key`` naming that section in errors). Safetensors only unless ``trust`` allows pickle."""
+    safeguards = loading_safeguards(path, trust, key)
+    with explained_load_errors(path, None, key):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust.trust_remote_code)
+        # Placed on the device as it loads: a qlr checkpoint's compressed backbone, moved after loading,
+        # would stay on the CPU under its adapter.
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or compute_dtype(device),
+                                                     device_map={"": device}, **safeguards)
     return model.eval(), tokenizer
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from distilflow.configs.schema import PrototypeConfig, TaskConfig
+from distilflow.configs.schema import ModelTrust, PrototypeConfig, TaskConfig
 from distilflow.tasks import checks, data, package
 from distilflow.tasks.artifacts import StageResult
 from distilflow.tasks.context import StageContext
@@ -59,11 +59,20 @@ def run(cfg: PrototypeConfig, upstream: dict[str, StageResult], ctx: StageContex
                **{f"teacher.{k}": v for k, v in baseline.metrics.items() if v is not None}}
     ctx.tracker.log_metrics(metrics)
     ctx.tracker.set_tags({"distilflow.teacher": teacher.name,
-                          "distilflow.teacher_access": "black-box" if teacher.black_box else "white-box"})
+                          "distilflow.teacher_access": "black-box" if teacher.black_box else "white-box",
+                          **loading_tags(cfg)})
     for name in ("data_card.md", "dataset.jsonl", "teacher_eval.json"):
         ctx.tracker.log_artifact(out / name)
     return StageResult(stage="prototype", files=files, metrics=metrics,
                        journey=[baseline.journey_entry("teacher")], summary=card)
+
+
+def loading_tags(cfg: PrototypeConfig) -> dict[str, str]:
+    """What the loaded models' files were allowed to run (pickle, repository code), for the run's record."""
+    loaded = {"teacher": cfg.teacher, "judge": cfg.judge and cfg.judge.teacher}
+    return {f"distilflow.{role}.{choice}": str(getattr(model, choice)).lower()
+            for role, model in loaded.items() if isinstance(model, ModelTrust)
+            for choice in ("allow_pickle", "trust_remote_code")}
 
 
 def choose_prompting(teacher, cfg: PrototypeConfig, ctx: StageContext) -> tuple[Prompting, dict]:

@@ -65,6 +65,15 @@ def recipe(cfg: QuantizeConfig, group_size: int) -> list:
     }[cfg.method]
 
 
+def fp8_native(device: torch.device) -> bool:
+    """Whether ``device`` computes in FP8 (CUDA compute capability 8.9 and up: Ada, Hopper, Blackwell).
+
+    Elsewhere an FP8 checkpoint is still produced and loads, but runs dequantized: its quality is measured,
+    its speed is not FP8's.
+    """
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def needs_calibration(cfg: QuantizeConfig) -> bool:
     if cfg.scheme == "fp8":
         return cfg.static_activations

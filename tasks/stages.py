@@ -6,15 +6,17 @@ directly to measure what orchestration costs.
 
 import importlib
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 
-from distilflow.configs.schema import PipelineConfig
+from distilflow.configs.schema import HttpTeacherConfig, PipelineConfig
 from distilflow.tasks import artifacts
 from distilflow.tasks.artifacts import StageResult
 from distilflow.tasks.context import StageContext
 from distilflow.tasks.data import load_task_data
 from distilflow.tasks.models import resolve_device
+from distilflow.tasks.teachers import api_key
 from distilflow.tasks.tracking import LogTracker, Tracker, check_tracking_store
 
 log = logging.getLogger("distilflow")
@@ -35,7 +37,8 @@ STAGES = {
 
 
 def preflight(cfg: PipelineConfig, tracking_uri: str) -> None:
-    """Everything that can be checked before the first stage: task data, workdir, device, tracking store.
+    """Everything that can be checked before the first stage: task data, workdir, device, tracking store,
+    the API key of an HTTP teacher.
 
     A run that would fail on its input fails here, in seconds, with nothing written.
     """
@@ -43,6 +46,14 @@ def preflight(cfg: PipelineConfig, tracking_uri: str) -> None:
     artifacts.check_writable(cfg.run.workdir)
     resolve_device(cfg.run.device)
     check_tracking_store(tracking_uri)
+    for key, teacher in http_teachers(cfg).items():
+        api_key(teacher, os.environ, key)  # a missing key fails now, not after the teacher is half asked
+
+
+def http_teachers(cfg: PipelineConfig) -> dict[str, HttpTeacherConfig]:
+    teachers = {"prototype.teacher": cfg.prototype.teacher,
+                "prototype.judge.teacher": cfg.prototype.judge and cfg.prototype.judge.teacher}
+    return {key: teacher for key, teacher in teachers.items() if isinstance(teacher, HttpTeacherConfig)}
 
 
 def cache_key(name: str, cfg: PipelineConfig, upstream: dict[str, StageResult]) -> str:

@@ -116,9 +116,10 @@ def test_the_pareto_front_holds_the_candidates_nothing_beats_on_size_and_score()
 
 @pytest.fixture(scope="module")
 def stage(tmp_path_factory):
-    """prototype and distill on the tiny config, then compress with three candidates, one of them pruned."""
+    """prototype and distill on the tiny config, then compress with four candidates, one of them pruned, one FP8
+    (which this CPU cannot run natively)."""
     overrides = {"run.workdir": str(tmp_path_factory.mktemp("work")), "compress.prune": PRUNE,
-                 "compress.candidates": CANDIDATES, "compress.budget": {"max_size_bytes": 10**9}}
+                 "compress.candidates": [*CANDIDATES, {"quantize": {"scheme": "fp8"}}], "compress.budget": {"max_size_bytes": 10**9}}
     cfg = load_config(TINY_CONFIG, overrides)
     results = {}
     for name in ("prototype", "distill", "compress"):
@@ -173,6 +174,12 @@ def test_the_pareto_chart_and_the_pruning_scores_are_written(stage):
 def test_nf4_that_reloads_as_it_ran_in_memory_is_deployable(stage):
     nf4 = next(r for r in candidates(stage)["candidates"] if r["scheme"] == "nf4")
     assert nf4["deployable"] and nf4["note"] == ""
+
+
+def test_fp8_on_a_cpu_is_produced_and_says_it_was_evaluated_emulated(stage):
+    fp8 = next(r for r in candidates(stage)["candidates"] if r["scheme"] == "fp8")
+    assert fp8["deployable"] and fp8["note"].startswith("evaluated emulated: cpu has no FP8 kernels")
+    assert "| fp8 | – | fp8 |" in stage[1]["compress"].summary and "yes (evaluated emulated" in stage[1]["compress"].summary
 
 
 def test_a_checkpoint_that_reloads_differently_is_not_deployable():

@@ -77,6 +77,16 @@ def test_each_stage_is_a_finished_child_run(runs):
     assert all(run.data.tags["distilflow.cached"] == "false" for run in children.values())
 
 
+def test_what_the_loaded_models_may_run_is_recorded_in_mlflow(runs):
+    record = runs["first"]
+    params = MlflowClient(record["mlflow_tracking_uri"]).get_run(record["mlflow_run_id"]).data.params
+    assert {params[f"{model}.{choice}"] for model in ("prototype.teacher", "distill.student")
+            for choice in ("allow_pickle", "trust_remote_code")} == {"False"}
+    prototype = stage_runs(record)["prototype"]
+    assert (prototype.data.tags["distilflow.teacher.allow_pickle"],
+            prototype.data.tags["distilflow.teacher.trust_remote_code"]) == ("false", "false")
+
+
 def test_training_loss_is_logged_with_steps_in_the_phases_run(runs):
     client = MlflowClient(runs["first"]["mlflow_tracking_uri"])
     distill = stage_runs(runs["first"])["distill"]

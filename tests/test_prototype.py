@@ -1,8 +1,13 @@
 """The prototype stage: rejection sampling, the judge filter, the data card, and a black-box teacher
 served over HTTP, from one stage up to the whole pipeline."""
 
+import io
 import json
+import logging
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -136,9 +141,52 @@ def test_api_key_is_written_nowhere(black_box, openai_server):
             assert openai_server.api_key.encode() not in path.read_bytes(), path
 
 
+@dataclass
+class Traces:
+    """Everywhere a pipeline run leaves words: its logs, and what the Prefect server recorded of it."""
+
+    logs: list[str]
+    flow_run_parameters: list[dict]
+    prefect_logs: list[str]
+    prefect_artifacts: list[str]
+
+
+class Recorder(logging.Handler):
+    def __init__(self):
+        super().__init__(level=logging.DEBUG)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(self.format(record))
+
+
+@contextmanager
+def recorded_logs() -> Iterator[list[str]]:
+    """Every log record the run emits (distilflow's included), and everything it prints (progress bars)."""
+    recorder, printed = Recorder(), io.StringIO()
+    logging.getLogger().addHandler(recorder)
+    try:
+        with redirect_stdout(printed), redirect_stderr(printed):
+            yield recorder.lines
+    finally:
+        logging.getLogger().removeHandler(recorder)
+        recorder.lines.append(printed.getvalue())
+
+
+def prefect_traces() -> tuple[list[dict], list[str], list[str]]:
+    """Flow-run parameters, logs and artifacts the (test) Prefect server holds."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return ([run.parameters for run in client.read_flow_runs()],
+                [log.message for log in client.read_logs()],
+                [json.dumps(artifact.data, default=str) for artifact in client.read_artifacts()])
+
+
 @pytest.fixture(scope="module")
 def pipeline_runs(openai_server, tmp_path_factory):
-    """The whole pipeline with the HTTP teacher, then with an endpoint nobody serves."""
+    """The whole pipeline with the HTTP teacher (its API key in the environment), then with an endpoint
+    nobody serves; with every trace the runs left."""
     from prefect.testing.utilities import prefect_test_harness
 
     from distilflow.flows.pipeline import pipeline
@@ -149,16 +197,25 @@ def pipeline_runs(openai_server, tmp_path_factory):
     unreachable = {**overrides, "run.workdir": str(workdir / "unreachable"),
                    "prototype.teacher": {**http_teacher(openai_server), "max_retries": 0,
                                          "base_url": f"http://127.0.0.1:{free_port()}/v1"}}
-    with pytest.MonkeyPatch.context() as env, prefect_test_harness(server_startup_timeout=120):
-        env.setenv(KEY_ENV, openai_server.api_key)
-        record = pipeline(str(TINY_CONFIG), overrides)
-        with pytest.raises(DistilflowError) as failure:
-            pipeline(str(TINY_CONFIG), unreachable)
-    return record, failure.value, workdir
+    # distilflow's INFO records (on once any test ran the CLI's main()) all go to the harness's API, and after
+    # the failed run its shutdown drains them for minutes: keep the level a test session starts with.
+    distilflow_log, level = logging.getLogger("distilflow"), logging.getLogger("distilflow").level
+    distilflow_log.setLevel(logging.WARNING)
+    try:
+        with pytest.MonkeyPatch.context() as env, prefect_test_harness(server_startup_timeout=120):
+            env.setenv(KEY_ENV, openai_server.api_key)
+            with recorded_logs() as logs:
+                record = pipeline(str(TINY_CONFIG), overrides)
+                with pytest.raises(DistilflowError) as failure:
+                    pipeline(str(TINY_CONFIG), unreachable)
+            traces = Traces(logs, *prefect_traces())
+    finally:
+        distilflow_log.setLevel(level)
+    return record, failure.value, workdir, traces
 
 
 def test_pipeline_with_http_teacher_runs_to_the_bundle(pipeline_runs):
-    record, _, _ = pipeline_runs
+    record, *_ = pipeline_runs
     journey = {e["state"]: e for e in record["journey"]}
     assert list(journey) == ["teacher", "student", "quantized", "deployed"]
     assert journey["teacher"]["size_bytes"] is None and journey["teacher"]["task_score"] >= 0
@@ -166,7 +223,7 @@ def test_pipeline_with_http_teacher_runs_to_the_bundle(pipeline_runs):
 
 
 def test_pipeline_logs_the_black_box_teacher_to_mlflow_without_its_key(pipeline_runs, openai_server):
-    record, _, _ = pipeline_runs
+    record, *_ = pipeline_runs
     client = MlflowClient(record["mlflow_tracking_uri"])
     parent = client.get_run(record["mlflow_run_id"])
     assert parent.data.params["prototype.teacher.api_key_env"] == KEY_ENV
@@ -179,7 +236,54 @@ def test_pipeline_logs_the_black_box_teacher_to_mlflow_without_its_key(pipeline_
 
 
 def test_unreachable_endpoint_fails_the_run_and_publishes_nothing(pipeline_runs):
-    _, failure, workdir = pipeline_runs
+    _, failure, workdir, _ = pipeline_runs
     assert "cannot reach" in str(failure) and "is the server running" in str(failure)
     published = workdir / "unreachable" / "artifacts" / "prototype"
     assert not published.exists() or [p.name for p in published.iterdir() if not p.name.endswith(".lock")] == []
+
+
+# --- the API key is written nowhere -----------------------------------------------------------------------
+
+def mlflow_runs(record) -> list:
+    client = MlflowClient(record["mlflow_tracking_uri"])
+    parent = client.get_run(record["mlflow_run_id"])
+    return client.search_runs([parent.info.experiment_id])  # the parent, each stage's and each phase's
+
+
+def test_api_key_is_in_no_mlflow_param_tag_or_metric_name(pipeline_runs, openai_server):
+    record, *_ = pipeline_runs
+    runs = mlflow_runs(record)
+    assert len(runs) > 4
+    for run in runs:
+        words = [*run.data.params.items(), *run.data.tags.items(), *run.data.metrics]
+        assert openai_server.api_key not in json.dumps(words), run.info.run_name
+
+
+def test_api_key_is_in_no_mlflow_artifact(pipeline_runs, openai_server):
+    _, _, workdir, _ = pipeline_runs
+    artifacts = [path for path in (workdir / "mlartifacts").rglob("*") if path.is_file()]
+    assert any(path.name == "journey.json" for path in artifacts)
+    assert [path for path in artifacts if openai_server.api_key.encode() in path.read_bytes()] == []
+
+
+def test_api_key_is_in_no_prefect_flow_run_parameter_log_or_artifact(pipeline_runs, openai_server):
+    *_, traces = pipeline_runs
+    assert any("overrides" in parameters for parameters in traces.flow_run_parameters) and traces.prefect_logs
+    assert openai_server.api_key not in json.dumps(traces.flow_run_parameters, default=str)
+    assert not [line for line in traces.prefect_logs + traces.prefect_artifacts if openai_server.api_key in line]
+
+
+def test_api_key_is_in_no_log_line_or_printed_output(pipeline_runs, openai_server):
+    *_, traces = pipeline_runs
+    assert any("prototype" in line for line in traces.logs)
+    assert not [line for line in traces.logs if openai_server.api_key in line]
+
+
+def test_api_key_is_in_no_file_of_the_workdir_the_bundle_or_the_run_history(pipeline_runs, openai_server):
+    import os
+
+    record, _, workdir, _ = pipeline_runs
+    bundle = Path(record["bundle"])
+    assert bundle.is_relative_to(workdir) and (bundle / "README.md").is_file()  # the model card
+    written = [p for root in (workdir, Path(os.environ["DISTILFLOW_HOME"])) for p in root.rglob("*") if p.is_file()]
+    assert [path for path in written if openai_server.api_key.encode() in path.read_bytes()] == []
