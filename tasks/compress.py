@@ -79,12 +79,10 @@ def prune_student(cfg: PruneConfig, student_dir: Path, dataset: Dataset, out_dir
     student, tokenizer = load_model(student_dir, ctx.device)
     batches = calibration_batches(tokenizer, calibration_texts(tokenizer, dataset, cfg.calibration_samples),
                                   ctx.device)
-    pruned, scores = prune.prune(student, batches, cfg)
-    del student
+    pruned, scores = prune.prune(student, batches, cfg)  # a copy: the student stays, the heal's teacher
     if cfg.heal:
-        before_pruning, _ = load_model(student_dir, ctx.device)
-        pruned = heal(pruned, before_pruning, tokenizer, dataset, cfg.heal, ctx, name=out_dir.name)
-        del before_pruning
+        pruned = heal(pruned, student, tokenizer, dataset, cfg.heal, ctx, name=out_dir.name)
+    del student
     save_model(pruned, tokenizer, out_dir)
     seconds = time.perf_counter() - start
 
