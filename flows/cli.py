@@ -1,4 +1,4 @@
-"""`distilflow` command line: run, validate, serve and report on pipelines.
+"""`distilflow` command line: run, validate, serve, verify and report on pipelines.
 
 Exit codes: 0 done, 2 a problem with the input (config, data, model files) or a bundle that fails
 `verify`, 3 the new model failed the deploy gate (it is registered as `candidate`; `champion` did not
