@@ -52,15 +52,28 @@ class OfflineKD(Trainer):
         self.kd = kd
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        targets = inputs["completion_mask"][:, 1:]  # position j predicts answer token j + 1
-        logits = outputs.logits[:, :-1][targets]
+        logits, outputs = answer_logits(model, inputs)
         teacher = torch.cat([inputs["topk_logprobs"], inputs["tail_logprob"][:, None].clamp_min(TAIL_FLOOR)], -1)
         kd = divergence(top_k_buckets(logits, inputs["topk_ids"], self.kd.temperature), teacher,
                         trl_beta(self.kd)).mean()
-        ce = F.cross_entropy(logits.float(), inputs["input_ids"][:, 1:][targets]) if self.kd.ce_weight else None
+        answers = inputs["input_ids"][:, 1:][inputs["completion_mask"][:, 1:]]
+        ce = F.cross_entropy(logits.float(), answers) if self.kd.ce_weight else None
         loss = mixed(kd, ce, self.kd.ce_weight)
         return (loss, outputs) if return_outputs else loss
+
+
+def answer_logits(model, inputs: dict[str, torch.Tensor]):
+    """The model's logits at the positions that predict answer tokens, row by row (the order of the cached
+    teacher log-probs), and the model's outputs.
+
+    Only those positions go through the LM head (``logits_to_keep``): with long prompts the full
+    [batch, length, vocabulary] logits would be most of the step's memory and much of its compute.
+    """
+    answers = inputs["completion_mask"][:, 1:]  # position j predicts answer token j + 1
+    predicting = answers.any(0).nonzero().squeeze(-1)
+    outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                    logits_to_keep=predicting)
+    return outputs.logits[answers[:, predicting]], outputs
 
 
 def collate_cached(pad_token_id: int):

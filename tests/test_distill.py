@@ -113,6 +113,20 @@ def test_cached_top_k_log_probs_are_the_teachers_at_each_answer_position(tiny, t
     torch.testing.assert_close(kept, torch.ones_like(kept), atol=2e-3, rtol=0)
 
 
+def test_the_students_answer_logits_are_the_full_logits_at_the_cached_positions(tiny, tiny_teacher):
+    _, dataset, tokenizer = tiny
+    model, _ = tiny_teacher
+    examples = teacher_logits.tokenize(tokenizer, dataset, 256)[:4]  # rows of different lengths
+    cached = teacher_logits.CachedLogits(teacher_logits.compute(model, examples, 4, 1.0))
+    batch = kd.collate_cached(tokenizer.pad_token_id)([cached[i] for i in range(len(cached))])
+    with torch.no_grad():
+        logits, _ = kd.answer_logits(model, batch)
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = full[:, :-1][batch["completion_mask"][:, 1:]]
+    assert logits.shape == expected.shape == (len(batch["topk_ids"]), full.shape[-1])
+    torch.testing.assert_close(logits, expected)
+
+
 def test_teacher_logits_are_computed_once_then_reused_without_the_teacher(tiny, tiny_teacher, tmp_path):
     _, dataset, tokenizer = tiny
     examples = teacher_logits.tokenize(tokenizer, dataset, 256)
