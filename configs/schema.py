@@ -384,7 +384,7 @@ class QuantizeConfig(Section):
         False, description="fp8: per-tensor activation scales fixed from calibration data, instead of computed "
                            "per token at run time.")
     rank: int = Field(16, ge=1, description="qlr: rank of the L·R factors (the top singular components of each "
-                                            "weight; the 4-bit backbone quantizes the rest).")
+                                            "layer's rounding error W − Q, fitted after the 4-bit backbone).")
     awq_grid: int = Field(20, ge=3, description="awq: grid points searched per layer for the scaling ratio.")
     calibration_samples: int = Field(64, ge=1, description="Task prompts (with answers, in the chat format) "
                                                            "that calibrate gptq, awq and static fp8.")

@@ -5,6 +5,7 @@ A scheme is a recipe, a list of llm-compressor modifiers built from the config (
 runs it is the same for all of them.
 """
 
+import copy
 import json
 import logging
 from contextlib import contextmanager
@@ -83,13 +84,12 @@ def needs_calibration(cfg: QuantizeConfig) -> bool:
 def quantize(model, tokenizer, cfg: QuantizeConfig, calibration_texts: list[str], out_dir: Path) -> dict:
     """Quantize ``model`` in place with llm-compressor and save it compressed (bf16 for the rest) to ``out_dir``.
 
-    qlr first moves each weight's top ``cfg.rank`` singular components into a LoRA adapter (PEFT's PiSSA
-    initialisation) and quantizes the residual, so W = Q + L·R. Returns what was done.
+    qlr quantizes like w4a16, then fits rank ``cfg.rank`` factors to what the rounding lost, W − Q, and saves
+    them as a LoRA adapter beside the backbone, so W ≈ Q + L·R (``save_error_factors``). Returns what was done.
     """
     from llmcompressor import oneshot
 
-    if cfg.scheme == "qlr":
-        model = split_low_rank(model, cfg, out_dir)
+    unquantized = copy.deepcopy(model) if cfg.scheme == "qlr" else None
     group_size = group_size_for(model, cfg)
     calibration = None
     if needs_calibration(cfg):
@@ -102,6 +102,8 @@ def quantize(model, tokenizer, cfg: QuantizeConfig, calibration_texts: list[str]
         oneshot(model=model, recipe=recipe(cfg, group_size), dataset=calibration,
                 num_calibration_samples=len(calibration) if calibration else 0,
                 max_seq_length=cfg.calibration_max_length)
+    if cfg.scheme == "qlr":
+        save_error_factors(unquantized, model, cfg, out_dir)
     # Calibrate in the compute dtype (fp32 is 3x faster than bf16 on CPU); ship bf16 like any checkpoint.
     model.to(torch.bfloat16).save_pretrained(out_dir, save_compressed=True)
     tokenizer.save_pretrained(out_dir)
@@ -125,25 +127,38 @@ def _no_pinned_memory_without_accelerator():
         yield
 
 
-def split_low_rank(model, cfg: QuantizeConfig, adapter_dir: Path):
-    """W = residual + L·R: the top ``cfg.rank`` singular components of every quantized linear layer go into a
-    LoRA adapter saved to ``adapter_dir``; returns the model holding the residuals, to be quantized (QPiSSA).
+def save_error_factors(unquantized, quantized, cfg: QuantizeConfig, adapter_dir: Path) -> None:
+    """Save to ``adapter_dir`` a LoRA adapter whose factors L·R are the top ``cfg.rank`` singular components of
+    each quantized layer's rounding error W − Q (CALDERA's residual fit: the backbone is calibrated on the
+    real model, the factors take back what it rounds worst).
 
-    The factors hold what the 4-bit backbone would round worst, so keeping them in 16 bits lowers its error.
+    ``unquantized`` (a copy of the model before quantization) is overwritten with the errors; PEFT's PiSSA
+    initialisation on it does the decomposition. Q is llm-compressor's fake quantization with the scales the
+    checkpoint stores.
     """
     import peft
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
 
-    config = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, target_modules="all-linear",
-                             exclude_modules=list(cfg.ignore), init_lora_weights="pissa", task_type="CAUSAL_LM")
-    with_adapter = peft.get_peft_model(model, config)
-    for name, param in with_adapter.named_parameters():
+    rounded = {name: layer for name, layer in quantized.named_modules()
+               if getattr(getattr(layer, "quantization_scheme", None), "weights", None) is not None}
+    with torch.no_grad():
+        for name, layer in unquantized.named_modules():
+            if name in rounded:
+                q = rounded[name]
+                # GPTQ writes its rounded weights back into the model, so W is the copy's; the other methods
+                # round only when saving, and their in-memory weight (AWQ's rescaled one) is the W they round.
+                weight = layer.weight if cfg.method == "gptq" else q.weight
+                layer.weight.copy_(weight - forward_quantize(q, q.weight, "weight", q.quantization_scheme.weights))
+    config = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, target_modules=sorted(rounded),
+                             init_lora_weights="pissa", task_type="CAUSAL_LM")
+    factors = peft.get_peft_model(unquantized, config)
+    for name, param in factors.named_parameters():
         if "lora_" in name:
             param.data = param.data.to(torch.bfloat16)
-    # Saved as a plain LoRA adapter: loading it must not decompose the (residual) weights again.
-    with_adapter.peft_config["default"].init_lora_weights = True
-    with_adapter.peft_config["default"].base_model_name_or_path = None
-    with_adapter.save_pretrained(adapter_dir)
-    return with_adapter.unload()
+    # Saved as a plain LoRA adapter: loading it must not decompose the backbone's weights again.
+    factors.peft_config["default"].init_lora_weights = True
+    factors.peft_config["default"].base_model_name_or_path = None
+    factors.save_pretrained(adapter_dir)
 
 
 def _load_adapter_with_checkpoint(model_dir: Path) -> None:

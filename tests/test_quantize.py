@@ -138,11 +138,12 @@ def test_qlr_saves_the_low_rank_factors_as_an_adapter_beside_the_w4a16_backbone(
     assert model.active_adapters() == ["default"]
 
 
-def test_qlr_is_closer_to_the_original_than_w4a16_alone(quantized):
-    _, qlr_dir = quantized(scheme="qlr", method="rtn", rank=8)
-    _, rtn_dir = quantized(method="rtn")
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_qlr_is_closer_to_the_original_than_its_w4a16_backbone_alone(quantized, method):
+    _, qlr_dir = quantized(scheme="qlr", method=method, rank=8)
+    _, w4a16_dir = quantized(method=method)
     reference = original_logits()
-    assert relative_error(reloaded_logits(qlr_dir), reference) < relative_error(reloaded_logits(rtn_dir), reference)
+    assert relative_error(reloaded_logits(qlr_dir), reference) < relative_error(reloaded_logits(w4a16_dir), reference)
 
 
 def test_quantized_checkpoints_count_the_parameters_of_the_original(quantized):
