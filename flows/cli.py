@@ -76,12 +76,15 @@ def serve(args) -> int:
     return 0
 
 
+REPORT_FIELDS = ("run_id", "mlflow_run_id", "mlflow_tracking_uri", "bundle", "journey")
+
+
 def report(args) -> int:
     from distilflow.tasks.history import distilflow_home, latest_run
 
     record = latest_run(distilflow_home())
     if args.json:
-        print(json.dumps({k: record[k] for k in ("run_id", "mlflow_run_id", "bundle", "journey")}))
+        print(json.dumps({k: record[k] for k in REPORT_FIELDS}))
     else:
         _print_report(record)
     return 0
@@ -153,7 +156,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sub = commands.add_parser("report", help="print the journey of a finished run")
     sub.add_argument("--latest", action="store_true", required=True, help="the most recently finished run")
-    sub.add_argument("--json", action="store_true", help="one JSON object: run_id, mlflow_run_id, bundle, journey")
+    sub.add_argument("--json", action="store_true", help=f"one JSON object: {', '.join(REPORT_FIELDS)}")
     sub.set_defaults(command=report)
     return parser
 
