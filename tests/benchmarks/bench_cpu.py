@@ -32,6 +32,17 @@ def timed(command: list[str], env: dict) -> tuple[float, str]:
     return elapsed, done.stdout
 
 
+def stage_seconds(report: dict) -> dict[str, float]:
+    """Each stage's wall time in the orchestrated run: its MLflow child run's start to end."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(report["mlflow_tracking_uri"])
+    parent = client.get_run(report["mlflow_run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    return {run.info.run_name: (run.info.end_time - run.info.start_time) / 1000 for run in children}
+
+
 def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="distilflow-bench-"))
     env = {**os.environ, "DISTILFLOW_HOME": str(scratch / "home"), "PREFECT_HOME": str(scratch / "prefect")}
@@ -44,7 +55,7 @@ def main() -> None:
         [str(Path(sys.executable).with_name("distilflow")), "report", "--latest", "--json"],
         capture_output=True, text=True, env=env, check=True).stdout)
     direct_s, _ = timed([sys.executable, "-m", "tests.benchmarks.stages_direct", str(CONFIG),
-                         "--set", f"run.workdir={direct_dir}"], env)
+                         "--set", f"run.workdir={direct_dir}", "--out", str(scratch / "direct.json")], env)
     cached_s, _ = timed(cli + ["--set", f"run.workdir={orchestrated_dir}"], env)
 
     journey = report["journey"]
@@ -57,6 +68,8 @@ def main() -> None:
         "retention": deployed["task_score"] / teacher["task_score"],
         "size_reduction_vs_teacher_bf16": teacher["size_bytes"] / deployed["size_bytes"],
         "orchestrated_s": orchestrated_s, "direct_s": direct_s, "cached_rerun_s": cached_s,
+        "stage_seconds": {"orchestrated": stage_seconds(report),
+                          "direct": json.loads((scratch / "direct.json").read_text())["stage_seconds"]},
         "orchestration_overhead_s": orchestrated_s - direct_s,
         "orchestration_overhead_fraction": (orchestrated_s - direct_s) / direct_s,
         "cached_fraction_of_first": cached_s / orchestrated_s,

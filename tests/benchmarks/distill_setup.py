@@ -50,9 +50,15 @@ def benchmark_config(overrides: dict):
     return load_config(CONFIG, {"task.max_train": None, **overrides})
 
 
-def task_dataset(cfg, directory: Path):
-    """The demo task's training pool in the prototype stage's format, the reference labels as answers."""
+def task_dataset(cfg, directory: Path, context_tickets: int = 1):
+    """The demo task's training pool in the prototype stage's format, the reference labels as answers.
+
+    With ``context_tickets`` > 1 each prompt carries that many consecutive tickets and the answer is the
+    last one's queue: a long prompt with a short answer, the shape of retrieval-style KD workloads.
+    """
     rows = load_task_data(cfg.task, cfg.run.seed).train
+    rows = [{**row, "text": "\n".join(r["text"] for r in rows[max(0, i - context_tickets + 1):i + 1])}
+            for i, row in enumerate(rows)]
     kept = [{"row": r, "answer": r["label"], "score": 1.0, "input_index": i, "sample": 0} for i, r in enumerate(rows)]
     write_dataset(kept, cfg.task, "reference labels", cfg.prototype, directory, directory / "dataset.jsonl")
     return load_from_disk(directory, keep_in_memory=True)
