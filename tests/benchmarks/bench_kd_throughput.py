@@ -24,6 +24,7 @@ from distilflow.tasks import distill, teacher_logits
 from distilflow.tasks.models import load_model, resolve_device
 from distilflow.tasks.tracking import FileTracker
 from tests.benchmarks.distill_setup import benchmark_config, context, logged, random_model, task_dataset
+from tests.benchmarks.figures import draw_if_possible, pyplot, save_beside
 
 
 def run_mode(mode: str, cfg, dataset, teacher_dir: Path, student_dir: Path, work: Path, device) -> dict:
@@ -56,11 +57,7 @@ def run_mode(mode: str, cfg, dataset, teacher_dir: Path, student_dir: Path, work
 
 
 def plot(result_file: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     result = json.loads(result_file.read_text())
     figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for axis, mode in zip(axes, ("offline", "online")):
@@ -70,10 +67,7 @@ def plot(result_file: Path) -> Path:
         axis.set_xlabel("step")
     axes[0].set_ylabel(f"logit KD loss ({result['settings']['divergence']})")
     figure.suptitle(f"{result['teacher']} -> {result['student']} on {result['device']}")
-    figure.tight_layout()
-    png = result_file.with_suffix(".png")
-    figure.savefig(png, dpi=120)
-    return png
+    return save_beside(figure, result_file)
 
 
 def main() -> None:
@@ -115,10 +109,7 @@ def main() -> None:
     print(json.dumps({k: v for k, v in result.items() if k not in ("offline", "online")} | {
         mode: {k: v for k, v in result[mode].items() if k != "loss_curve"} for mode in ("offline", "online")},
         indent=1))
-    try:
-        print(plot(out))
-    except ImportError:
-        print(f"matplotlib is not installed here: python -m tests.benchmarks.bench_kd_throughput --plot {out}")
+    draw_if_possible(plot, out, __spec__.name)
 
 
 if __name__ == "__main__":

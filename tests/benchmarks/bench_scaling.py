@@ -23,15 +23,11 @@ from distilflow.configs.schema import QuantizeConfig
 from distilflow.tasks import distill, quantize
 from distilflow.tasks.models import load_model, parameter_count, resolve_device, size_on_disk
 from distilflow.tasks.tracking import FileTracker
-from tests.benchmarks.bench_quantization import CONFIG_FILE, calibration_texts, text
+from tests.benchmarks.bench_quantization import CONFIG_FILE, calibration_texts, synchronize, text
 from tests.benchmarks.distill_setup import benchmark_config, context, logged, random_model, task_dataset
+from tests.benchmarks.figures import draw_if_possible, pyplot, save_beside
 
 SCHEMES = {"w4a16-gptq": QuantizeConfig(scheme="w4a16", method="gptq"), "fp8": QuantizeConfig(scheme="fp8")}
-
-
-def synchronize(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def distill_run(student_dir: Path, dataset, examples: int, device, work: Path, max_steps: int = -1) -> dict:
@@ -65,11 +61,7 @@ def quantize_run(student_dir: Path, scheme: str, calibration: list[dict], device
 
 
 def plot(result_file: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     result = json.loads(result_file.read_text())
     figure, (by_size, by_data) = plt.subplots(1, 2, figsize=(11, 4))
     sizes = result["by_size"]
@@ -87,10 +79,7 @@ def plot(result_file: Path) -> Path:
     by_data.set(xlabel="examples / samples", ylabel="wall time (s)", title=f"by data ({result['data_model']})")
     by_data.legend()
     figure.suptitle(f"distilflow scaling on {result['device']}")
-    figure.tight_layout()
-    png = result_file.with_suffix(".png")
-    figure.savefig(png, dpi=120)
-    return png
+    return save_beside(figure, result_file)
 
 
 def main() -> None:
@@ -131,10 +120,7 @@ def main() -> None:
     out = work / "scaling.json"
     out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
-    try:
-        print(plot(out))
-    except ImportError:
-        print(f"matplotlib is not installed here: python -m tests.benchmarks.bench_scaling --plot {out}")
+    draw_if_possible(plot, out, __spec__.name)
 
 
 if __name__ == "__main__":
