@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from distilflow.flows import cli
 from distilflow.flows.cli import main
 from tests.conftest import TINY_CONFIG
 
@@ -128,3 +129,12 @@ def test_report_latest_prints_the_journey_table(runs, capsys):
     assert main(["report", "--latest"]) == 0
     out = capsys.readouterr().out
     assert "| teacher |" in out and "MLflow run id" in out
+
+
+def test_the_cli_lets_torchs_cpu_threads_sleep_unless_the_user_chose_otherwise(monkeypatch):
+    monkeypatch.setattr(cli.os, "environ", {})
+    cli._set_env_defaults()
+    assert cli.os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setattr(cli.os, "environ", {"OMP_WAIT_POLICY": "ACTIVE"})
+    cli._set_env_defaults()
+    assert cli.os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
