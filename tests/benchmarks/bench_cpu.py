@@ -18,6 +18,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+from distilflow.flows.cli import ENV_DEFAULTS
+
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "demo.yaml"
 RESULT = Path(__file__).with_name("cpu-results.json")
@@ -45,7 +47,9 @@ def stage_seconds(report: dict) -> dict[str, float]:
 
 def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="distilflow-bench-"))
-    env = {**os.environ, "DISTILFLOW_HOME": str(scratch / "home"), "PREFECT_HOME": str(scratch / "prefect")}
+    # Both arms with the OpenMP wait policy `distilflow run` sets, so that only orchestration differs.
+    env = {**os.environ, "DISTILFLOW_HOME": str(scratch / "home"), "PREFECT_HOME": str(scratch / "prefect"),
+           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", ENV_DEFAULTS["OMP_WAIT_POLICY"])}
     env.pop("MLFLOW_TRACKING_URI", None)
     cli = [str(Path(sys.executable).with_name("distilflow")), "run", str(CONFIG)]
     orchestrated_dir, direct_dir = scratch / "orchestrated", scratch / "direct"
