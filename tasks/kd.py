@@ -56,8 +56,8 @@ class OfflineKD(Trainer):
         teacher = torch.cat([inputs["topk_logprobs"], inputs["tail_logprob"][:, None].clamp_min(TAIL_FLOOR)], -1)
         kd = divergence(top_k_buckets(logits, inputs["topk_ids"], self.kd.temperature), teacher,
                         trl_beta(self.kd)).mean()
-        answers = inputs["input_ids"][:, 1:][inputs["completion_mask"][:, 1:]]
-        ce = F.cross_entropy(logits.float(), answers) if self.kd.ce_weight else None
+        answer_tokens = inputs["input_ids"][:, 1:][inputs["completion_mask"][:, 1:]]
+        ce = F.cross_entropy(logits.float(), answer_tokens) if self.kd.ce_weight else None
         loss = mixed(kd, ce, self.kd.ce_weight)
         return (loss, outputs) if return_outputs else loss
 
