@@ -18,7 +18,8 @@ import torch
 
 from distilflow.tasks import distill
 from distilflow.tasks.tracking import FileTracker
-from tests.benchmarks.distill_setup import benchmark_config, context, logged, random_model, task_dataset
+from tests.benchmarks.distill_setup import (benchmark_config, context, logged, random_model, task_dataset,
+                                             training_summary)
 
 
 def run_layout(name: str, processes: int, fsdp: bool, args, student_dir: Path, dataset_dir: Path, dataset,
@@ -34,8 +35,7 @@ def run_layout(name: str, processes: int, fsdp: bool, args, student_dir: Path, d
     start = time.perf_counter()
     distill.launch("sft", student_dir, work / name / "model", dataset_dir, {}, cfg.distill, ctx)
     wall = time.perf_counter() - start
-    # The last step's log: tokens seen (summed over GPUs) per second of the training loop so far.
-    final = next(r["metrics"] for r in reversed(logged(records)) if "sft.train_tokens_per_second" in r["metrics"])
+    final = training_summary(logged(records), "sft")
     return {"processes": processes, "fsdp": fsdp, "tokens_per_s": final["sft.train_tokens_per_second"],
             "train_s": final["sft.train_runtime"], "wall_s_with_launch_and_merge": wall}
 

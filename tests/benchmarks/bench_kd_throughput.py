@@ -23,7 +23,8 @@ import torch
 from distilflow.tasks import distill, teacher_logits
 from distilflow.tasks.models import load_model, resolve_device
 from distilflow.tasks.tracking import FileTracker
-from tests.benchmarks.distill_setup import benchmark_config, context, logged, random_model, task_dataset
+from tests.benchmarks.distill_setup import (benchmark_config, context, logged, random_model, task_dataset,
+                                             training_summary)
 from tests.benchmarks.figures import draw_if_possible, pyplot, save_beside
 
 
@@ -47,8 +48,7 @@ def run_mode(mode: str, cfg, dataset, teacher_dir: Path, student_dir: Path, work
         torch.cuda.reset_peak_memory_stats()
     distill.logit_kd(student, tokenizer, dataset, cfg.distill, ctx, **sources)
     entries = logged(records)
-    # The last step's log: tokens seen (summed over GPUs) per second of the training loop so far.
-    final = next(r["metrics"] for r in reversed(entries) if "logit_kd.train_tokens_per_second" in r["metrics"])
+    final = training_summary(entries, "logit_kd")
     curve = [(r["step"], r["metrics"]["logit_kd.loss"]) for r in entries if "logit_kd.loss" in r["metrics"]]
     return {"tokens_per_s": final["logit_kd.train_tokens_per_second"], "train_s": final["logit_kd.train_runtime"],
             "steps": curve[-1][0], "teacher_cache_s": cache_seconds,

@@ -24,7 +24,8 @@ from distilflow.tasks import distill, quantize
 from distilflow.tasks.models import load_model, parameter_count, resolve_device, size_on_disk
 from distilflow.tasks.tracking import FileTracker
 from tests.benchmarks.bench_quantization import CONFIG_FILE, calibration_texts, synchronize, text
-from tests.benchmarks.distill_setup import benchmark_config, context, logged, random_model, task_dataset
+from tests.benchmarks.distill_setup import (benchmark_config, context, logged, random_model, task_dataset,
+                                             training_summary)
 from tests.benchmarks.figures import draw_if_possible, pyplot, save_beside
 
 SCHEMES = {"w4a16-gptq": QuantizeConfig(scheme="w4a16", method="gptq"), "fp8": QuantizeConfig(scheme="fp8")}
@@ -43,7 +44,7 @@ def distill_run(student_dir: Path, dataset, examples: int, device, work: Path, m
     distill.sft(student, tokenizer, dataset.select(range(examples)), cfg.distill, ctx)
     synchronize(device)
     wall = time.perf_counter() - start
-    final = next(r["metrics"] for r in reversed(logged(records)) if "sft.train_tokens_per_second" in r["metrics"])
+    final = training_summary(logged(records), "sft")
     return {"examples": examples, "wall_s": wall, "tokens_per_s": final["sft.train_tokens_per_second"],
             "params": parameter_count(student)}
 

@@ -75,3 +75,9 @@ def logged(records_file: Path) -> list[dict]:
     import json
 
     return [r for r in map(json.loads, records_file.read_text().splitlines()) if "metrics" in r]
+
+
+def training_summary(records: list[dict], phase: str) -> dict:
+    """The trainer's last log of ``phase``: tokens seen per second of the training loop (summed over GPUs),
+    its runtime."""
+    return next(r["metrics"] for r in reversed(records) if f"{phase}.train_tokens_per_second" in r["metrics"])
