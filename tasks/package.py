@@ -19,8 +19,7 @@ from distilflow.tasks import data
 from distilflow.tasks.evaluate import journey_table
 
 LLAMA_CPP_PORT = 8080  # llama-server's default
-HOST_COMMENT = ("# 127.0.0.1: clients on this machine only; inside a container use 0.0.0.0 (the Dockerfile "
-                "passes --host 0.0.0.0) so the published port reaches it")
+HOST_COMMENT = "# this machine's clients only; 0.0.0.0 inside a container (the Dockerfile passes --host 0.0.0.0)"
 
 
 # --- serving ------------------------------------------------------------------------------------

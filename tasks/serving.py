@@ -139,30 +139,34 @@ def measure(artifact: Path, engine: Engine, workload: Workload, cfg: ServingConf
     ``answers`` to the held-out requests."""
     start = time.perf_counter()
     with serve(artifact, engine, cfg) as server:
-        client = Client(server.base_url, server.model)
-        chats = workload.chats(workload.rows)
-        client.chat(speed_request(chats[0], 2))  # warm-up: first request pays one-off costs
-        speeds = [client.stream(speed_request(chats[0], cfg.decode_tokens)) for _ in range(cfg.speed_repeats)]
-        latencies = [client.timed(workload.task_request(chat, engine.name))[1]
-                     for chat in chats[:cfg.latency_requests]]
-        throughput = client.throughput([speed_request(chats[i % len(chats)], cfg.decode_tokens)
-                                        for i in range(cfg.concurrency)], cfg.concurrency)
-        answers = client.answers([workload.task_request(chat, engine.name) for chat in chats], cfg.concurrency)
-    measured = {
-        "engine": engine.name, "device": engine.device, "artifact": artifact.name,
-        "artifact_bytes": artifact_bytes(artifact),
-        "batch1_tokens_per_s": statistics.median(s["decode_tokens_per_s"] for s in speeds),
-        "ttft_s": statistics.median(s["ttft_s"] for s in speeds),
-        "latency_p50_s": percentile(latencies, 50), "latency_p95_s": percentile(latencies, 95),
-        "concurrency": cfg.concurrency, "throughput_tokens_per_s": throughput,
-        "peak_memory_mb": server.peak_memory_mb, "task_score": task_score(answers, workload.rows, workload.task),
-        "task_requests": len(answers), "latency_requests": len(latencies), "decode_tokens": cfg.decode_tokens,
-        "device_kind": engine.device_kind, "usd_per_hour": engine.usd_per_hour, "threads": engine.threads,
-        "answers": answers, "seconds": time.perf_counter() - start}
+        measured = measure_served(Client(server.base_url, server.model), engine, workload, cfg)
+    measured.update({"artifact": artifact.name, "artifact_bytes": artifact_bytes(artifact),
+                     "peak_memory_mb": server.peak_memory_mb, "seconds": time.perf_counter() - start})
+    measured = {**{key: measured[key] for key in SERVING_FIELDS}, **measured}  # the contract's order first
     log.info("serving %s with %s: %.1f tokens/s at batch 1, %.1f at %d in flight, task score %.3f (%.0f s)",
-             artifact.name, engine.name, measured["batch1_tokens_per_s"], throughput, cfg.concurrency,
-             measured["task_score"], measured["seconds"])
+             artifact.name, engine.name, measured["batch1_tokens_per_s"], measured["throughput_tokens_per_s"],
+             cfg.concurrency, measured["task_score"], measured["seconds"])
     return measured
+
+
+def measure_served(client: "Client", engine: Engine, workload: Workload, cfg: ServingConfig) -> dict:
+    """The measurements a running server answers: speed, latency, throughput, the task score."""
+    chats = workload.chats(workload.rows)
+    client.chat(speed_request(chats[0], 2))  # warm-up: the first request pays one-off costs
+    speeds = [client.stream(speed_request(chats[0], cfg.decode_tokens)) for _ in range(cfg.speed_repeats)]
+    latencies = [client.timed(workload.task_request(chat, engine.name))[1] for chat in chats[:cfg.latency_requests]]
+    throughput = client.throughput([speed_request(chats[i % len(chats)], cfg.decode_tokens)
+                                    for i in range(cfg.concurrency)], cfg.concurrency)
+    answers = client.answers([workload.task_request(chat, engine.name) for chat in chats], cfg.concurrency)
+    return {"engine": engine.name, "device": engine.device,
+            "batch1_tokens_per_s": statistics.median(s["decode_tokens_per_s"] for s in speeds),
+            "ttft_s": statistics.median(s["ttft_s"] for s in speeds),
+            "latency_p50_s": percentile(latencies, 50), "latency_p95_s": percentile(latencies, 95),
+            "concurrency": cfg.concurrency, "throughput_tokens_per_s": throughput,
+            "task_score": task_score(answers, workload.rows, workload.task), "task_requests": len(answers),
+            "latency_requests": len(latencies), "decode_tokens": cfg.decode_tokens,
+            "device_kind": engine.device_kind, "usd_per_hour": engine.usd_per_hour, "threads": engine.threads,
+            "answers": answers}
 
 
 def smoke(gguf_file: Path, rows: list[dict], task: TaskConfig, max_tokens: int, cfg: ServingConfig) -> list[str]:
@@ -224,7 +228,7 @@ class Client:
             if chunk.usage:
                 tokens = chunk.usage.completion_tokens
         end = time.perf_counter()
-        return {"ttft_s": first - start, "decode_tokens_per_s": (tokens - 1) / (end - first)}
+        return {"ttft_s": first - start, "decode_tokens_per_s": (tokens - 1) / (end - first), "tokens": tokens}
 
     def throughput(self, requests: list[dict], in_flight: int) -> float:
         """Output tokens per second over ``requests`` sent ``in_flight`` at a time."""
