@@ -110,7 +110,7 @@ def test_serve_yaml_holds_vllm_arguments_read_from_the_checkpoint(bundle):
     config = json.loads((bundle / "config.json").read_text())
     assert args == {"served-model-name": "tiny", "dtype": config["dtype"],
                     "max-model-len": config["max_position_embeddings"], "quantization": "compressed-tensors",
-                    "generation-config": "auto", "port": 8000}
+                    "generation-config": "auto", "host": "127.0.0.1", "port": 8000}
 
 
 def test_serve_sh_runs_vllm_with_serve_yaml(bundle):
