@@ -9,6 +9,7 @@ and the task score on the whole held-out split with the constraint a client's re
 prices in `deploy.cost` turn the speeds into dollars per million output tokens.
 """
 
+import importlib.util
 import json
 import logging
 import os
@@ -50,8 +51,6 @@ class Engine:
 def choose_engine(cfg: ServingConfig, device_type: str) -> Engine | None:
     """The engine the bundle targets on this run's device: vLLM on a GPU where vllm is importable, else
     llama.cpp on the CPU; None when eval.serving.engine is none."""
-    import importlib.util
-
     name = cfg.engine if cfg.engine != "auto" else \
         VLLM if device_type == "cuda" and importlib.util.find_spec("vllm") is not None else LLAMA_CPP
     if name == "none":
@@ -61,11 +60,11 @@ def choose_engine(cfg: ServingConfig, device_type: str) -> Engine | None:
     if name == VLLM:
         import torch
 
-        return Engine(VLLM, "cuda", device_kind=_kind(torch.cuda.get_device_name()))
+        return Engine(VLLM, "cuda", device_kind=device_kind(torch.cuda.get_device_name()))
     return Engine(LLAMA_CPP, "cpu", device_kind="cpu", threads=cfg.threads or len(os.sched_getaffinity(0)))
 
 
-def _kind(device_name: str) -> str:
+def device_kind(device_name: str) -> str:
     """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
     return "-".join("".join(c if c.isalnum() else " " for c in device_name.lower()).split())
 
@@ -101,10 +100,10 @@ def cost_entry(serving: dict) -> dict:
             "throughput": usd_per_mtok(price, serving.get("throughput_tokens_per_s"))}
 
 
-def not_measured(engine: Engine | None, why: str, artifact: str | None = None) -> dict:
+def not_measured(engine: Engine | None, why: str) -> dict:
     """The serving fields of a state that was not served, with the reason (never a made-up number)."""
     return {**dict.fromkeys(SERVING_FIELDS), "engine": engine and engine.name, "device": engine and engine.device,
-            "artifact": artifact, "not_measured": why}
+            "not_measured": why}
 
 
 # --- the requests ------------------------------------------------------------------------------------

@@ -101,7 +101,7 @@ def test_cpu_price_is_per_vcpu_times_the_engines_threads():
 
 
 def test_gpu_price_is_found_by_the_devices_name_prefix_at_a_dash():
-    h100 = serving.Engine(serving.VLLM, "cuda", serving._kind("NVIDIA H100 80GB HBM3"))
+    h100 = serving.Engine(serving.VLLM, "cuda", serving.device_kind("NVIDIA H100 80GB HBM3"))
     assert h100.device_kind == "nvidia-h100-80gb-hbm3"
     assert serving.priced(h100, CostConfig()).usd_per_hour == CostConfig().usd_per_hour["nvidia-h100"]
     with pytest.raises(DistilflowError, match="deploy.cost: no price for this run's device kind 'nvidia-h1000'"):

@@ -71,7 +71,7 @@ def batch_of_streams(client: serving.Client, chats: list[list[dict]], tokens: in
 
 
 def measure(name: str, model_dir: Path, workload: serving.Workload, cfg: ServingConfig) -> dict:
-    engine = serving.Engine(serving.VLLM, "cuda", serving._kind(torch.cuda.get_device_name()))
+    engine = serving.Engine(serving.VLLM, "cuda", serving.device_kind(torch.cuda.get_device_name()))
     start = time.perf_counter()
     with serving.serve(model_dir, engine, cfg) as server:
         started = time.perf_counter() - start
