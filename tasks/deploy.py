@@ -74,8 +74,8 @@ def run(cfg: DeployConfig, upstream: dict[str, StageResult], ctx: StageContext) 
     write_manifest(bundle)
 
     metrics = {f"deployed.{k}": v for k, v in flatten(deployed).items() if k != "state"}
-    metrics.update({f"serving.{label(e)}.{k}": v for e in journey for k, v in
-                    flatten({"serving": e.get("serving") or {}, "cost_usd_per_mtok": e.get("cost_usd_per_mtok") or {}}).items()})
+    metrics.update({f"{label(e)}.{k}": v for e in journey if e is not deployed for k, v in flatten(
+        {"serving": e.get("serving") or {}, "cost_usd_per_mtok": e.get("cost_usd_per_mtok") or {}}).items()})
     ctx.tracker.log_metrics(metrics)
     for name in ("manifest.json", "journey.json", "journey.png", "README.md", "eval_report.json", "serve.yaml",
                  "request.json", "Dockerfile", *(["cost.png"] if cost_chart else [])):
