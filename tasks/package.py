@@ -248,7 +248,8 @@ def cost_chart(journey: list[dict], path: Path) -> Path | None:
             continue
         axis.scatter(cost, score, marker="o" if kind == "batch1" else "s",
                      facecolors="none" if kind == "batch1" else "#4c72b0", edgecolors="#4c72b0", s=50)
-        axis.annotate(state_label(entry), (cost, score), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        axis.annotate(state_label(entry), (cost, score), fontsize=8, textcoords="offset points",
+                      xytext=(4, 4) if kind == "batch1" else (4, -11))  # the two points of a state stay apart
     axis.scatter([], [], marker="o", facecolors="none", edgecolors="#4c72b0", label="batch 1")
     axis.scatter([], [], marker="s", color="#4c72b0", label=f"{concurrency} requests in flight")
     axis.set(xscale="log", xlabel="US dollars per million output tokens (log scale)", ylabel="task score",
