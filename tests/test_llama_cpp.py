@@ -38,7 +38,7 @@ def greedy(server: serving.Server, ids: list[int], new_tokens: int) -> list[int]
     """llama.cpp's greedy tokens up to (not including) end of sequence."""
     answer = post(server, "/completion", {"prompt": ids, "n_predict": new_tokens, "temperature": 0,
                                           "return_tokens": True, "cache_prompt": False})
-    return answer["tokens"]
+    return answer["tokens"][:-1] if answer["stop_type"] == "eos" else answer["tokens"]  # it returns the eos too
 
 
 def next_token_logprobs(server: serving.Server, ids: list[int], top: int) -> dict[int, float]:
