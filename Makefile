@@ -24,9 +24,7 @@ demo: setup
 test: setup
 	$(PY) -m pytest
 
-# The slow tests also run the GGUF export in llama.cpp: llama-cpp-python compiles from source once (~15 min).
 test-slow: setup
-	$(PY) -m pip install --quiet -e ".[test,llama-cpp]"
 	$(PY) -m pytest -m slow
 
 # Benchmarks 1 and 4 of tests/benchmarks/RESULTS.md (about 3 demo runs: ~25 min on 2 cores).

@@ -540,6 +540,9 @@ class ServeConfig(Section):
     max_model_len: int | None = Field(
         None, ge=16, description="Context length vLLM serves (and reserves KV cache for); default: the "
                                  "model's max_position_embeddings.")
+    host: str = Field("127.0.0.1", description="Address vLLM listens on (serve.yaml): 127.0.0.1 answers this "
+                                               "machine only; the GPU Dockerfile overrides it with 0.0.0.0, which a "
+                                               "container needs for its published port.")
     port: int = Field(8000, ge=1, le=65535, description="Port of vLLM's server (serve.yaml, the GPU Dockerfile).")
     vllm_image: str = Field("vllm/vllm-openai:v0.33.0",
                             description="Base image of the bundle's GPU Dockerfile (vLLM's OpenAI-compatible server).")
@@ -558,6 +561,40 @@ class GateConfig(Section):
     max_regression: float | None = Field(
         0.0, ge=0, description="Largest drop in task score below the current champion's; 0 means a model "
                                "that scores lower never replaces the champion. Unset: not compared.")
+    max_engine_gap: float | Literal["auto"] | None = Field(
+        "auto", description="Largest difference between the deployed artifact's task score in its serving engine "
+                            "(llama.cpp on the GGUF, vLLM on the checkpoint; the held-out split, constrained as a "
+                            "client's request.json) and the HF evaluator's. auto: 2 held-out items or 0.02, "
+                            "whichever is larger. Checked when the deployed artifact was served (eval.serving).")
+
+
+# Round on-demand list prices, from third-party price surveys (2026; not checked against the providers' own
+# pages, which this project's machines cannot reach): AWS us-east-1 Linux, m7g.large $0.0816/h and t3.large
+# $0.0832/h for 2 vCPUs (~$0.04 per vCPU-hour); H100 SXM $3.50-5.00 and H200 $4.50-7.00 per GPU-hour at the
+# hyperscalers. README "Cost" cites them; set your own in deploy.cost.usd_per_hour.
+DEFAULT_USD_PER_HOUR = {"cpu": 0.04, "nvidia-h100": 3.50, "nvidia-h200": 4.50}
+
+
+class CostConfig(Section):
+    """What serving a model costs: instance prices, turned into dollars per million output tokens."""
+
+    usd_per_hour: dict[str, float] = Field(
+        DEFAULT_USD_PER_HOUR, description="Price of one unit of a device kind per hour, in US dollars: `cpu` per "
+                                          "vCPU (times the threads the engine used), a GPU kind (its name as "
+                                          "torch reports it, lower case, e.g. nvidia-h200) per GPU. Your entries "
+                                          "go on top of the defaults.")
+    device_kind: str | None = Field(None, description="The usd_per_hour key this run is priced at; default: "
+                                                      "`cpu`, or the GPU's name when the engine is vLLM.")
+    teacher_usd_per_mtok: float | None = Field(
+        None, gt=0, description="Price of an API teacher (an HTTP endpoint) per million output tokens: its cost "
+                                "in the journey, where it has no servable form here.")
+
+    @field_validator("usd_per_hour")
+    @classmethod
+    def _on_top_of_the_defaults(cls, prices: dict[str, float]) -> dict[str, float]:
+        if any(price <= 0 for price in prices.values()):
+            raise ValueError("every price must be above 0")
+        return {**DEFAULT_USD_PER_HOUR, **prices}
 
 
 class DeployConfig(Section):
@@ -566,17 +603,43 @@ class DeployConfig(Section):
         description="The name clients ask for (vLLM's served model name) and the MLflow registered model; "
                     "default: run.name.")
     smoke_prompts: int = Field(8, ge=1, description="Held-out prompts the fresh-process smoke test answers.")
-    max_new_tokens: int = Field(8, ge=1, description="Generation length in the bundle's generation_config.")
-    gguf: Literal["none", "f16", "q8_0"] = Field(
-        "none", description="Also export GGUF for llama.cpp / Ollama (bundle/gguf/, with a CPU Dockerfile); "
-                            "smoke-tested through llama.cpp when llama-cpp-python is installed.")
+    max_new_tokens: int = Field(8, ge=1, description="max_tokens of the bundle's request.json files and of the "
+                                                     "smoke test's answers (a request's own cap, never the server's).")
+    gguf: Literal["none", "f16", "q8_0", "q4_0", "q4_1"] = Field(
+        "none", description="Also export GGUF for llama.cpp / Ollama (bundle/gguf/, with a CPU Dockerfile), "
+                            "quantized from the shipped candidate's unquantized weights (the student, or the "
+                            "pruned model): q4_0/q4_1 4-bit (token embedding included), q8_0 8-bit, f16. "
+                            "Served and measured through llama.cpp on CPUs (eval.serving).")
     serve: ServeConfig = ServeConfig()
     gate: GateConfig = GateConfig()
+    cost: CostConfig = CostConfig()
+
+
+class ServingConfig(Section):
+    """How the deploy stage measures each model state where users serve it: a real server in its own process
+    on 127.0.0.1 (llama.cpp on CPUs; vLLM on a GPU where vllm is importable), asked over HTTP."""
+
+    engine: Literal["auto", "llama.cpp", "vllm", "none"] = Field(
+        "auto", description="auto: vLLM on a GPU when vllm is importable, else llama.cpp on the CPU; none: "
+                            "no serving measurements.")
+    concurrency: int = Field(8, ge=1, description="Requests in flight for the throughput measurement and the "
+                                                  "task score; also the server's parallel slots.")
+    decode_tokens: int = Field(64, ge=2, description="Tokens each speed request generates (end of sequence "
+                                                     "ignored): batch-1 decode, time to first token, throughput.")
+    speed_repeats: int = Field(3, ge=1, description="Batch-1 speed requests; the median is reported.")
+    latency_requests: int = Field(32, ge=1, description="Held-out task requests sent one at a time for the p50 "
+                                                        "and p95 latency (the first ones of the split).")
+    context_tokens: int = Field(1024, ge=64, description="Context of each parallel request (prompt + answer); "
+                                                         "the server reserves KV cache for concurrency times this.")
+    threads: int | None = Field(None, ge=1, description="CPU threads of the llama.cpp server; default: every "
+                                                        "core this process may run on.")
+    startup_timeout_s: float = Field(900, gt=0, description="Longest wait for a server to load its model.")
 
 
 class EvalConfig(Section):
     perplexity_examples: int = Field(32, ge=1, description="Held-out examples whose text measures perplexity.")
     speed_new_tokens: int = Field(32, ge=1, description="Greedy tokens generated to measure tokens/s.")
+    serving: ServingConfig = ServingConfig()
 
 
 class ScheduleConfig(Section):

@@ -18,5 +18,6 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
     CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:${port}/health', timeout=4)"]
 
 # The base image's entrypoint is `vllm serve`; serve.yaml holds the served name, dtype, context
-# length and quantization read from the checkpoint.
-CMD ["/model", "--config", "/model/serve.yaml"]
+# length and quantization read from the checkpoint. Its host (127.0.0.1) is replaced: inside a
+# container the published port reaches only a server listening on 0.0.0.0.
+CMD ["/model", "--config", "/model/serve.yaml", "--host", "0.0.0.0"]

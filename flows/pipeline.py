@@ -94,7 +94,7 @@ def start_tracking(cfg: PipelineConfig) -> MlflowTracker:
 @task(retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE, persist_result=False)
 def finish_tracking(tracker: MlflowTracker, journey: list[dict], bundle: Path) -> str:
     """Close the MLflow run with the journey; returns where to see it (markdown)."""
-    tracker.log_metrics({f"journey.{e['state']}.{k}": v for e in journey for k, v in e.items()})
+    tracker.log_metrics({f"journey.{e['state']}.{k}": v for e in journey for k, v in flatten(e).items()})
     tracker.log_artifact(bundle / "journey.json")
     tracker.finish()
     return mlflow_run_reference(tracker)

@@ -110,10 +110,19 @@ def cached_or_run(stage: str, key: str, workdir: Path, produce: Callable[[Path],
             result = produce(partial)
             (partial / RESULT).write_text(json.dumps(_to_json(result), indent=1))
             write_manifest(partial)
+            make_world_readable(partial)
             os.rename(partial, final)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
     return _load(final, cached=False)
+
+
+def make_world_readable(directory: Path) -> None:
+    """Every file readable and every directory listable by anyone: safetensors writes its files 0600, and a
+    container serving the bundle as a non-root user could not read them."""
+    for path in [directory, *directory.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(path.stat().st_mode | (0o555 if path.is_dir() else 0o444))
 
 
 def _to_json(result: StageResult) -> dict:

@@ -1,23 +1,28 @@
-"""Stage 4, deploy: the bundle an operations team ships, proven by a smoke test in a fresh process.
+"""Stage 4, deploy: the bundle an operations team ships, proven by a smoke test in a fresh process, and
+every model state of the journey measured where users serve it.
 
 The bundle is a Hugging Face model directory (so `vllm serve BUNDLE` and `from_pretrained(BUNDLE)`
 work on it as is) plus how to serve it (serve.yaml, serve.sh, request.json, Dockerfile), an optional
 GGUF export for llama.cpp (gguf/, with its own Dockerfile), the model card with the journey table and
-chart, the journey, the eval report and a sha256 manifest (`distilflow verify BUNDLE` re-checks it).
+charts, the journey, the eval report and a sha256 manifest (`distilflow verify BUNDLE` re-checks it).
+The serving measurements (tasks/serving.py) run the teacher, the student and the deployed artifact in
+the engine the bundle targets on this run's device, and price them with deploy.cost.
 """
 
 import json
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 
 from transformers import GenerationConfig
 
 from distilflow.configs.schema import DeployConfig
-from distilflow.tasks import gguf_export, package
+from distilflow.tasks import checks, data, gguf_export, package, serving
 from distilflow.tasks.artifacts import StageResult, write_manifest
 from distilflow.tasks.context import StageContext
-from distilflow.tasks.evaluate import evaluate_in_fresh_process
+from distilflow.tasks.evaluate import JOURNEY_FIELDS, evaluate_in_fresh_process
+from distilflow.tasks.tracking import flatten
 
 log = logging.getLogger("distilflow")
 
@@ -28,9 +33,9 @@ ONNX_NOT_MADE = "ONNX: not made (optimum-onnx requires transformers<4.58; the pi
 def run(cfg: DeployConfig, upstream: dict[str, StageResult], ctx: StageContext) -> StageResult:
     bundle = ctx.out_dir / "bundle"
     shutil.copytree(upstream["compress"].path("model"), bundle)
-    write_generation_config(bundle, cfg)
+    write_generation_config(bundle)
     teacher = teacher_card(upstream["prototype"])
-    gguf_file = export_gguf(bundle, cfg, teacher) if cfg.gguf != "none" else None
+    gguf_file = export_gguf(unquantized_source(upstream), bundle, cfg, teacher) if cfg.gguf != "none" else None
 
     smoke_rows = ctx.examples.eval[:cfg.smoke_prompts]
     smoke = evaluate_in_fresh_process(bundle, ctx.examples.eval, ctx.task, ctx.eval, ctx.device,
@@ -41,11 +46,13 @@ def run(cfg: DeployConfig, upstream: dict[str, StageResult], ctx: StageContext) 
     smoke_lines = [f"transformers ({ctx.device.type}): pass rate {deployed['smoke_pass_rate']:.2f} on "
                    f"{len(smoke_rows)} prompts, {deployed['smoke_latency_s']:.3f} s per answer"]
     if gguf_file:
-        deployed["gguf_size_bytes"] = gguf_file.stat().st_size
-        smoke_lines.append(smoke_gguf(gguf_file, smoke_rows, cfg, ctx, deployed, report))
+        deployed["gguf_file"], deployed["gguf_size_bytes"] = f"gguf/{gguf_file.name}", gguf_file.stat().st_size
 
     journey = [entry for stage in ("prototype", "distill", "compress") for entry in upstream[stage].journey]
     journey.append(deployed)
+    journey = served_journey(journey, upstream, bundle, gguf_file, cfg, ctx, report)
+    if gguf_file:
+        smoke_lines.append(smoke_gguf(gguf_file, smoke_rows, cfg, ctx, deployed, report))
     (bundle / "journey.json").write_text(json.dumps(journey, indent=1))
     (bundle / "eval_report.json").write_text(json.dumps(report, indent=1))
 
@@ -56,29 +63,114 @@ def run(cfg: DeployConfig, upstream: dict[str, StageResult], ctx: StageContext) 
                                       ctx.task, example, cfg, teacher.get("license"))
         (bundle / ".dockerignore").write_text("# the GPU image serves the safetensors checkpoint\ngguf/\n")
     package.journey_chart(journey, bundle / "journey.png")
+    cost_chart = package.cost_chart(journey, bundle / "cost.png")
     (bundle / "README.md").write_text(package.model_card(
         cfg=cfg, task=ctx.task, teacher=teacher, student_summary=student_line(upstream["distill"]),
         compression=package.compression_line(bundle, upstream["compress"].journey),
         journey=journey, exports=exports(bundle, gguf_file), smoke=smoke_lines,
         vllm_command=package.vllm_command(package.vllm_args(bundle, cfg)),
-        gguf_file=gguf_file.name if gguf_file else None, data_card=upstream["prototype"].summary))
+        gguf_file=gguf_file.name if gguf_file else None, data_card=upstream["prototype"].summary,
+        cost_chart=cost_chart is not None, serving=ctx.eval.serving))
     write_manifest(bundle)
 
-    metrics = {f"deployed.{k}": v for k, v in deployed.items() if k != "state"}
+    metrics = {f"deployed.{k}": v for k, v in flatten(deployed).items() if k != "state"}
+    metrics.update({f"{label(e)}.{k}": v for e in journey if e is not deployed for k, v in flatten(
+        {"serving": e.get("serving") or {}, "cost_usd_per_mtok": e.get("cost_usd_per_mtok") or {}}).items()})
     ctx.tracker.log_metrics(metrics)
     for name in ("manifest.json", "journey.json", "journey.png", "README.md", "eval_report.json", "serve.yaml",
-                 "request.json", "Dockerfile"):
+                 "request.json", "Dockerfile", *(["cost.png"] if cost_chart else [])):
         ctx.tracker.log_artifact(bundle / name, "bundle")
     return StageResult(stage="deploy", files={"bundle": "bundle"}, metrics=metrics, journey=[deployed],
                        summary=f"Bundle ready: {cfg.model_name}\n\n" + "".join(f"- smoke test, {line}\n"
                                                                                 for line in smoke_lines))
 
 
-def write_generation_config(bundle: Path, cfg: DeployConfig) -> None:
-    """Greedy, short answers: what the task needs from a server that reads generation_config.json."""
+def label(entry: dict) -> str:
+    """A journey entry's name in metric keys: its state, and its phase where it has one."""
+    return f"{entry['state']}.{entry['phase']}" if entry.get("phase") else entry["state"]
+
+
+def unquantized_source(upstream: dict[str, StageResult]) -> Path:
+    """The shipped candidate before quantization: its pruned model, or the student. The GGUF export is
+    quantized from it, not from the quantized checkpoint (rounding rounded weights again adds error)."""
+    pruned = next((e for e in upstream["compress"].journey if e["state"] == "pruned"), None)
+    return upstream["compress"].path(f"pruned.{pruned['pruning']}") if pruned else upstream["distill"].path("student")
+
+
+def served_journey(journey: list[dict], upstream: dict[str, StageResult], bundle: Path, gguf_file: Path | None,
+                   cfg: DeployConfig, ctx: StageContext, report: dict) -> list[dict]:
+    """The journey with each state's ``serving`` measurements and ``cost_usd_per_mtok``; the teacher's own
+    GGUF file (when it came as one) is an entry of its own, ``teacher-gguf``. A state with no servable form
+    on this engine says why instead of a number."""
+    engine = serving.choose_engine(ctx.eval.serving, ctx.device.type)
+    engine = engine and serving.priced(engine, cfg.cost)
+    teacher = teacher_card(upstream["prototype"])
+    if teacher.get("gguf_file"):
+        at = next(i for i, e in enumerate(journey) if e["state"] == "teacher") + 1
+        journey.insert(at, {"state": "teacher-gguf", **dict.fromkeys(JOURNEY_FIELDS),
+                            "note": f"the teacher's own GGUF file, {Path(teacher['gguf_file']).name}, served as is"})
+    shots = tuple(json.loads((upstream["prototype"].directory / "few_shot.json").read_text()))
+    last_student = max((i for i, e in enumerate(journey) if e["state"] == "student"), default=None)
+    with tempfile.TemporaryDirectory(prefix="distilflow-serving-") as scratch:
+        for index, entry in enumerate(journey):
+            form = servable_form(entry, index == last_student, engine, upstream, bundle, gguf_file, teacher)
+            if isinstance(form, str):
+                entry["serving"] = serving.not_measured(engine, form)
+            else:
+                workload = serving.Workload(ctx.examples.eval, ctx.task,
+                                            shots=shots if entry["state"].startswith("teacher") else ())
+                artifact = form if engine.name == serving.VLLM or form.suffix == ".gguf" else \
+                    export_for_serving(form, Path(scratch) / f"{entry['state']}-f16.gguf")
+                entry["serving"] = serving.measure(artifact, engine, workload, ctx.eval.serving)
+                answers = entry["serving"].pop("answers")
+                report.setdefault("engine_answers", {})[entry["state"]] = [
+                    {"input": data.user_message(row, ctx.task), "answer": a, "label": data.label(row, ctx.task)}
+                    for row, a in zip(ctx.examples.eval, answers)]
+            entry["cost_usd_per_mtok"] = serving.cost_entry(entry["serving"])
+    if cfg.cost.teacher_usd_per_mtok and "teacher" not in upstream["prototype"].files:
+        api = next(e for e in journey if e["state"] == "teacher")
+        api["cost_usd_per_mtok"] = dict.fromkeys(("batch1", "throughput"), cfg.cost.teacher_usd_per_mtok)
+        api["serving"]["not_measured"] += "; its cost is the API's price, deploy.cost.teacher_usd_per_mtok"
+    return journey
+
+
+def servable_form(entry: dict, last_student: bool, engine: "serving.Engine | None", upstream: dict[str, StageResult],
+                  bundle: Path, gguf_file: Path | None, teacher: dict) -> Path | str:
+    """What the engine serves for ``entry``: a GGUF file or a checkpoint directory (exported to f16 GGUF
+    for llama.cpp), or the reason it serves nothing."""
+    if engine is None:
+        return "eval.serving.engine is none"
+    state, llama_cpp = entry["state"], engine.name == serving.LLAMA_CPP
+    if state == "teacher":
+        return upstream["prototype"].path("teacher") if "teacher" in upstream["prototype"].files \
+            else "an HTTP teacher: no weights to serve here"
+    if state == "teacher-gguf":
+        return Path(teacher["gguf_file"]) if llama_cpp else "a GGUF file: llama.cpp's, and this run's engine is vLLM"
+    if state == "student":
+        return upstream["distill"].path("student") if last_student else "only the last phase's student is kept"
+    if state == "pruned":
+        return upstream["compress"].path(f"pruned.{entry['pruning']}")
+    if state == "quantized":
+        return "compressed-tensors: vLLM (GPU) only; on CPUs see deployed (GGUF)" if llama_cpp \
+            else "the same checkpoint as deployed (measured there)"
+    if llama_cpp:
+        return gguf_file or "deploy.gguf is none: no CPU artifact to serve"
+    return "a qlr bundle: vLLM serves its adapter only with --enable-lora" if (bundle / "adapter_config.json").exists() \
+        else bundle
+
+
+def export_for_serving(model_dir: Path, out_file: Path) -> Path:
+    """An f16 GGUF of a checkpoint, made only to measure it (in a temp dir, never in the bundle)."""
+    log.info("deploy: exporting %s to f16 GGUF to serve it with llama.cpp", model_dir)
+    return gguf_export.export(model_dir, out_file, "f16", name=model_dir.name)
+
+
+def write_generation_config(bundle: Path) -> None:
+    """Greedy decoding, for servers that read generation_config.json. No max_new_tokens: vLLM reads it as the
+    default (older versions: the ceiling) of every request's max_tokens; request.json sets its own."""
     config = GenerationConfig.from_pretrained(bundle) if (bundle / "generation_config.json").exists() \
         else GenerationConfig()
-    config.update(do_sample=False, max_new_tokens=cfg.max_new_tokens, temperature=None, top_p=None, top_k=None)
+    config.update(do_sample=False, max_new_tokens=None, temperature=None, top_p=None, top_k=None)
     config.save_pretrained(bundle)
 
 
@@ -89,25 +181,23 @@ def teacher_card(prototype: StageResult) -> dict:
     return json.loads(prototype.path("teacher_card").read_text())
 
 
-def export_gguf(bundle: Path, cfg: DeployConfig, teacher: dict) -> Path:
+def export_gguf(source: Path, bundle: Path, cfg: DeployConfig, teacher: dict) -> Path:
     out = bundle / "gguf" / f"model-{cfg.gguf}.gguf"
     out.parent.mkdir()
-    log.info("deploy: exporting GGUF (%s) to %s", cfg.gguf, out)
-    return gguf_export.export(bundle, out, cfg.gguf, name=cfg.model_name, license=teacher.get("license"))
+    log.info("deploy: exporting GGUF (%s) of %s to %s", cfg.gguf, source, out)
+    return gguf_export.export(source, out, cfg.gguf, name=cfg.model_name, license=teacher.get("license"))
 
 
 def smoke_gguf(gguf_file: Path, rows: list[dict], cfg: DeployConfig, ctx: StageContext, deployed: dict,
                report: dict) -> str:
-    """The smoke test through llama.cpp where llama-cpp-python is installed (it compiles from source)."""
-    if not gguf_export.llama_cpp_installed():
-        log.warning("deploy: llama-cpp-python is not installed; the GGUF export is not smoke-tested")
-        return "GGUF through llama.cpp: not run (llama-cpp-python is not installed: pip install 'distilflow[llama-cpp]')"
-    result = gguf_export.smoke_in_fresh_process(gguf_file, rows, ctx.task, cfg.max_new_tokens)
-    deployed["gguf_smoke_pass_rate"] = result["gguf_smoke_pass_rate"]
-    deployed["gguf_smoke_latency_s"] = result["gguf_smoke_latency_s"]
-    report["gguf_smoke"] = result["answers"]
-    return (f"GGUF {cfg.gguf} through llama.cpp (CPU): pass rate {result['gguf_smoke_pass_rate']:.2f} on "
-            f"{len(rows)} prompts, {result['gguf_smoke_latency_s']:.3f} s per answer")
+    """The GGUF answers ``rows`` through llama.cpp's server by free greedy generation, checked by the task's
+    validator (what a client that sends no grammar gets)."""
+    answers = serving.smoke(gguf_file, rows, ctx.task, cfg.max_new_tokens, ctx.eval.serving)
+    deployed["gguf_smoke_pass_rate"] = sum(checks.is_valid(a, ctx.task) for a in answers) / len(rows)
+    report["gguf_smoke"] = [{"input": data.user_message(row, ctx.task), "answer": a, "label": data.label(row, ctx.task)}
+                            for row, a in zip(rows, answers)]
+    return (f"GGUF {cfg.gguf} through llama.cpp (CPU, free generation): pass rate "
+            f"{deployed['gguf_smoke_pass_rate']:.2f} on {len(rows)} prompts")
 
 
 def student_line(distill: StageResult) -> str:

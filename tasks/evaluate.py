@@ -189,21 +189,55 @@ def generation_speed(model, tokenizer, prompt: str, new_tokens: int) -> dict[str
 
 
 def journey_table(journey: list[dict]) -> str:
-    """The journey as a markdown table (it reads as plain text in a terminal too).
+    """The journey as markdown tables (they read as plain text in a terminal too): what the evaluator
+    measured of each state, then how each state serves (where any was served).
 
     Entries may carry a ``phase`` (e.g. the student after each training phase); it is shown beside the state.
     """
     bar = next((e["task_score"] for e in journey if e["state"] == "teacher"), None)
-    lines = ["| state | task score | retention | perplexity | size (MB) | params (M) | bits/param | tokens/s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| state | task score | retention | perplexity | size (MB) | params (M) | bits/param |",
+             "|---|---|---|---|---|---|---|"]
     for e in journey:
+        if e["task_score"] is None:
+            continue  # a served artifact only (the teacher's own GGUF file): in the serving table
         retention = e["task_score"] / bar if bar else None
-        state = f"{e['state']} ({e['phase']})" if e.get("phase") else e["state"]
         cells = [_cell(e["task_score"], ".3f"), _cell(retention, ".2f"), _cell(e["perplexity"], ".1f"),
                  _cell(e["size_bytes"], ".1f", scale=1e-6), _cell(e["params"], ".1f", scale=1e-6),
-                 _cell(e["bits_per_param"], ".2f"), _cell(e["tokens_per_s"], ".1f")]
-        lines.append(f"| {state} | {' | '.join(cells)} |")
+                 _cell(e["bits_per_param"], ".2f")]
+        lines.append(f"| {_state(e)} | {' | '.join(cells)} |")
+    if any(e.get("serving") or e.get("cost_usd_per_mtok") for e in journey):
+        lines += ["", serving_table(journey)]
     return "\n".join(lines)
+
+
+def serving_table(journey: list[dict]) -> str:
+    """Each state as its serving engine served it: speed, latency, memory, engine task score and cost."""
+    concurrency = next((e["serving"]["concurrency"] for e in journey if (e.get("serving") or {}).get("concurrency")),
+                       "N")
+    lines = [f"| state | engine | artifact | size (MB) | tokens/s batch 1 | TTFT (s) | latency p50 / p95 (s) | "
+             f"tokens/s at {concurrency} | peak memory (MB) | engine task score | $/1M tokens batch 1 | "
+             f"$/1M tokens at {concurrency} |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for e in journey:
+        served, cost = e.get("serving") or {}, e.get("cost_usd_per_mtok") or {}
+        if served.get("not_measured"):
+            price = f" | {_cell(cost.get('batch1'), '.3g')} | {_cell(cost.get('throughput'), '.3g')}" if any(cost.values()) \
+                else " | – | –"
+            lines.append(f"| {_state(e)} | {served.get('engine') or '–'} | not served: {served['not_measured']} | "
+                         f"– | – | – | – | – | – | –{price} |")
+            continue
+        latency = f"{_cell(served.get('latency_p50_s'), '.3f')} / {_cell(served.get('latency_p95_s'), '.3f')}"
+        cells = [served.get("engine") or "–", served.get("artifact") or "–",
+                 _cell(served.get("artifact_bytes"), ".1f", scale=1e-6), _cell(served.get("batch1_tokens_per_s"), ".1f"),
+                 _cell(served.get("ttft_s"), ".3f"), latency, _cell(served.get("throughput_tokens_per_s"), ".1f"),
+                 _cell(served.get("peak_memory_mb"), ".0f"), _cell(served.get("task_score"), ".3f"),
+                 _cell(cost.get("batch1"), ".3g"), _cell(cost.get("throughput"), ".3g")]
+        lines.append(f"| {_state(e)} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def _state(entry: dict) -> str:
+    return f"{entry['state']} ({entry['phase']})" if entry.get("phase") else entry["state"]
 
 
 def _cell(value, spec: str, scale: float = 1.0) -> str:

@@ -1,32 +1,29 @@
 """GGUF export of the deployed model, for llama.cpp and Ollama users on CPUs and edge devices.
 
 The checkpoint is loaded with transformers, which dequantizes a compressed-tensors (W4A16, FP8)
-checkpoint on CPU, and written with the `gguf` package's own writer, tensor-name map and vocab
-helpers. Supported: Llama-architecture decoders with a byte-level BPE tokenizer (the SmolLM2 family
-and the models distilflow derives from it); anything else is a clear error, never a broken file.
-
-Run as a module, it answers held-out prompts with llama.cpp in a fresh process (the smoke test).
+checkpoint on CPU, and written with the `gguf` package's own writer, tensor-name map, vocab helpers and
+numpy quantizers (f16, Q8_0, and the 4-bit Q4_0 and Q4_1, token embedding included). Supported:
+Llama-architecture decoders with a byte-level BPE tokenizer (the SmolLM2 family and the models
+distilflow derives from it); anything else is a clear error, never a broken file. llama.cpp serves the
+result (tasks/serving.py).
 """
 
-import importlib.util
 import json
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
 
-from distilflow.configs.schema import TaskConfig
-from distilflow.tasks import checks, data
 from distilflow.tasks.errors import DistilflowError
 
 GGUF_TYPES = {
     "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
     "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    # 4-bit weights in blocks of 32 with an f16 scale (Q4_0: 4.5 bits per weight) and an f16 minimum
+    # (Q4_1: 5.0 bits); llama.cpp has CPU kernels for both.
+    "q4_0": (gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
+    "q4_1": (gguf.GGMLQuantizationType.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1),
 }
 
 # llama.cpp does not store how text is split before BPE; it names the splitting. These are the
@@ -39,7 +36,7 @@ PRE_TOKENIZERS = {
 
 
 def export(model_dir: Path, out_file: Path, gguf_type: str, *, name: str, license: str | None = None) -> Path:
-    """Write the model in ``model_dir`` to ``out_file`` as GGUF (``f16`` or ``q8_0``)."""
+    """Write the model in ``model_dir`` to ``out_file`` as GGUF of ``gguf_type`` (a key of GGUF_TYPES)."""
     from transformers import AutoConfig
 
     _check_architecture(AutoConfig.from_pretrained(model_dir))
@@ -185,51 +182,8 @@ def interleave_rope_rows(weight: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _storage_type(weight: np.ndarray, wanted: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
-    """Norms stay f32 (as llama.cpp's converter keeps them); a row Q8_0's blocks do not divide stays f16."""
+    """Norms stay f32 (as llama.cpp's converter keeps them); a row the type's blocks do not divide stays f16."""
     if weight.ndim == 1:
         return gguf.GGMLQuantizationType.F32
     block, _ = gguf.GGML_QUANT_SIZES[wanted]
     return wanted if weight.shape[-1] % block == 0 else gguf.GGMLQuantizationType.F16
-
-
-def llama_cpp_installed() -> bool:
-    return importlib.util.find_spec("llama_cpp") is not None
-
-
-def smoke_in_fresh_process(gguf_file: Path, rows: list[dict], task: TaskConfig, max_new_tokens: int,
-                           timeout_s: int = 1800) -> dict:
-    """Answer ``rows`` with llama.cpp (llama-cpp-python) in a new process, as a llama.cpp user would:
-    chat completion with the GGUF's own chat template, greedy. Returns pass rate, latency, answers."""
-    with tempfile.TemporaryDirectory() as scratch:
-        request, answer = Path(scratch) / "request.json", Path(scratch) / "answer.json"
-        request.write_text(json.dumps({"gguf_file": str(gguf_file), "rows": rows, "task": task.model_dump(mode="json"),
-                                       "max_new_tokens": max_new_tokens}))
-        done = subprocess.run([sys.executable, "-m", "distilflow.tasks.gguf_export", str(request), str(answer)],
-                              capture_output=True, text=True, timeout=timeout_s)
-        if done.returncode != 0:
-            raise DistilflowError(f"{gguf_file}: llama.cpp failed to load or answer:\n{done.stderr[-3000:]}")
-        return json.loads(answer.read_text())
-
-
-def _smoke_main(request_path: str, answer_path: str) -> None:
-    from llama_cpp import Llama
-
-    request = json.loads(Path(request_path).read_text())
-    task, rows = TaskConfig.model_validate(request["task"]), request["rows"]
-    llm = Llama(model_path=request["gguf_file"], n_ctx=0, seed=0, verbose=False)
-    start = time.perf_counter()
-    answers = [llm.create_chat_completion(messages=data.messages(row, task), temperature=0.0,
-                                          max_tokens=request["max_new_tokens"])["choices"][0]["message"]["content"]
-               for row in rows]
-    latency = (time.perf_counter() - start) / len(rows)
-    llm.close()  # before interpreter shutdown, which otherwise frees the model after its library is gone
-    answers = [(a or "").strip() for a in answers]
-    Path(answer_path).write_text(json.dumps({
-        "gguf_smoke_pass_rate": sum(checks.is_valid(a, task) for a in answers) / len(rows),
-        "gguf_smoke_latency_s": latency,
-        "answers": [{"input": task.template.format(**row), "answer": a, "label": data.label(row, task)}
-                    for row, a in zip(rows, answers)]}))
-
-
-if __name__ == "__main__":
-    _smoke_main(*sys.argv[1:3])

@@ -14,11 +14,12 @@ from string import Template
 
 import yaml
 
-from distilflow.configs.schema import DeployConfig, HttpTeacherConfig, TaskConfig, TeacherConfig
+from distilflow.configs.schema import DeployConfig, HttpTeacherConfig, ServingConfig, TaskConfig, TeacherConfig
 from distilflow.tasks import data
 from distilflow.tasks.evaluate import journey_table
 
 LLAMA_CPP_PORT = 8080  # llama-server's default
+HOST_COMMENT = "# this machine's clients only; 0.0.0.0 inside a container (the Dockerfile passes --host 0.0.0.0)"
 
 
 # --- serving ------------------------------------------------------------------------------------
@@ -55,7 +56,8 @@ def vllm_args(model_dir: Path, cfg: DeployConfig) -> dict:
         "dtype": config.get("dtype") or config.get("torch_dtype") or "auto",
         "max-model-len": context_length(model_dir, cfg),
         **({"quantization": quantization} if quantization else {}),
-        "generation-config": "auto",  # greedy decoding and the answer length from generation_config.json
+        "generation-config": "auto",  # greedy decoding from generation_config.json; request.json sets max_tokens
+        "host": cfg.serve.host,
         "port": cfg.serve.port,
     }
 
@@ -81,9 +83,10 @@ def llama_cpp_constraint(task: TaskConfig) -> dict:
 def write_vllm_files(bundle: Path, task: TaskConfig, example: dict, cfg: DeployConfig, license: str | None) -> None:
     """serve.yaml (vLLM's --config file), serve.sh, request.json and the GPU Dockerfile."""
     args = vllm_args(bundle, cfg)
+    settings = yaml.safe_dump(args, sort_keys=False).replace(
+        f"\nhost: {args['host']}\n", f"\nhost: {args['host']}  {HOST_COMMENT}\n")
     (bundle / "serve.yaml").write_text(
-        f"# vLLM server arguments for this bundle: vllm serve BUNDLE --config BUNDLE/serve.yaml\n"
-        f"{yaml.safe_dump(args, sort_keys=False)}")
+        f"# vLLM server arguments for this bundle: vllm serve BUNDLE --config BUNDLE/serve.yaml\n{settings}")
     _write_script(bundle / "serve.sh", f"""\
 # Serve this bundle with vLLM's OpenAI-compatible server on a GPU (pip install vllm). Spelled out:
 #   {vllm_command(args, "BUNDLE")}
@@ -160,12 +163,13 @@ def teacher_card(cfg: TeacherConfig) -> dict:
         fields = _gguf_license(gguf_file)
         if not fields.get("license"):
             fields["license"] = _package_license(cfg.gguf_package)
-        return {"source": f"{cfg.gguf_package}/{cfg.gguf_file} (PyPI package)", **fields}
+        return {"source": f"{cfg.gguf_package}/{cfg.gguf_file} (PyPI package)", "gguf_file": str(gguf_file), **fields}
     path = Path(cfg.path)
     if not path.exists():
         return {"source": f"{cfg.path} (hub id)", "base_model": cfg.path}
     if cfg.gguf_file:
-        return {"source": str(path / cfg.gguf_file), **_gguf_license(path / cfg.gguf_file)}
+        return {"source": str(path / cfg.gguf_file), "gguf_file": str(path / cfg.gguf_file),
+                **_gguf_license(path / cfg.gguf_file)}
     return {"source": str(path), **_readme_license(path / "README.md")}
 
 
@@ -200,6 +204,7 @@ def journey_chart(journey: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    journey = [e for e in journey if e["task_score"] is not None]  # not the served-only entries
     labels = [f"{e['state']}\n({e['phase']})" if e.get("phase") else e["state"] for e in journey]
     figure, (score, size) = plt.subplots(1, 2, figsize=(10, 3.6))
     for axis, key, scale, fmt, color, title in (
@@ -220,9 +225,50 @@ def journey_chart(journey: list[dict], path: Path) -> Path:
     return path
 
 
+def cost_chart(journey: list[dict], path: Path) -> Path | None:
+    """Task score against dollars per million output tokens, at batch 1 and at the measured throughput,
+    for every state with a cost (PNG); None when no state has one. The score is the serving engine's where
+    the state was served, else the HF evaluator's."""
+    points = [(e, kind, e["cost_usd_per_mtok"][kind]) for e in journey for kind in ("batch1", "throughput")
+              if (e.get("cost_usd_per_mtok") or {}).get(kind)]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    concurrency = next((e["serving"]["concurrency"] for e, _, _ in points if (e.get("serving") or {}).get("concurrency")),
+                       "N")
+    figure, axis = plt.subplots(figsize=(7.5, 4.5))
+    for entry, kind, cost in points:
+        score = (entry.get("serving") or {}).get("task_score")
+        score = entry.get("task_score") if score is None else score
+        if score is None:
+            continue
+        axis.scatter(cost, score, marker="o" if kind == "batch1" else "s",
+                     facecolors="none" if kind == "batch1" else "#4c72b0", edgecolors="#4c72b0", s=50)
+        axis.annotate(state_label(entry), (cost, score), fontsize=8, textcoords="offset points",
+                      xytext=(4, 4) if kind == "batch1" else (4, -11))  # the two points of a state stay apart
+    axis.scatter([], [], marker="o", facecolors="none", edgecolors="#4c72b0", label="batch 1")
+    axis.scatter([], [], marker="s", color="#4c72b0", label=f"{concurrency} requests in flight")
+    axis.set(xscale="log", xlabel="US dollars per million output tokens (log scale)", ylabel="task score",
+             title="Task score against serving cost", ylim=(0, 1.05))
+    axis.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120, metadata={"Software": None})
+    plt.close(figure)
+    return path
+
+
+def state_label(entry: dict) -> str:
+    return f"{entry['state']} ({entry['phase']})" if entry.get("phase") else entry["state"]
+
+
 def model_card(*, cfg: DeployConfig, task: TaskConfig, teacher: dict, student_summary: str, compression: str,
                journey: list[dict], exports: list[str], smoke: list[str], vllm_command: str,
-               gguf_file: str | None, data_card: str) -> str:
+               gguf_file: str | None, data_card: str, cost_chart: bool = False,
+               serving: ServingConfig = ServingConfig()) -> str:
     """README.md of the bundle: what the model is, how well it does, how to serve it, where not to use it."""
     license = teacher.get("license")
     front = {"license": license, "license_name": teacher.get("license_name"), "license_link": teacher.get("license_link"),
@@ -254,12 +300,13 @@ A small model distilled by distilflow from a larger teacher, for one task.
 ## Journey
 
 Every state measured by the same evaluator on the {task.eval_size} held-out examples; retention is the
-task score over the teacher's; tokens/s is greedy decoding of one sequence on the pipeline's device.
+task score over the teacher's. The second table is each state served by a real server, as a client sees it.
+{serving_note(serving)}
 
 {journey_table(journey)}
 
 ![task score and size of each state](journey.png)
-
+{"" if not cost_chart else chr(10) + "![task score against serving cost](cost.png)" + chr(10)}
 Smoke test (a fresh process loads the files as a user would and answers held-out prompts by free
 greedy generation, checked by the task's validator):
 {chr(10).join(f"- {line}" for line in smoke)}
@@ -281,7 +328,9 @@ docker build -t {cfg.model_name} . && docker run --gpus all --ipc=host -p {cfg.s
 ```
 
 `request.json` is the request a client sends: the system prompt and template the model was trained on
-(system: `{task.system_prompt}`; user: `{task.template}`), greedy, {_constraint_line(task)}.
+(system: `{task.system_prompt}`; user: `{task.template}`), greedy, {_constraint_line(task)}, with its own
+answer length (`max_tokens: {cfg.max_new_tokens}`): `generation_config.json` sets greedy decoding and no
+length, so no server caps a client's `max_tokens` with it.
 {_gguf_serving(cfg, gguf_file)}
 With transformers: `AutoModelForCausalLM.from_pretrained(".")` and the tokenizer's chat template.
 
@@ -297,6 +346,18 @@ Check the files before you ship them: `distilflow verify .` re-hashes every file
   where they passed the task's check.
 
 {data_card}"""
+
+
+def serving_note(cfg: ServingConfig) -> str:
+    """What the serving table's numbers are, and what the cost figures assume."""
+    return (f"Batch-1 decode tokens/s and time to first token: one streamed {cfg.decode_tokens}-token answer "
+            f"(median of {cfg.speed_repeats}); latency p50/p95: the first {cfg.latency_requests} held-out task "
+            f"requests (at most), sent one at a time; throughput: output tokens/s with {cfg.concurrency} requests in flight; peak memory: "
+            "the server process's (on a GPU: the GPU memory it holds); engine task score: the whole held-out split "
+            "through the engine, constrained as request.json is. $/1M output tokens: the device's price per hour "
+            "(deploy.cost) over the tokens it makes in an hour at batch 1 or at that throughput. It assumes a "
+            "machine busy all the time, on-demand list prices, and counts output tokens only (prompt processing "
+            "is in the time, not in the count).")
 
 
 def _task_line(task: TaskConfig) -> str:

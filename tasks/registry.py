@@ -8,6 +8,7 @@ version gets `candidate` only. MLflow client calls only, so this imports without
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -87,10 +88,26 @@ def gate_checks(gate: GateConfig, journey: list[dict], champion_score: float | N
     if gate.max_latency_s is not None:
         checks.append(_at_most("deploy.gate.max_latency_s", "smoke-test latency (s)", deployed["smoke_latency_s"],
                                gate.max_latency_s))
+    engine_score = (deployed.get("serving") or {}).get("task_score")
+    if gate.max_engine_gap is not None and engine_score is not None:
+        checks.append(engine_parity(gate.max_engine_gap, deployed))
     if gate.max_regression is not None and champion_score is not None:
         checks.append(_at_least("deploy.gate.max_regression", f"task score vs champion's {champion_score:.3f}",
                                 score, champion_score - gate.max_regression))
     return checks
+
+
+def engine_parity(max_gap: float | str, deployed: dict) -> Check:
+    """The deployed artifact's task score in its serving engine against the HF evaluator's. ``auto``
+    allows 2 held-out items or 0.02, whichever is larger."""
+    served = deployed["serving"]
+    gap = abs(served["task_score"] - deployed["task_score"])
+    limit = max(2 / served["task_requests"], 0.02) if max_gap == "auto" else max_gap
+    passed = gap <= limit or math.isclose(gap, limit)  # scores are k/n: 0.925 - 0.9 is a hair above 0.025
+    return Check("deploy.gate.max_engine_gap", passed,
+                 f"task score {served['task_score']:.3f} in {served['engine']} ({served['artifact']}) vs "
+                 f"{deployed['task_score']:.3f} in the HF evaluator: gap {gap:.3f} {'<=' if passed else '>'} "
+                 f"{limit:.3f}")
 
 
 def _at_least(key: str, what: str, value: float, limit: float) -> Check:

@@ -11,7 +11,7 @@ import shutil
 from dataclasses import dataclass
 
 from distilflow.configs.schema import HttpTeacherConfig, PipelineConfig
-from distilflow.tasks import artifacts
+from distilflow.tasks import artifacts, serving
 from distilflow.tasks.artifacts import StageResult
 from distilflow.tasks.context import StageContext
 from distilflow.tasks.data import load_task_data
@@ -44,7 +44,9 @@ def preflight(cfg: PipelineConfig, tracking_uri: str) -> None:
     """
     load_task_data(cfg.task, cfg.run.seed)
     artifacts.check_writable(cfg.run.workdir)
-    resolve_device(cfg.run.device)
+    engine = serving.choose_engine(cfg.eval.serving, resolve_device(cfg.run.device).type)
+    if engine:
+        serving.priced(engine, cfg.deploy.cost)  # a device kind with no price fails now, not after training
     check_tracking_store(tracking_uri)
     for key, teacher in http_teachers(cfg).items():
         api_key(teacher, os.environ, key)  # a missing key fails now, not after the teacher is half asked
@@ -58,13 +60,15 @@ def http_teachers(cfg: PipelineConfig) -> dict[str, HttpTeacherConfig]:
 
 def cache_key(name: str, cfg: PipelineConfig, upstream: dict[str, StageResult]) -> str:
     """Everything a stage's output depends on: its section, the task (and its data's bytes), the
-    evaluator, seed and device kind, and the digests of the upstream artifacts it reads."""
+    evaluator, seed and device kind, and the digests of the upstream artifacts it reads. The serving
+    measurements (eval.serving) are deploy's alone: changing them reruns deploy only."""
+    evaluator = cfg.eval.model_dump(mode="json", exclude={"serving"} if name != "deploy" else set())
     return artifacts.stage_key(
         name,
         getattr(cfg, name).model_dump(mode="json"),
         cfg.task.model_dump(mode="json"),
         artifacts.file_sha256(cfg.task.data),
-        cfg.eval.model_dump(mode="json"),
+        evaluator,
         cfg.run.seed,
         resolve_device(cfg.run.device).type,
         {n: upstream[n].digest for n in STAGES[name].needs},

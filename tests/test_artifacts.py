@@ -87,3 +87,16 @@ def test_a_crashed_runs_partial_dir_is_cleared_by_the_next_run(tmp_path):
     (stale / "half.bin").write_text("half")
     artifacts.cached_or_run("demo", "k1", tmp_path, producer([]))
     assert not stale.exists()
+
+
+def test_published_files_are_readable_by_anyone_even_when_written_private(tmp_path):
+    def produce(out_dir):
+        (out_dir / "model").mkdir(mode=0o700)
+        weights = out_dir / "model" / "model.safetensors"
+        weights.write_bytes(b"weights")
+        weights.chmod(0o600)  # what safetensors writes
+        return StageResult(stage="demo", files={"model": "model"})
+
+    result = artifacts.cached_or_run("demo", "k1", tmp_path, produce)
+    assert result.path("model").stat().st_mode & 0o555 == 0o555
+    assert (result.path("model") / "model.safetensors").stat().st_mode & 0o777 == 0o644

@@ -113,6 +113,22 @@ def test_q8_0_quantizes_matrices_and_keeps_norms_in_f32(q8_0, tiny_teacher):
     assert 0 < error < np.abs(expected).max() / 100  # 8-bit blocks: close, not exact
 
 
+@pytest.mark.parametrize("kind, tensor_type, bits", [("q4_0", GGMLQuantizationType.Q4_0, 4.5),
+                                                      ("q4_1", GGMLQuantizationType.Q4_1, 5.0)])
+def test_4_bit_types_quantize_every_matrix_the_token_embedding_included(tmp_path, tiny_teacher, kind, tensor_type,
+                                                                        bits):
+    _, tensors = read(gguf_export.export(TINY_TEACHER, tmp_path / "m.gguf", kind, name="tiny"))
+    model = tiny_teacher[0]
+    assert tensors["token_embd.weight"].tensor_type == tensor_type
+    assert tensors["blk.0.ffn_up.weight"].tensor_type == tensor_type
+    assert tensors["blk.0.attn_norm.weight"].tensor_type == GGMLQuantizationType.F32
+    embedding = tensors["token_embd.weight"]
+    assert embedding.n_bytes * 8 / embedding.n_elements == bits
+    expected = model.model.layers[0].mlp.up_proj.weight.detach().numpy()
+    error = np.abs(weights(tensors["blk.0.ffn_up.weight"]) - expected).max()
+    assert 0 < error < np.abs(expected).max() / 4  # 16 levels per block of 32
+
+
 def test_compressed_tensors_checkpoint_is_exported_dequantized(tmp_path, tiny_teacher):
     model, tokenizer = tiny_teacher
     student = type(model)(model.config)

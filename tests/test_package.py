@@ -1,8 +1,10 @@
 """The bundle's serving files, the model's name and the teacher's license (the whole bundle: test_release.py)."""
 
+import json
 import shutil
 
 import pytest
+import yaml
 
 from distilflow.configs.loader import load_config
 from distilflow.configs.schema import DeployConfig, HttpTeacherConfig, LocalTeacherConfig, ServeConfig
@@ -25,14 +27,35 @@ def test_model_name_that_is_no_valid_served_name_is_an_error_naming_the_key():
 
 
 def test_unknown_gguf_type_is_an_error_naming_the_choices():
-    with pytest.raises(DistilflowError, match="deploy.gguf: Input should be 'none', 'f16' or 'q8_0'"):
+    with pytest.raises(DistilflowError, match="deploy.gguf: Input should be 'none', 'f16', 'q8_0', 'q4_0' or 'q4_1'"):
         load_config(TINY_CONFIG, {"deploy.gguf": "q4_k_m"})
 
 
 def test_vllm_arguments_of_an_unquantized_checkpoint_name_no_quantization():
     args = package.vllm_args(TINY_TEACHER, DeployConfig(model_name="tiny", serve=ServeConfig(max_model_len=256)))
     assert args == {"served-model-name": "tiny", "dtype": "float32", "max-model-len": 256,
-                    "generation-config": "auto", "port": 8000}
+                    "generation-config": "auto", "host": "127.0.0.1", "port": 8000}
+
+
+def test_serve_yaml_states_its_host_and_says_what_a_container_needs(tmp_path, tiny_cfg):
+    bundle = shutil.copytree(TINY_TEACHER, tmp_path / "bundle")
+    package.write_vllm_files(bundle, tiny_cfg.task, {"text": "x", "label": "bug"}, DeployConfig(model_name="tiny"), None)
+    host = next(line for line in (bundle / "serve.yaml").read_text().splitlines() if line.startswith("host:"))
+    assert host.startswith("host: 127.0.0.1  # ") and "0.0.0.0 inside a container" in host
+    assert yaml.safe_load((bundle / "serve.yaml").read_text())["host"] == "127.0.0.1"
+    assert '"--host", "0.0.0.0"]' in (bundle / "Dockerfile").read_text()
+
+
+def test_generation_config_is_greedy_and_caps_no_clients_answer_length(tmp_path):
+    from transformers import GenerationConfig
+
+    from distilflow.tasks import deploy
+
+    bundle = shutil.copytree(TINY_TEACHER, tmp_path / "bundle")
+    deploy.write_generation_config(bundle)
+    config = GenerationConfig.from_pretrained(bundle)
+    assert config.do_sample is False
+    assert "max_new_tokens" not in json.loads((bundle / "generation_config.json").read_text())
 
 
 def test_llama_cpp_grammar_quotes_each_label(tiny_cfg):

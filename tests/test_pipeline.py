@@ -120,6 +120,8 @@ def test_report_latest_json_describes_the_newest_run(runs, capsys):
     assert main(["report", "--latest", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report) == {"run_id", "mlflow_run_id", "mlflow_tracking_uri", "bundle", "journey"}
+    teacher = report["journey"][0]
+    assert teacher["serving"]["engine"] == "llama.cpp" and set(teacher["cost_usd_per_mtok"]) == {"batch1", "throughput"}
     assert report["mlflow_tracking_uri"] == runs["changed"]["mlflow_tracking_uri"]
     assert report["run_id"] == runs["changed"]["run_id"]
     assert report["bundle"] == runs["changed"]["bundle"]

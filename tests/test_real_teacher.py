@@ -44,11 +44,16 @@ def test_pipeline_runs_on_the_real_teacher(tmp_path):
     overrides = {"run.workdir": str(tmp_path), "task.max_train": 48, "task.eval_size": 24,
                  "distill.sft.max_steps": 6, "compress.quantize.calibration_samples": 8,
                  "eval.perplexity_examples": 8, "eval.speed_new_tokens": 8, "deploy.smoke_prompts": 2,
-                 "deploy.gate.min_retention": None}  # 6 SFT steps: a student this short-trained may not retain
+                 "eval.serving": {"concurrency": 2, "decode_tokens": 16, "speed_repeats": 1, "latency_requests": 4},
+                 # 6 SFT steps: a student this short-trained may neither retain nor agree across engines
+                 "deploy.gate.min_retention": None, "deploy.gate.max_engine_gap": None}
     with prefect_test_harness(server_startup_timeout=120):
         record = pipeline(str(DEMO), overrides)
     journey = {e["state"]: e for e in record["journey"]}
-    assert list(journey) == ["teacher", "student", "quantized", "deployed"]
+    assert list(journey) == ["teacher", "teacher-gguf", "student", "quantized", "deployed"]
+    assert journey["teacher-gguf"]["serving"]["artifact"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert journey["deployed"]["serving"]["artifact"] == "model-q4_0.gguf"
+    assert journey["deployed"]["serving"]["artifact_bytes"] < journey["teacher"]["serving"]["artifact_bytes"] / 4
     assert journey["teacher"]["params"] > journey["student"]["params"]
     assert journey["deployed"]["size_bytes"] < journey["student"]["size_bytes"] < journey["teacher"]["size_bytes"]
     assert 0 <= journey["deployed"]["gguf_smoke_pass_rate"] <= 1  # demo.yaml exports GGUF; llama.cpp answered

@@ -110,7 +110,7 @@ def test_serve_yaml_holds_vllm_arguments_read_from_the_checkpoint(bundle):
     config = json.loads((bundle / "config.json").read_text())
     assert args == {"served-model-name": "tiny", "dtype": config["dtype"],
                     "max-model-len": config["max_position_embeddings"], "quantization": "compressed-tensors",
-                    "generation-config": "auto", "port": 8000}
+                    "generation-config": "auto", "host": "127.0.0.1", "port": 8000}
 
 
 def test_serve_sh_runs_vllm_with_serve_yaml(bundle):
@@ -156,6 +156,7 @@ def test_model_card_has_journey_table_chart_exports_and_serving(bundle):
     assert "| deployed |" in card and "![task score and size of each state](journey.png)" in card
     assert (bundle / "journey.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "GGUF q8_0 (llama.cpp): `gguf/model-q8_0.gguf`" in card and "ONNX: not made" in card
+    assert "| deployed | llama.cpp | model-q8_0.gguf |" in card and "![task score against serving cost](cost.png)" in card
     assert "vllm serve . --served-model-name tiny" in card
     assert "## Intended use and limits" in card
 
@@ -165,11 +166,28 @@ def test_model_card_says_when_the_teacher_states_no_license(bundle):
     assert "not stated in the teacher's files" in card and "\nlicense:" not in card.split("---")[1]
 
 
-def test_deployed_entry_records_the_smoke_test_and_the_gguf_size(runs):
+def test_deployed_entry_records_the_smoke_tests_and_the_gguf_file(runs, bundle):
     deployed = runs["passing"]["journey"][-1]
     assert deployed["state"] == "deployed"
     assert 0 <= deployed["smoke_pass_rate"] <= 1 and deployed["smoke_latency_s"] > 0
-    assert deployed["gguf_size_bytes"] > 0
+    assert 0 <= deployed["gguf_smoke_pass_rate"] <= 1
+    assert deployed["gguf_file"] == "gguf/model-q8_0.gguf"
+    assert deployed["gguf_size_bytes"] == (bundle / "gguf" / "model-q8_0.gguf").stat().st_size
+
+
+def test_every_served_state_carries_its_serving_measurements_and_cost(runs):
+    journey = {e["state"]: e for e in runs["passing"]["journey"]}
+    for state, artifact in (("teacher", "teacher-f16.gguf"), ("student", "student-f16.gguf"),
+                            ("deployed", "model-q8_0.gguf")):
+        served = journey[state]["serving"]
+        assert served["engine"] == "llama.cpp" and served["artifact"] == artifact, state
+        assert served["batch1_tokens_per_s"] > 0 and served["throughput_tokens_per_s"] > 0 and 0 <= served["task_score"] <= 1
+        assert all(cost > 0 for cost in journey[state]["cost_usd_per_mtok"].values()), state
+    assert journey["quantized"]["serving"]["not_measured"].startswith("compressed-tensors")
+
+
+def test_every_bundle_file_is_readable_by_anyone(bundle):
+    assert all(path.stat().st_mode & 0o444 == 0o444 for path in bundle.rglob("*"))
 
 
 def test_run_passing_the_gate_becomes_champion(runs):
