@@ -134,7 +134,8 @@ def measure(name: str, source: Path, out: Path, measured_on: Text, device, layer
             awq_grid: int | None = None) -> dict:
     calibration = measured_on.calibration
     cfg = (SCHEMES | VARIANTS)[name]
-    cfg = cfg.model_copy(update={"calibration_samples": len(calibration), "awq_grid": awq_grid or cfg.awq_grid})
+    cfg = cfg.model_copy(update={"calibration_samples": len(calibration),
+                                 "awq_grid": awq_grid if awq_grid and cfg.method == "awq" else cfg.awq_grid})
     start = time.perf_counter()
     if cfg.scheme == "nf4":
         model, tokenizer = quantize.nf4(source, device, out)
