@@ -385,7 +385,14 @@ class QuantizeConfig(Section):
                            "per token at run time.")
     rank: int = Field(16, ge=1, description="qlr: rank of the L·R factors (the top singular components of each "
                                             "layer's rounding error W − Q, fitted after the 4-bit backbone).")
+    observer: Literal["minmax", "mse"] = Field(
+        "minmax", description="How each group's 4-bit range is chosen: minmax spans the group's extremes; mse "
+                              "searches a clipped range with the least rounding error (AWQ's reference recipe clips "
+                              "too).")
     awq_grid: int = Field(20, ge=3, description="awq: grid points searched per layer for the scaling ratio.")
+    awq_duo_scaling: bool | Literal["both"] = Field(
+        True, description="awq: scales from activations and weights (true), from activations alone (false), or "
+                          "searched both ways (both).")
     calibration_samples: int = Field(64, ge=1, description="Task prompts (with answers, in the chat format) "
                                                            "that calibrate gptq, awq and static fp8.")
     calibration_max_length: int = Field(256, ge=8)

@@ -57,11 +57,13 @@ def recipe(cfg: QuantizeConfig, group_size: int) -> list:
         return [QuantizationModifier(scheme="FP8" if cfg.static_activations else "FP8_DYNAMIC",
                                      targets=["Linear"], ignore=list(cfg.ignore))]
     int4 = {"group_0": QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
-        num_bits=4, type="int", symmetric=cfg.symmetric, strategy="group", group_size=group_size))}
+        num_bits=4, type="int", symmetric=cfg.symmetric, strategy="group", group_size=group_size,
+        observer=cfg.observer))}
     return {
         "gptq": [GPTQModifier(config_groups=int4, ignore=list(cfg.ignore))],
         # AWQ only rescales channels; the quantization modifier after it rounds the rescaled weights.
-        "awq": [AWQModifier(n_grid=cfg.awq_grid), QuantizationModifier(config_groups=int4, ignore=list(cfg.ignore))],
+        "awq": [AWQModifier(n_grid=cfg.awq_grid, duo_scaling=cfg.awq_duo_scaling),
+                QuantizationModifier(config_groups=int4, ignore=list(cfg.ignore))],
         "rtn": [QuantizationModifier(config_groups=int4, ignore=list(cfg.ignore))],
     }[cfg.method]
 

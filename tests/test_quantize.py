@@ -49,6 +49,14 @@ def test_each_scheme_is_a_list_of_llm_compressor_modifiers(cfg, modifiers):
     assert [type(m).__name__ for m in quantize.recipe(cfg, group_size=64)] == modifiers
 
 
+def test_awq_recipe_carries_the_scaling_search_and_range_settings():
+    awq, rounding = quantize.recipe(QuantizeConfig(method="awq", awq_grid=8, awq_duo_scaling="both", observer="mse",
+                                                   symmetric=False), group_size=64)
+    assert (awq.n_grid, awq.duo_scaling) == (8, "both")
+    weights = rounding.config_groups["group_0"].weights
+    assert (weights.observer, weights.symmetric) == ("mse", False)
+
+
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
     """The tiny teacher quantized with some settings (once per module): (config.json's quantization_config, dir)."""

