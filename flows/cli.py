@@ -95,23 +95,18 @@ def report(args) -> int:
 
 
 def verify(args) -> int:
-    from pathlib import Path
-
-    from distilflow.tasks.artifacts import MANIFEST, manifest_problems
+    from distilflow.tasks.artifacts import MANIFEST, manifest_problems, read_manifest
 
     bundle = Path(args.bundle)
     if not bundle.is_dir():
-        raise DistilflowError(f"{bundle}: no such bundle directory (`distilflow report --latest` prints the newest)")
-    try:
-        problems = manifest_problems(bundle)
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-        raise DistilflowError(f"{bundle / MANIFEST}: not a distilflow manifest (JSON with a \"files\" map "
-                              "of path to sha256)") from None
+        raise DistilflowError(f"{bundle.resolve()}: no such bundle directory (`distilflow report --latest` prints "
+                              "the newest)")
+    problems = manifest_problems(bundle)
     if problems:
         raise DistilflowError(f"{bundle}: does not match {MANIFEST} ({len(problems)} problem"
                               f"{'s' * (len(problems) > 1)}):\n  " + "\n  ".join(problems))
-    count = len(json.loads((bundle / MANIFEST).read_text())["files"])
-    print(f"{bundle}: all {count} files match {MANIFEST}")
+    files, links = read_manifest(bundle)
+    print(f"{bundle}: all {len(files)} files{f' and {len(links)} symlinks' if links else ''} match {MANIFEST}")
     return 0
 
 
