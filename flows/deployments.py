@@ -3,10 +3,13 @@ limit of the config's `schedule:` section, and runs what is triggered in the UI,
 run` or by the schedule. (prefect.yaml declares the same deployment for `prefect deploy` onto work pools.)
 """
 
+import asyncio
+import logging
+import signal
 from pathlib import Path
 from typing import Any
 
-from prefect import serve
+from prefect.runner import Runner
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
@@ -16,6 +19,8 @@ from pydantic import ValidationError
 from distilflow.configs.schema import PipelineConfig, ScheduleConfig
 from distilflow.flows.pipeline import pipeline
 from distilflow.tasks.errors import DistilflowError
+
+log = logging.getLogger("distilflow")
 
 
 def pipeline_deployment(config_path: Path, overrides: dict[str, Any], cfg: PipelineConfig) -> RunnerDeployment:
@@ -47,11 +52,48 @@ def cron_schedule(schedule: ScheduleConfig, config_path: Path) -> CronSchedule:
 
 
 def serve_pipeline(config_path: Path, overrides: dict[str, Any], cfg: PipelineConfig) -> None:
-    """Register the deployment and run its flow runs in this process until stopped (Ctrl-C / SIGTERM);
-    stopping pauses the schedule, since nothing would run it."""
+    """Register the deployment and run its flow runs in this process until stopped (Ctrl-C / SIGTERM).
+
+    Stopping cancels the flow runs in progress (their process gets SIGTERM and closes its MLflow runs; the flow
+    run ends Cancelled, which frees the deployment's concurrency slot at once), then pauses the schedule, since
+    nothing would run it. With `enqueue`, runs waiting for the slot start in the order they were triggered.
+    """
     api_url = get_current_settings().api.url
     if not api_url:
         raise DistilflowError(
             "distilflow serve needs a Prefect server for its deployment and schedule: start one with "
             "`prefect server start` and set PREFECT_API_URL (e.g. export PREFECT_API_URL=http://127.0.0.1:4200/api)")
-    serve(pipeline_deployment(config_path, overrides, cfg))
+    deployment = pipeline_deployment(config_path, overrides, cfg)
+    # The runner submits the scheduled runs it polls earliest first, up to its limit. Holding waiting runs back
+    # here keeps them in trigger order; left to the server's slot (AwaitingConcurrencySlot), each waiting run
+    # retries on its own timer and the first to retry after the slot frees wins. cancel_new needs the server
+    # to see (and cancel) the extra run, so the runner takes every run there.
+    enqueue = cfg.schedule.collision_strategy == "enqueue"
+    runner = Runner(pause_on_shutdown=True, limit=cfg.schedule.concurrency_limit if enqueue else None)
+    runner.add_deployment(deployment)
+    log.info("serving deployment distilflow/%s from %s; trigger it with `prefect deployment run distilflow/%s` "
+             "or in the UI; stop with Ctrl-C", deployment.name, api_url, deployment.name)
+    asyncio.run(_serve_until_stopped(runner))
+
+
+async def _serve_until_stopped(runner: Runner) -> None:
+    """``runner.start()``, stopped by SIGTERM or SIGINT through ``runner.astop()`` on this loop (which cancels the
+    runs in progress and waits for them); a second signal ends the process at once."""
+    loop = asyncio.get_running_loop()
+    serving = asyncio.ensure_future(runner.start())
+    # start() installs Prefect's own SIGTERM handler before its first await; it stops the runner from another
+    # event loop, which leaves the runs in progress RUNNING and their slot held. Replace it.
+    await asyncio.sleep(0)
+
+    def stop() -> None:
+        for each in STOP_SIGNALS:
+            loop.remove_signal_handler(each)
+        log.info("stopping: cancelling the runs in progress, then pausing the schedule")
+        asyncio.ensure_future(runner.astop())
+
+    for each in STOP_SIGNALS:
+        loop.add_signal_handler(each, stop)
+    await serving
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)

@@ -11,13 +11,13 @@ import shutil
 from dataclasses import dataclass
 
 from distilflow.configs.schema import HttpTeacherConfig, PipelineConfig
-from distilflow.tasks import artifacts
+from distilflow.tasks import artifacts, history
 from distilflow.tasks.artifacts import StageResult
 from distilflow.tasks.context import StageContext
 from distilflow.tasks.data import load_task_data
 from distilflow.tasks.models import resolve_device
 from distilflow.tasks.teachers import api_key
-from distilflow.tasks.tracking import LogTracker, Tracker, check_tracking_store
+from distilflow.tasks.tracking import LogTracker, Tracker, check_tracking_store, tracking_source
 
 log = logging.getLogger("distilflow")
 
@@ -44,8 +44,9 @@ def preflight(cfg: PipelineConfig, tracking_uri: str) -> None:
     """
     load_task_data(cfg.task, cfg.run.seed)
     artifacts.check_writable(cfg.run.workdir)
+    history.check_home(history.distilflow_home())
     resolve_device(cfg.run.device)
-    check_tracking_store(tracking_uri)
+    check_tracking_store(tracking_uri, tracking_source(cfg.run.mlflow_tracking_uri))
     for key, teacher in http_teachers(cfg).items():
         api_key(teacher, os.environ, key)  # a missing key fails now, not after the teacher is half asked
 
