@@ -9,13 +9,15 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
-from distilflow.configs.schema import HttpTeacherConfig, PipelineConfig
+from distilflow.configs.schema import HttpTeacherConfig, ModelTrust, PipelineConfig
 from distilflow.tasks import artifacts, history
 from distilflow.tasks.artifacts import StageResult
 from distilflow.tasks.context import StageContext
 from distilflow.tasks.data import load_task_data
-from distilflow.tasks.models import resolve_device
+from distilflow.tasks.errors import DistilflowError
+from distilflow.tasks.models import check_model_files, layer_count, resolve_device
 from distilflow.tasks.teachers import api_key
 from distilflow.tasks.tracking import LogTracker, Tracker, check_tracking_store, tracking_source
 
@@ -49,6 +51,23 @@ def preflight(cfg: PipelineConfig, tracking_uri: str) -> None:
     check_tracking_store(tracking_uri, tracking_source(cfg.run.mlflow_tracking_uri))
     for key, teacher in http_teachers(cfg).items():
         api_key(teacher, os.environ, key)  # a missing key fails now, not after the teacher is half asked
+    for key, model in local_models(cfg).items():
+        directory = check_model_files(model, key)
+        if key == "prototype.teacher" and directory and cfg.distill.student.teacher_layers:
+            check_teacher_layers(cfg.distill.student.teacher_layers, layer_count(directory), directory)
+
+
+def local_models(cfg: PipelineConfig) -> dict[str, ModelTrust]:
+    judge = cfg.prototype.judge and cfg.prototype.judge.teacher
+    models = {"prototype.teacher": cfg.prototype.teacher, "prototype.judge.teacher": judge,
+              "distill.student": cfg.distill.student if cfg.distill.student.path else None}
+    return {key: model for key, model in models.items() if isinstance(model, ModelTrust)}
+
+
+def check_teacher_layers(keep: int, layers: int | None, teacher: Path) -> None:
+    if layers is not None and keep >= layers:
+        raise DistilflowError(f"distill.student.teacher_layers is {keep}, but the teacher ({teacher}) has {layers} "
+                              "layers: the student would be as large as the teacher; keep fewer")
 
 
 def http_teachers(cfg: PipelineConfig) -> dict[str, HttpTeacherConfig]:

@@ -244,8 +244,8 @@ class Liveness:
 
 def open_store(tracking_uri: str):
     """An MlflowClient on ``tracking_uri``. A new sqlite store is created whole (its tables made under a temporary
-    name, then renamed), so a crash or a full disk never leaves a half-made store; a damaged one is named, and
-    set aside when it holds no run."""
+    name, then renamed), so a crash or a full disk never leaves a half-made store; a damaged one is named, with
+    what to do."""
     from mlflow import MlflowClient
 
     database = sqlite_path(tracking_uri)
@@ -253,21 +253,16 @@ def open_store(tracking_uri: str):
         return MlflowClient(tracking_uri)
     if not database.exists():
         _create_sqlite_store(database)
-    client = MlflowClient(tracking_uri)
     try:
+        client = MlflowClient(tracking_uri)
         client.search_experiments(max_results=1)
     except Exception as err:  # sqlalchemy's and alembic's errors on a half-made or foreign schema
-        if _holds_runs(database):
-            raise DistilflowError(
-                f"{database}: the MLflow store is damaged or was made by another MLflow version ({_first_line(err)}). "
-                f"It holds runs: back it up, then try `mlflow db upgrade sqlite:///{database}`; or set "
-                "run.mlflow_tracking_uri to another store") from None
-        aside = database.with_name(f"{database.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
-        database.rename(aside)
-        log.warning("%s was an incomplete MLflow store holding no run (%s); moved it to %s and made a new one",
-                    database, _first_line(err), aside)
-        _create_sqlite_store(database)
-        client = MlflowClient(tracking_uri)
+        holds = ("It holds runs: back it up, then try `mlflow db upgrade sqlite:///{0}`, or set "
+                 "run.mlflow_tracking_uri to another store" if _holds_runs(database) else
+                 "It holds no run (its creation was interrupted, e.g. by a full disk): move it away, e.g. "
+                 "`mv {0} {0}.damaged`, and run again; a new store is made").format(database)
+        raise DistilflowError(f"{database}: the MLflow store is damaged or was made by another MLflow version "
+                              f"({_first_line(err)}). {holds}") from None
     return client
 
 

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from distilflow.configs.schema import TaskConfig
+from distilflow.flows.retries import is_transient
 from distilflow.tasks import checks
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.evaluate import task_score
@@ -104,6 +105,22 @@ def test_python_check_score_outside_unit_interval_is_an_error(tmp_path):
     task = task_with({"type": "python", "function": "my_checks.py:too_big"}, base_dir=tmp_path)
     with pytest.raises(DistilflowError, match=r"returned 1.5 .* must return a number in \[0, 1\]"):
         checks.score("x", {}, task)
+
+
+def test_a_python_check_that_raises_names_the_function_and_the_answer(tmp_path):
+    write_module(tmp_path, "import json\ndef strict(answer, row):\n    return json.loads(answer)['score']\n")
+    task = task_with({"type": "python", "function": "my_checks.py:strict"}, base_dir=tmp_path)
+    with pytest.raises(DistilflowError) as caught:
+        checks.score("not json at all", {}, task)
+    message = str(caught.value)
+    assert "my_checks.py:strict raised JSONDecodeError" in message and "'not json at all'" in message
+    assert not is_transient(caught.value)
+
+
+def test_a_python_check_may_return_a_numpy_number(tmp_path):
+    write_module(tmp_path, "import numpy\ndef half(answer, row):\n    return numpy.float32(0.5)\n")
+    task = task_with({"type": "python", "function": "my_checks.py:half"}, base_dir=tmp_path)
+    assert checks.score("x", {}, task) == 0.5
 
 
 def test_task_score_is_the_mean_of_the_checks_scores():
