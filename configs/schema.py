@@ -6,6 +6,7 @@ tasks/distill.py. Relative paths resolve against the directory of the YAML file 
 
 import os
 import re
+import string
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -124,6 +125,16 @@ class RunConfig(Section):
 class ChoiceCheck(Section):
     type: Literal["choice"] = "choice"
     choices: list[str] = Field(min_length=2, description="The allowed answers, exactly as the model must write them.")
+
+    @field_validator("choices")
+    @classmethod
+    def _distinct_answers(cls, choices: list[str]) -> list[str]:
+        if any(not choice.strip() for choice in choices):
+            raise ValueError("an empty answer cannot be a choice")
+        repeated = sorted({c for c in choices if choices.count(c) > 1})
+        if repeated:
+            raise ValueError(f"{repeated} appear more than once; list each answer once")
+        return choices
     metric: Literal["accuracy"] = Field("accuracy", description="Share of answers equal to the label.")
 
 
@@ -202,7 +213,24 @@ class TaskConfig(Section):
     eval_size: int = Field(64, ge=1, description="Held-out examples (need labels); the rest is the training pool.")
     max_train: int | None = Field(None, ge=1, description="Cap on training-pool inputs sent to the teacher.")
     system_prompt: str = Field("", description="System message of every prompt.")
-    template: str = Field("{text}", description="User message; {field} names a data field.")
+    template: str = Field("{text}", description="User message; {field} names a data field (write {{ and }} for "
+                                                "literal braces).")
+
+    @field_validator("template")
+    @classmethod
+    def _names_data_fields(cls, template: str) -> str:
+        try:
+            parts = list(string.Formatter().parse(template))
+        except ValueError as err:
+            raise ValueError(f"{err} (write {{{{ and }}}} for a literal brace)") from None
+        names = [name for _, name, spec, conversion in parts if name is not None]
+        if not names:
+            raise ValueError("names no data field, so every prompt would be the same text: put one in, e.g. "
+                             "'Ticket: {text}'")
+        odd = [name for name in names if not name.isidentifier()]
+        if odd:
+            raise ValueError(f"{{{odd[0]}}} is not a field name: use {{column}} with a data column's name")
+        return template
     check: Check = Field(description="What a valid answer is and how it is scored: the rejection-sampling "
                                      "filter, the metric of every evaluation and the RL reward.")
     max_answer_tokens: int = Field(64, ge=1, description="Longest answer a model writes where it generates "

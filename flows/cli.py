@@ -69,12 +69,14 @@ def run(args) -> int:
 def validate(args) -> int:
     from distilflow.configs.loader import load_config, parse_overrides
     from distilflow.tasks.data import load_task_data
-    from distilflow.tasks.stages import preflight
+    from distilflow.tasks.stages import length_warnings, preflight
     from distilflow.tasks.tracking import tracking_uri
 
     cfg = load_config(args.config, parse_overrides(args.set))
     preflight(cfg, tracking_uri(cfg.run.mlflow_tracking_uri, cfg.run.workdir))
     examples = load_task_data(cfg.task, cfg.run.seed)
+    for warning in length_warnings(cfg, examples):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{args.config}: valid ({len(examples.train)} training inputs, {len(examples.eval)} held-out)")
     return 0
 

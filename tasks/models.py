@@ -37,7 +37,7 @@ def compute_dtype(device: torch.device) -> torch.dtype:
 def load_teacher(cfg: LocalTeacherConfig, device: torch.device, key: str = "prototype.teacher"):
     """The teacher as (model, tokenizer): a GGUF file (dequantized by transformers), or a HF dir / hub id,
     optionally quantized on load to 4 or 8 bits by bitsandbytes. ``key`` names the config in errors."""
-    source, gguf_file = _teacher_source(cfg, key)
+    source, gguf_file = teacher_source(cfg, key)
     log.info("loading teacher %s%s (%s)", source, f" ({gguf_file})" if gguf_file else "", trust_summary(cfg))
     files = {"gguf_file": gguf_file} if gguf_file else {}
     quantization = bitsandbytes_loading(cfg, device, key) if cfg.load_in_4bit or cfg.load_in_8bit else {}
@@ -118,7 +118,7 @@ def bitsandbytes_loading(cfg: LocalTeacherConfig, device: torch.device, key: str
     return {"quantization_config": quantization, "device_map": {"": device.index or 0}}
 
 
-def _teacher_source(cfg: LocalTeacherConfig, key: str) -> tuple[str, str | None]:
+def teacher_source(cfg: LocalTeacherConfig, key: str) -> tuple[str, str | None]:
     if cfg.gguf_package:
         spec = importlib.util.find_spec(cfg.gguf_package)
         if spec is None or spec.origin is None:
@@ -138,7 +138,7 @@ def check_model_files(cfg: ModelTrust, key: str) -> Path | None:
     the files loading needs, else say what is wrong with it. Returns its directory (None: a hub id or package)."""
     gguf_file = getattr(cfg, "gguf_file", None)
     if getattr(cfg, "gguf_package", None):
-        _teacher_source(cfg, key)
+        teacher_source(cfg, key)
         return None
     directory = Path(cfg.path)
     if not directory.is_absolute():

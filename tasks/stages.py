@@ -15,9 +15,9 @@ from distilflow.configs.schema import HttpTeacherConfig, ModelTrust, PipelineCon
 from distilflow.tasks import artifacts, history
 from distilflow.tasks.artifacts import StageResult
 from distilflow.tasks.context import StageContext
-from distilflow.tasks.data import load_task_data
+from distilflow.tasks.data import TaskData, load_task_data
 from distilflow.tasks.errors import DistilflowError
-from distilflow.tasks.models import check_model_files, layer_count, resolve_device
+from distilflow.tasks.models import check_model_files, layer_count, resolve_device, teacher_source
 from distilflow.tasks.teachers import api_key
 from distilflow.tasks.tracking import LogTracker, Tracker, check_tracking_store, tracking_source
 
@@ -74,6 +74,36 @@ def http_teachers(cfg: PipelineConfig) -> dict[str, HttpTeacherConfig]:
     teachers = {"prototype.teacher": cfg.prototype.teacher,
                 "prototype.judge.teacher": cfg.prototype.judge and cfg.prototype.judge.teacher}
     return {key: teacher for key, teacher in teachers.items() if isinstance(teacher, HttpTeacherConfig)}
+
+
+def length_warnings(cfg: PipelineConfig, examples: TaskData) -> list[str]:
+    """What `distilflow validate` says about sequence lengths, measured with the teacher's tokenizer and chat
+    template: inputs longer than the teacher's context, and training examples longer than distill's max_length
+    (SFT skips them; logit KD leaves out the start of their prompts). Empty for an HTTP teacher."""
+    teacher = cfg.prototype.teacher
+    if isinstance(teacher, HttpTeacherConfig):
+        return []
+    from transformers import AutoConfig, AutoTokenizer
+
+    from distilflow.tasks.data import label, messages
+
+    source, gguf_file = teacher_source(teacher, "prototype.teacher")
+    tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
+    rows = examples.train + examples.eval
+    prompts = [tokenizer.apply_chat_template(messages(row, cfg.task), add_generation_prompt=True)["input_ids"]
+               for row in rows]
+    answers = [len(tokenizer(label(row, cfg.task) or "", add_special_tokens=False)["input_ids"]) for row in rows]
+    limits = {} if gguf_file else {"the teacher's context (max_position_embeddings)":
+                                   getattr(AutoConfig.from_pretrained(source), "max_position_embeddings", None)}
+    limits |= {f"distill.{phase}.max_length": getattr(cfg.distill, phase).max_length
+               for phase in ("sft", "logit_kd") if phase in cfg.distill.phases}
+    warnings = []
+    for what, limit in limits.items():
+        longer = sum(len(prompt) + answer > limit for prompt, answer in zip(prompts, answers)) if limit else 0
+        if longer:
+            warnings.append(f"{longer} of {len(rows)} examples are longer than {what}, {limit} tokens (the longest: "
+                            f"{max(len(p) + a for p, a in zip(prompts, answers))})")
+    return warnings
 
 
 def cache_key(name: str, cfg: PipelineConfig, upstream: dict[str, StageResult]) -> str:

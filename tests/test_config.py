@@ -347,3 +347,20 @@ def test_set_reads_yaml_but_a_text_key_takes_the_text_as_written(assignment, exp
 def test_set_with_a_value_that_is_not_yaml_is_named():
     with pytest.raises(DistilflowError, match="--set 'distill.lora.target_modules=\\[q_proj': the value is not valid YAML"):
         parse_overrides(["distill.lora.target_modules=[q_proj"])
+
+
+@pytest.mark.parametrize("template, message", [
+    ("Ticket: {text", "expected '}' before end of string"),
+    ("Ticket: text", "names no data field, so every prompt would be the same text"),
+    ("Ticket: {}", "{} is not a field name"),
+    ("Ticket: {0}", "{0} is not a field name"),
+    ("Ticket: {text.upper}", "{text.upper} is not a field name"),
+])
+def test_a_template_that_cannot_fill_a_prompt_is_named(template, message):
+    assert f"task.template: {message}" in error_of(TINY_CONFIG, {"task.template": template})
+
+
+@pytest.mark.parametrize("choices, message", [(["bug", "bug", "payment"], "['bug'] appear more than once"),
+                                              (["bug", " "], "an empty answer cannot be a choice")])
+def test_choices_that_repeat_or_are_empty_are_named(choices, message):
+    assert message in error_of(TINY_CONFIG, {"task.check.choices": choices})

@@ -171,3 +171,9 @@ def test_the_next_run_closes_runs_a_killed_process_left_running_and_only_those(t
     assert "ended without closing it" in runs["sft"].data.tags["distilflow.end_reason"]
     running.finish()
     newest.finish()
+
+
+def test_validate_counts_the_examples_longer_than_distills_max_length(capsys):
+    assert main(["validate", str(TINY_CONFIG), "--set", "distill.sft.max_length=40"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 64 of 64 examples are longer than distill.sft.max_length, 40 tokens" in err
