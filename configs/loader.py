@@ -76,7 +76,7 @@ def _read_yaml(path: Path) -> dict:
         raise DistilflowError(f"config file not found: {path}" if not path.exists() else
                               f"{path}: not a config file (a directory?)")
     try:
-        data = yaml.safe_load(decode_text(path.read_bytes(), path))
+        data = yaml.load(decode_text(path.read_bytes(), path), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" line {where.line + 1}, column {where.column + 1}" if where else ""
@@ -84,6 +84,21 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(data, dict):
         raise DistilflowError(f"{path}: expected a mapping of config sections (run, task, prototype, ...)")
     return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML silently keeps the last one, so a
+    second `distill:` section would drop the first without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} appears twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def decode_text(content: bytes, path: Path) -> str:

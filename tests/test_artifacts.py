@@ -170,3 +170,12 @@ def test_a_stage_artifact_with_a_corrupt_manifest_is_recomputed(tmp_path, manife
     (tmp_path / "artifacts" / "demo" / "k1" / "manifest.json").write_bytes(manifest.encode("latin-1"))
     result = artifacts.cached_or_run("demo", "k1", tmp_path, producer(calls))
     assert len(calls) == 2 and not result.cached
+
+
+def test_verify_never_reads_outside_the_bundle_for_a_manifest_entry_that_points_there(tmp_path, capsys):
+    bundle = signed_bundle(tmp_path)
+    (tmp_path / "secret.txt").write_text("outside")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"]["../secret.txt"] = artifacts.file_sha256(tmp_path / "secret.txt")
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    assert "missing: ../secret.txt" in verify_error(bundle, capsys)

@@ -364,3 +364,10 @@ def test_a_template_that_cannot_fill_a_prompt_is_named(template, message):
                                               (["bug", " "], "an empty answer cannot be a choice")])
 def test_choices_that_repeat_or_are_empty_are_named(choices, message):
     assert message in error_of(TINY_CONFIG, {"task.check.choices": choices})
+
+
+def test_a_section_given_twice_in_the_yaml_is_refused_not_silently_dropped(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(TINY_CONFIG.read_text() + "\ndistill:\n  student: {teacher_layers: 3}\n")
+    message = error_of(path)
+    assert f"{path}: line" in message and "the key 'distill' appears twice in one mapping" in message

@@ -177,3 +177,16 @@ def test_validate_counts_the_examples_longer_than_distills_max_length(capsys):
     assert main(["validate", str(TINY_CONFIG), "--set", "distill.sft.max_length=40"]) == 0
     err = capsys.readouterr().err
     assert "warning: 64 of 64 examples are longer than distill.sft.max_length, 40 tokens" in err
+
+
+def test_a_full_disk_anywhere_in_an_errors_chain_is_said_in_a_sentence():
+    from distilflow.flows.cli import resource_problem
+
+    with pytest.raises(OSError) as caught:
+        with open("/dev/full", "w") as full:  # a real ENOSPC
+            full.write("x")
+    try:
+        raise RuntimeError("safetensors: failed writing") from caught.value
+    except RuntimeError as wrapped:
+        assert resource_problem(wrapped).startswith("No space left on device; free space")
+    assert resource_problem(ValueError("a bug")) is None
