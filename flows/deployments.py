@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from distilflow.configs.schema import PipelineConfig, ScheduleConfig
 from distilflow.flows.pipeline import pipeline
 from distilflow.tasks.errors import DistilflowError
+from distilflow.tasks.tracking import close_abandoned_runs, liveness_dir, open_store, tracking_uri
 
 log = logging.getLogger("distilflow")
 
@@ -74,6 +75,20 @@ def serve_pipeline(config_path: Path, overrides: dict[str, Any], cfg: PipelineCo
     log.info("serving deployment distilflow/%s from %s; trigger it with `prefect deployment run distilflow/%s` "
              "or in the UI; stop with Ctrl-C", deployment.name, api_url, deployment.name)
     asyncio.run(_serve_until_stopped(runner))
+    close_runs_left_running(cfg)
+
+
+def close_runs_left_running(cfg: PipelineConfig) -> None:
+    """A run that did not end within the runner's grace period after SIGTERM was killed (SIGKILL): close the MLflow
+    runs it left RUNNING now, rather than at the next run of its workdir."""
+    uri = tracking_uri(cfg.run.mlflow_tracking_uri, cfg.run.workdir)
+    if not liveness_dir(cfg.run.workdir).is_dir():
+        return  # no run ever started here
+    client = open_store(uri)
+    experiment = client.get_experiment_by_name(cfg.run.name)
+    if experiment is not None:
+        close_abandoned_runs(client, experiment.experiment_id, liveness_dir(cfg.run.workdir),
+                             "distilflow serve, stopping")
 
 
 async def _serve_until_stopped(runner: Runner) -> None:

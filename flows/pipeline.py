@@ -7,6 +7,7 @@ Stages and MLflow calls are tasks that retry transient failures (`run.retries`);
 
 import json
 import logging
+import signal
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -14,7 +15,8 @@ from uuid import UUID
 from prefect import flow, get_client, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.exceptions import ObjectNotFound
+from prefect._internal import control_listener
+from prefect.exceptions import ObjectNotFound, TerminationSignal
 from prefect.states import Crashed
 from prefect.logging.handlers import APILogHandler
 from prefect.runtime import deployment, flow_run
@@ -47,6 +49,7 @@ def stage_flow(name: str, cfg: PipelineConfig, upstream: dict[str, StageResult],
 
 
 def stage(name: str, cfg: PipelineConfig, upstream: dict[str, StageResult], mlflow_run_id: str) -> StageResult:
+    stop_if_cancelled()
     return stage_flow.with_options(name=f"distilflow-{name}", flow_run_name=name)(name, cfg, upstream, mlflow_run_id)
 
 
@@ -92,6 +95,14 @@ def pipeline(config_path: str, overrides: dict[str, Any] | None = None) -> dict:
     return record
 
 
+def stop_if_cancelled() -> None:
+    """The runner cancels a run (`distilflow serve` stopping) with SIGTERM after telling the run's process over its
+    control channel. Python drops a signal handler's exception raised inside a finalizer (weakref callbacks while
+    models load: "Exception ignored in ..."), so the run could go on; the intent itself is never lost."""
+    if control_listener.get_intent() == "cancel":
+        raise TerminationSignal(signal.SIGTERM)
+
+
 def send_logs_to_prefect() -> None:
     """distilflow's own lines (stage progress, resume notices, scores) in the flow run's logs, however the run was
     started: a served or worker flow-run process has no CLI to set the level or PREFECT_LOGGING_EXTRA_LOGGERS."""
@@ -124,7 +135,7 @@ def start_tracking(cfg: PipelineConfig) -> MlflowTracker:
         tracking_uri(cfg), experiment=cfg.run.name, artifact_root=cfg.run.workdir / "mlartifacts",
         run_name=flow_run.name or "distilflow", tags={"prefect.flow_run_id": str(flow_run.id),
                                                       "prefect.flow_run_name": str(flow_run.name)},
-        liveness_dir=cfg.run.workdir / "running")
+        liveness_dir=tracking.liveness_dir(cfg.run.workdir))
     crash_flow_runs([run.data.tags["prefect.flow_run_id"] for run in tracker.close_stale_runs()
                      if "prefect.flow_run_id" in run.data.tags])
     tracker.log_params(flatten(cfg.model_dump(mode="json")))

@@ -175,24 +175,35 @@ class MlflowTracker:
         if self.liveness is None:
             return []
         experiment = self.client.get_run(self.run_id).info.experiment_id
-        running = self.client.search_runs([experiment], "attributes.status = 'RUNNING' and "
-                                                        f"tags.`distilflow.host` = '{socket.gethostname()}'")
-        stale = [run for run in running if run.info.run_id != self.run_id
-                 and self.liveness.is_abandoned(run.data.tags.get(Liveness.TAG, ""))]
-        for run in stale:
-            reason = (f"closed by run {self.run_id}: its process (pid {run.data.tags.get('distilflow.pid', '?')}) "
-                      "ended without closing it (killed, e.g. SIGKILL or a lost machine)")
-            for each in [run, *self._running_descendants(experiment, run.info.run_id)]:
-                self.client.set_tag(each.info.run_id, "distilflow.end_reason", reason)
-                self.client.set_terminated(each.info.run_id, "KILLED")
-            log.warning("MLflow run %s (%s) was left RUNNING by a killed run; %s", run.info.run_id,
-                        run.info.run_name, reason)
-        return stale
+        return close_abandoned_runs(self.client, experiment, self.liveness.path.parent, f"run {self.run_id}")
 
-    def _running_descendants(self, experiment: str, run_id: str) -> list[Any]:
-        children = self.client.search_runs([experiment], f"tags.mlflow.parentRunId = '{run_id}' and "
-                                                         "attributes.status = 'RUNNING'")
-        return [r for child in children for r in [child, *self._running_descendants(experiment, child.info.run_id)]]
+
+def close_abandoned_runs(client, experiment_id: str, liveness_dir: Path, closer: str) -> list[Any]:
+    """The RUNNING runs of ``experiment_id`` started on this host with a lock in ``liveness_dir`` that no living
+    process holds, and their RUNNING descendants, ended KILLED with the reason; returns the top-level ones."""
+    running = client.search_runs([experiment_id], "attributes.status = 'RUNNING' and "
+                                                  f"tags.`distilflow.host` = '{socket.gethostname()}'")
+    stale = [run for run in running if Liveness.abandoned(Path(run.data.tags.get(Liveness.TAG, "")), liveness_dir)]
+    for run in stale:
+        reason = (f"closed by {closer}: its process (pid {run.data.tags.get('distilflow.pid', '?')}) ended without "
+                  "closing it (killed, e.g. SIGKILL or a lost machine)")
+        for each in [run, *_running_descendants(client, experiment_id, run.info.run_id)]:
+            client.set_tag(each.info.run_id, "distilflow.end_reason", reason)
+            client.set_terminated(each.info.run_id, "KILLED")
+        log.warning("MLflow run %s (%s) was left RUNNING by a killed run; %s", run.info.run_id, run.info.run_name,
+                    reason)
+    return stale
+
+
+def _running_descendants(client, experiment_id: str, run_id: str) -> list[Any]:
+    children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{run_id}' and "
+                                                   "attributes.status = 'RUNNING'")
+    return [r for child in children for r in [child, *_running_descendants(client, experiment_id, child.info.run_id)]]
+
+
+def liveness_dir(workdir: Path) -> Path:
+    """Where the runs of a workdir hold their liveness locks."""
+    return workdir / "running"
 
 
 def end_status(error: BaseException) -> str:
@@ -222,19 +233,19 @@ class Liveness:
     def tags(self) -> dict[str, str]:
         return {self.TAG: str(self.path), "distilflow.host": socket.gethostname(), "distilflow.pid": str(os.getpid())}
 
-    def is_abandoned(self, lock_path: str) -> bool:
-        """Whether ``lock_path`` (another run's, in this same directory) is held by no living process."""
-        path = Path(lock_path)
-        if path.parent != self.path.parent:
+    @staticmethod
+    def abandoned(lock: Path, directory: Path) -> bool:
+        """Whether ``lock`` (a run's, in ``directory``) is held by no living process."""
+        if lock.parent != directory:
             return False  # another workdir's run: not ours to judge
         try:
-            with open(path) as handle:
+            with open(lock) as handle:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False
         except FileNotFoundError:
             return True
-        path.unlink(missing_ok=True)
+        lock.unlink(missing_ok=True)
         return True
 
     def release(self) -> None:
