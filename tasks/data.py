@@ -47,6 +47,9 @@ def read_rows(path: Path, split: str | None = None) -> list[dict]:
     with a byte-order mark); a CSV's delimiter (comma, semicolon, tab) is read from its header line."""
     if path.is_dir():
         rows = _read_saved_dataset(path, split)
+    elif split is not None:
+        raise DistilflowError(f"task.data_split is {split!r}, but {path} is a file, not a `datasets` directory with "
+                              "splits; remove task.data_split")
     elif path.suffix in (".jsonl", ".json", ".csv", ".tsv"):
         text = decode_text(path.read_bytes(), path)
         rows = {".jsonl": _read_jsonl, ".json": _read_json}.get(path.suffix, _read_csv)(text, path)

@@ -76,6 +76,24 @@ def http_teachers(cfg: PipelineConfig) -> dict[str, HttpTeacherConfig]:
     return {key: teacher for key, teacher in teachers.items() if isinstance(teacher, HttpTeacherConfig)}
 
 
+def check_hub_models(cfg: PipelineConfig) -> None:
+    """`distilflow validate` only (it asks the network): every model given by hub id is in the local cache or on
+    the Hugging Face hub."""
+    from transformers import AutoConfig
+
+    for key, model in local_models(cfg).items():
+        ref = getattr(model, "path", None)
+        if ref is None or Path(ref).is_absolute():
+            continue  # a local model (checked by preflight) or a GGUF package
+        try:
+            AutoConfig.from_pretrained(ref, trust_remote_code=model.trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise DistilflowError(
+                f"{key}.path: {ref!r} is no local directory (none beside the config) and no model this machine can "
+                f"fetch from the Hugging Face hub ({str(err).splitlines()[0]}); give the model's directory, or check "
+                "the id and the network") from None
+
+
 def length_warnings(cfg: PipelineConfig, examples: TaskData) -> list[str]:
     """What `distilflow validate` says about sequence lengths, measured with the teacher's tokenizer and chat
     template: inputs longer than the teacher's context, and training examples longer than distill's max_length

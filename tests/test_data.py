@@ -286,3 +286,9 @@ def test_a_latin_1_jsonl_file_is_refused_and_a_utf8_bom_is_accepted(tmp_path):
         data.read_rows(path)
     path.write_bytes('{"text": "problème", "label": "bug"}\n'.encode("utf-8-sig"))
     assert data.read_rows(path) == [{"text": "problème", "label": "bug"}]
+
+
+def test_a_data_split_for_a_plain_file_is_refused_not_ignored(tmp_path):
+    path = write_rows(tmp_path, [{"text": "a", "label": "bug"}])
+    with pytest.raises(DistilflowError, match="task.data_split is 'train', but .* is a file"):
+        data.read_rows(path, "train")

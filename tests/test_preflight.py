@@ -190,3 +190,9 @@ def test_a_full_disk_anywhere_in_an_errors_chain_is_said_in_a_sentence():
     except RuntimeError as wrapped:
         assert resource_problem(wrapped).startswith("No space left on device; free space")
     assert resource_problem(ValueError("a bug")) is None
+
+
+def test_a_hub_id_this_machine_cannot_fetch_fails_validate_not_the_run(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub here either way; offline answers at once
+    error = validate_error(capsys, "prototype.teacher.path=distilflow-test/no-such-model")
+    assert "prototype.teacher.path: 'distilflow-test/no-such-model' is no local directory" in error
