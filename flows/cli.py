@@ -60,7 +60,10 @@ def run(args) -> int:
     args.log_file = _log_to_file(cfg.run.workdir)
     _set_env_defaults()
     _stop_on(signal.SIGTERM, signal.SIGHUP)
+    from distilflow.flows.deployments import check_prefect_api
     from distilflow.flows.pipeline import pipeline
+
+    check_prefect_api()
 
     record = pipeline(config_path=str(args.config), overrides=overrides)
     _print_report(record)

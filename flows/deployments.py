@@ -6,6 +6,8 @@ run` or by the schedule. (prefect.yaml declares the same deployment for `prefect
 import asyncio
 import logging
 import signal
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,7 @@ def serve_pipeline(config_path: Path, overrides: dict[str, Any], cfg: PipelineCo
             "distilflow serve needs a Prefect server for its deployment and schedule: start one with "
             "`prefect server start` and set PREFECT_API_URL (e.g. export PREFECT_API_URL=http://127.0.0.1:4200/api)")
     deployment = pipeline_deployment(config_path, overrides, cfg)
+    check_prefect_api()
     # The runner submits the scheduled runs it polls earliest first, up to its limit. Holding waiting runs back
     # here keeps them in trigger order; left to the server's slot (AwaitingConcurrencySlot), each waiting run
     # retries on its own timer and the first to retry after the slot frees wins. cancel_new needs the server
@@ -89,6 +92,26 @@ def close_runs_left_running(cfg: PipelineConfig) -> None:
     if experiment is not None:
         close_abandoned_runs(client, experiment.experiment_id, liveness_dir(cfg.run.workdir),
                              "distilflow serve, stopping")
+
+
+def check_prefect_api() -> None:
+    """A configured Prefect API (PREFECT_API_URL or the profile's) that does not answer fails at once, named; an
+    HTTP error such as 401 means something answers, and is left to Prefect."""
+    url = get_current_settings().api.url
+    if not url:
+        return
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=PREFECT_PROBE_TIMEOUT_S):
+            pass
+    except urllib.error.HTTPError:
+        pass
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        raise DistilflowError(f"the Prefect API {url} (PREFECT_API_URL) does not answer ({getattr(err, 'reason', err)}); "
+                              "start that server (`prefect server start`), or unset PREFECT_API_URL to run against a "
+                              "temporary one") from None
+
+
+PREFECT_PROBE_TIMEOUT_S = 10
 
 
 async def _serve_until_stopped(runner: Runner) -> None:
