@@ -58,17 +58,14 @@ def _takes_text(key: str) -> bool:
     *sections, leaf = key.split(".")
     for part in sections:
         field = model.model_fields.get(part)
-        found = [c for c in (typing.get_args(field.annotation) or (field.annotation,)) if isinstance(c, type)
-                 and issubclass(c, BaseModel)] if field else []
+        found = _sections(field.annotation) if field else []
         if len(found) != 1:
             return False  # not a plain section (unknown, or a union such as the teacher): validation decides
         model = found[0]
     field = model.model_fields.get(leaf)
-    if field is None:
-        return False
-    kinds = {typing.get_origin(k) or k for k in (typing.get_args(field.annotation) or (field.annotation,))}
-    kinds.discard(type(None))
-    return kinds == {str} or (field.annotation is str)
+    kinds = set(typing.get_args(field.annotation) or (field.annotation,)) if field else set()
+    kinds = {typing.get_args(k)[0] if typing.get_origin(k) is typing.Annotated else k for k in kinds}
+    return kinds - {type(None)} == {str}
 
 
 def _read_yaml(path: Path) -> dict:
@@ -130,7 +127,8 @@ def _set_dotted(raw: dict, key: str, value: Any, path: Path) -> None:
 def _describe(err: ValidationError, path: Path) -> str:
     lines = [f"{path}: invalid config ({err.error_count()} problem{'s' * (err.error_count() > 1)})"]
     for problem in err.errors():
-        key = ".".join(str(part) for part in problem["loc"])
+        loc = _as_written(problem["loc"])
+        key = ".".join(str(part) for part in loc)
         if problem["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key{_did_you_mean(problem['loc'])}")
         elif problem["type"] == "missing":
@@ -143,6 +141,16 @@ def _describe(err: ValidationError, path: Path) -> str:
     return "\n".join(lines)
 
 
+# Which member of a union a value was checked as: pydantic puts that tag in the error's location, where the
+# user wrote no such key (`prototype.teacher.local.path` is `prototype.teacher.path` in the YAML).
+UNION_TAGS = {"teacher": {"local", "http"}, "check": {"choice", "regex", "json_schema", "python"}}
+
+
+def _as_written(loc: tuple) -> tuple:
+    """``loc`` without union tags: the key as the user wrote it."""
+    return tuple(part for i, part in enumerate(loc) if not (i and part in UNION_TAGS.get(loc[i - 1], ())))
+
+
 def _yaml_hint(problem: dict) -> str:
     """YAML turns unquoted yes/no/on/off into booleans, digits into numbers and 2024-01-01 into a date."""
     got = problem.get("input")
@@ -152,14 +160,25 @@ def _yaml_hint(problem: dict) -> str:
 
 
 def _did_you_mean(loc: tuple) -> str:
+    """A close key of the section ``loc`` (pydantic's location, union tags included) points into, or the allowed ones."""
     model: type[BaseModel] = PipelineConfig
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part)) if isinstance(part, str) else None
-        # An optional section (`LoraConfig | None`) suggests from its section type.
-        candidates = typing.get_args(field.annotation) or (field.annotation,) if field else ()
-        sections = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+    parts = list(loc[:-1])
+    while parts:
+        part = parts.pop(0)
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        sections = _sections(field.annotation) if field else []
+        if len(sections) > 1 and parts:  # a union: the next part is the tag of the member it was checked as
+            tag = str(parts.pop(0)).replace("_", "")
+            sections = [section for section in sections if section.__name__.lower().startswith(tag)]
         if not sections:
             return ""
-        model = sections[0]
+        model = sections[0]  # an optional section (`LoraConfig | None`) suggests from its section type
     close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
     return f"; did you mean '{close[0]}'?" if close else f"; allowed: {', '.join(model.model_fields)}"
+
+
+def _sections(annotation) -> list[type[BaseModel]]:
+    """The config sections an annotation allows, through Optional, unions and Annotated."""
+    if isinstance(annotation, type):
+        return [annotation] if issubclass(annotation, BaseModel) else []
+    return [section for arg in typing.get_args(annotation) for section in _sections(arg)]

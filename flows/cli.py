@@ -140,7 +140,9 @@ def _print_report(record: dict) -> None:
     release = record.get("release")
     rejected = release is not None and not release["passed"]
     print(journey_table(record["journey"]))
-    print(f"\nbundle:        {record['bundle']}{'  (REJECTED by the deploy gate: not the one to ship)' * rejected}")
+    gone = not Path(record["bundle"]).is_dir()
+    print(f"\nbundle:        {record['bundle']}{'  (REJECTED by the deploy gate: not the one to ship)' * rejected}"
+          f"{'  (no longer on disk)' * gone}")
     print(f"MLflow run id: {record['mlflow_run_id']}  ({record['mlflow_tracking_uri']})")
     print(f"run id:        {record['run_id']}")
     if release is None:

@@ -169,17 +169,17 @@ def check_error(tmp_path, check: dict) -> str:
 
 def test_invalid_regex_is_named(tmp_path):
     message = check_error(tmp_path, {"type": "regex", "pattern": "(a"})
-    assert "task.check.regex.pattern: not a valid regular expression" in message
+    assert "task.check.pattern: not a valid regular expression" in message
 
 
 def test_invalid_json_schema_is_named(tmp_path):
     message = check_error(tmp_path, {"type": "json_schema", "json_schema": {"type": "objekt"}})
-    assert "task.check.json_schema.json_schema: not a valid JSON schema at type" in message
+    assert "task.check.json_schema: not a valid JSON schema at type" in message
 
 
 def test_python_check_that_cannot_be_imported_is_named(tmp_path):
     message = check_error(tmp_path, {"type": "python", "function": "no_such_module:score"})
-    assert "task.check.python.function: cannot import no_such_module" in message
+    assert "task.check.function: cannot import no_such_module" in message
 
 
 def test_unknown_check_type_lists_the_kinds(tmp_path):
@@ -190,7 +190,7 @@ def test_unknown_check_type_lists_the_kinds(tmp_path):
 def test_http_teacher_needs_a_model(tmp_path):
     raw = tiny_yaml()
     raw["prototype"]["teacher"] = {"base_url": "http://127.0.0.1:8000/v1"}
-    assert "prototype.teacher.http.model: required key is missing" in error_of(write(tmp_path, raw))
+    assert "prototype.teacher.model: required key is missing" in error_of(write(tmp_path, raw))
 
 
 def test_api_key_in_the_config_is_refused(tmp_path):
@@ -261,7 +261,7 @@ def test_a_tilde_for_an_unknown_user_is_refused(tmp_path):
 def test_a_teacher_path_that_does_not_exist_is_named_resolved_not_taken_for_a_hub_id(tmp_path, monkeypatch, path):
     monkeypatch.setenv("HOME", str(tmp_path))
     message = error_of(TINY_CONFIG, {"prototype.teacher.path": path})
-    assert "prototype.teacher.local.path: no such file or directory: /" in message
+    assert "prototype.teacher.path: no such file or directory: /" in message
 
 
 def test_a_missing_student_path_is_named(tmp_path):
@@ -327,7 +327,7 @@ def test_an_unquoted_yes_or_no_in_yaml_gets_a_hint_to_quote_it(tmp_path):
     raw = tiny_yaml()
     raw["task"]["check"]["choices"] = [True, False]  # what `choices: [yes, no]` reads as
     message = error_of(write(tmp_path, raw))
-    assert "task.check.choice.choices.0" in message and "quote it" in message
+    assert "task.check.choices.0" in message and "quote it" in message
 
 
 @pytest.mark.parametrize("assignment, expected", [
@@ -371,3 +371,24 @@ def test_a_section_given_twice_in_the_yaml_is_refused_not_silently_dropped(tmp_p
     path.write_text(TINY_CONFIG.read_text() + "\ndistill:\n  student: {teacher_layers: 3}\n")
     message = error_of(path)
     assert f"{path}: line" in message and "the key 'distill' appears twice in one mapping" in message
+
+
+def test_a_tilde_in_a_sqlite_tracking_uri_and_in_a_check_path_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "my_checks.py").write_text("def score(answer, row):\n    return 1.0\n")
+    cfg = load_config(TINY_CONFIG, {"run.mlflow_tracking_uri": "sqlite:///~/store/mlflow.db",
+                                    "task.check": {"type": "python", "function": "~/my_checks.py:score"}})
+    assert cfg.run.mlflow_tracking_uri == f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    assert cfg.task.check.function == f"{tmp_path / 'my_checks.py'}:score"
+
+
+def test_an_unset_variable_in_a_model_path_is_named_under_its_key(monkeypatch):
+    monkeypatch.delenv("DISTILFLOW_TEST_MODELS", raising=False)
+    message = error_of(TINY_CONFIG, {"prototype.teacher.path": "$DISTILFLOW_TEST_MODELS/teacher"})
+    assert "prototype.teacher.path" in message and "DISTILFLOW_TEST_MODELS is not set" in message
+
+
+def test_a_key_inside_a_teacher_or_check_is_named_as_written_without_pydantics_union_tag():
+    assert "  prototype.teacher.pth: unknown key; did you mean 'path'?" in error_of(
+        TINY_CONFIG, {"prototype.teacher.pth": "x"})
+    assert "  task.check.patern: unknown key" in error_of(TINY_CONFIG, {"task.check": {"type": "regex", "patern": "a"}})

@@ -54,7 +54,7 @@ def test_report_of_a_run_the_gate_rejected_marks_its_bundle_and_names_the_champi
     history.record_run(tmp_path / "work", record("rejected", passed=False), home)
     assert main(["report", "--latest"]) == 0
     out = capsys.readouterr().out
-    assert "bundle:        /b/rejected  (REJECTED by the deploy gate: not the one to ship)" in out
+    assert "bundle:        /b/rejected  (REJECTED by the deploy gate: not the one to ship)  (no longer on disk)" in out
     assert "gate:          FAILED (deploy.gate.min_task_score: task score 0.500 < 0.900); `champion` is version 1" in out
 
 
