@@ -119,9 +119,10 @@ async def _serve_until_stopped(runner: Runner) -> None:
     runs in progress and waits for them); a second signal ends the process at once."""
     loop = asyncio.get_running_loop()
     serving = asyncio.ensure_future(runner.start())
-    # start() installs Prefect's own SIGTERM handler before its first await; it stops the runner from another
-    # event loop, which leaves the runs in progress RUNNING and their slot held. Replace it.
-    await asyncio.sleep(0)
+    # start() installs Prefect's own SIGTERM handler, then starts; that handler stops the runner from another event
+    # loop, which leaves the runs in progress RUNNING and their slot held. Replace it once the runner has started.
+    while not runner.started and not serving.done():
+        await asyncio.sleep(0.1)
 
     def stop() -> None:
         for each in STOP_SIGNALS:
