@@ -7,6 +7,7 @@ bundle that fails `verify`, 3 the new model failed the deploy gate (it is regist
 """
 
 import argparse
+import atexit
 import errno
 import json
 import logging
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args) -> int:
     from distilflow.configs.loader import load_config, parse_overrides
 
+    _stop_orphaned_prefect_servers()
     overrides = parse_overrides(args.set)
     cfg = load_config(args.config, overrides)  # fail on a bad config before Prefect starts
     args.log_file = _log_to_file(cfg.run.workdir)
@@ -64,6 +66,7 @@ def run(args) -> int:
     from distilflow.flows.pipeline import pipeline
 
     check_prefect_api()
+    _start_temporary_prefect_server()
 
     record = pipeline(config_path=str(args.config), overrides=overrides)
     _print_report(record)
@@ -156,6 +159,70 @@ def _print_report(record: dict) -> None:
         print(f"gate:          FAILED ({reasons}); `{CHAMPION}` is {ship}")
     else:
         print(f"gate:          passed; `{CHAMPION}` is version {champion}")
+
+
+def _start_temporary_prefect_server() -> None:
+    """Without PREFECT_API_URL, Prefect starts a temporary server in a subprocess (and stops it at exit). Started
+    here first (Prefect then uses this one), its pid is recorded, so that the next run stops it if this process is
+    killed with SIGKILL and cannot."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().api.url:
+        return
+    server = SubprocessASGIServer()
+    server.start()
+    record = _servers_dir() / f"{server.server_process.pid}.json"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"owner": os.getpid()}))
+    atexit.register(record.unlink, missing_ok=True)
+
+
+def _stop_orphaned_prefect_servers() -> None:
+    """Stop the temporary Prefect servers whose `distilflow run` was killed (their owner is gone)."""
+    try:
+        records = list(_servers_dir().glob("*.json"))
+    except DistilflowError:
+        return  # a bad DISTILFLOW_HOME: preflight names it
+    for record in records:
+        server = int(record.stem)
+        try:
+            owner = json.loads(record.read_text())["owner"]
+        except (OSError, ValueError, KeyError, TypeError):
+            owner = None
+        if owner is not None and _alive(owner):
+            continue
+        if _alive(server) and TEMPORARY_SERVER in _command_line(server):
+            os.kill(server, signal.SIGTERM)
+            logging.getLogger("distilflow").warning(
+                "stopped the temporary Prefect server (pid %d) of a killed `distilflow run` (pid %s)", server, owner)
+        record.unlink(missing_ok=True)
+
+
+TEMPORARY_SERVER = "prefect.server.api.server:create_app"
+
+
+def _servers_dir() -> Path:
+    from distilflow.tasks.history import distilflow_home
+
+    return distilflow_home() / "prefect-servers"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 class Stopped(KeyboardInterrupt):

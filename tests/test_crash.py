@@ -130,3 +130,29 @@ def test_the_run_after_a_kill_9_closes_the_mlflow_runs_the_killed_one_left_runni
         assert "ended without closing it" in closed[run.info.run_id].data.tags["distilflow.end_reason"]
     assert "was left RUNNING by a killed run" in rerun.stderr
     assert not any(r.info.status == "RUNNING" for r in closed.values())
+
+
+def test_the_next_run_stops_the_prefect_server_a_kill_9_left_behind(tmp_path):
+    home = Path(os.environ["DISTILFLOW_HOME"]) / "prefect-servers"
+    before = set(home.glob("*.json")) if home.is_dir() else set()
+    run = start_run(tmp_path / "work")
+    deadline = time.monotonic() + 180
+    while not (set(home.glob("*.json")) - before if home.is_dir() else set()):
+        assert time.monotonic() < deadline and run.poll() is None, "the temporary server never started"
+        time.sleep(0.2)
+    [record] = set(home.glob("*.json")) - before
+    server = int(record.stem)
+    os.kill(run.pid, signal.SIGKILL)  # the run alone, as the OOM killer does: its server is orphaned
+    run.wait()
+    try:
+        assert group_members(run.pid)  # the orphan still listens
+        later = subprocess.run([DISTILFLOW, "run", str(tmp_path / "no-such.yaml")], capture_output=True, text=True,
+                               env=os.environ.copy(), timeout=120)
+        assert later.returncode == 2 and f"stopped the temporary Prefect server (pid {server})" in later.stderr
+        deadline = time.monotonic() + 30
+        while group_members(run.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert group_members(run.pid) == [] and not record.exists()
+    finally:
+        if group_members(run.pid):
+            os.killpg(run.pid, signal.SIGKILL)
