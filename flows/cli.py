@@ -168,8 +168,12 @@ def _start_temporary_prefect_server() -> None:
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import get_current_settings
 
-    if get_current_settings().api.url:
+    from distilflow.tasks.artifacts import check_writable
+
+    settings = get_current_settings()
+    if settings.api.url:
         return
+    check_writable(Path(settings.home), "PREFECT_HOME", "the temporary Prefect server keeps its database there")
     server = SubprocessASGIServer()
     server.start()
     record = _servers_dir() / f"{server.server_process.pid}.json"

@@ -45,13 +45,15 @@ class StageResult:
         return self.directory / self.files[name]
 
 
-def check_writable(workdir: Path) -> None:
-    """The workdir (or the directory that will hold it) must be writable before any stage starts."""
-    existing = workdir
+def check_writable(directory: Path, key: str = "run.workdir", why: str = "") -> None:
+    """``directory`` (or the one that will hold it) must be writable before any stage starts."""
+    existing = directory
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise DistilflowError(f"run.workdir {workdir}: cannot write in {existing}; choose another run.workdir")
+        problem = "a file, not a directory" if existing.exists() and not existing.is_dir() else "not writable"
+        raise DistilflowError(f"{key} {directory}: cannot write in {existing} ({problem}{f'; {why}' if why else ''}); "
+                              f"choose another {key}")
 
 
 def stage_key(stage: str, *inputs) -> str:

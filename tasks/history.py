@@ -5,6 +5,7 @@ import logging
 import os
 from pathlib import Path
 
+from distilflow.tasks.artifacts import check_writable
 from distilflow.tasks.errors import DistilflowError
 
 log = logging.getLogger("distilflow")
@@ -24,14 +25,7 @@ def distilflow_home() -> Path:
 
 def check_home(home: Path) -> None:
     """The run's record is written at its end: an unusable home fails the run before it starts, not after."""
-    existing = home
-    while not existing.exists():
-        existing = existing.parent
-    if existing == home and not home.is_dir():
-        raise DistilflowError(f"DISTILFLOW_HOME {home} is a file, not a directory; set DISTILFLOW_HOME to a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise DistilflowError(f"DISTILFLOW_HOME {home}: cannot write in {existing}; set DISTILFLOW_HOME to a "
-                              "writable directory (it holds the index of finished runs)")
+    check_writable(home, "DISTILFLOW_HOME", "it holds the index of finished runs")
 
 
 def record_run(workdir: Path, record: dict, home: Path) -> Path:

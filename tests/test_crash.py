@@ -156,3 +156,12 @@ def test_the_next_run_stops_the_prefect_server_a_kill_9_left_behind(tmp_path):
     finally:
         if group_members(run.pid):
             os.killpg(run.pid, signal.SIGKILL)
+
+
+def test_a_prefect_home_where_nothing_can_be_written_is_named_before_the_server_starts(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    done = subprocess.run([DISTILFLOW, "run", str(TINY_CONFIG), "--set", f"run.workdir={tmp_path / 'work'}"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PREFECT_HOME": str(tmp_path / "a-file" / "prefect")})
+    assert done.returncode == 2
+    assert f"error: PREFECT_HOME {tmp_path / 'a-file' / 'prefect'}: cannot write in {tmp_path / 'a-file'}" in done.stderr

@@ -74,5 +74,5 @@ def test_distilflow_home_with_a_tilde_and_a_variable_is_expanded(monkeypatch, tm
 
 def test_distilflow_home_that_is_a_file_fails_before_the_run(tmp_path):
     (tmp_path / "home").write_text("")
-    with pytest.raises(DistilflowError, match="is a file, not a directory"):
+    with pytest.raises(DistilflowError, match="DISTILFLOW_HOME .*home: cannot write in .*home \\(a file, not a directory; it holds the index of finished runs\\)"):
         history.check_home(tmp_path / "home")

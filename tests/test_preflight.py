@@ -81,7 +81,7 @@ def test_asking_for_as_many_teacher_layers_as_it_has_or_more_is_refused(capsys, 
 def test_a_distilflow_home_that_is_a_file_fails_validate(tmp_path, capsys, monkeypatch):
     (tmp_path / "home").write_text("")
     monkeypatch.setenv("DISTILFLOW_HOME", str(tmp_path / "home"))
-    assert f"DISTILFLOW_HOME {tmp_path / 'home'} is a file, not a directory" in validate_error(capsys)
+    assert f"DISTILFLOW_HOME {tmp_path / 'home'}: cannot write in {tmp_path / 'home'}" in validate_error(capsys)
 
 
 # ---- the MLflow store ---------------------------------------------------------------------------------------
