@@ -87,11 +87,7 @@ def close_runs_left_running(cfg: PipelineConfig) -> None:
     uri = tracking_uri(cfg.run.mlflow_tracking_uri, cfg.run.workdir)
     if not liveness_dir(cfg.run.workdir).is_dir():
         return  # no run ever started here
-    client = open_store(uri)
-    experiment = client.get_experiment_by_name(cfg.run.name)
-    if experiment is not None:
-        close_abandoned_runs(client, experiment.experiment_id, liveness_dir(cfg.run.workdir),
-                             "distilflow serve, stopping")
+    close_abandoned_runs(open_store(uri), liveness_dir(cfg.run.workdir), "distilflow serve, stopping")
 
 
 def check_prefect_api() -> None:

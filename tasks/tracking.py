@@ -174,20 +174,21 @@ class MlflowTracker:
         SIGKILL, a lost machine): KILLED, with the reason in the tag `distilflow.end_reason`. Returns them."""
         if self.liveness is None:
             return []
-        experiment = self.client.get_run(self.run_id).info.experiment_id
-        return close_abandoned_runs(self.client, experiment, self.liveness.path.parent, f"run {self.run_id}")
+        return close_abandoned_runs(self.client, self.liveness.path.parent, f"run {self.run_id}")
 
 
-def close_abandoned_runs(client, experiment_id: str, liveness_dir: Path, closer: str) -> list[Any]:
-    """The RUNNING runs of ``experiment_id`` started on this host with a lock in ``liveness_dir`` that no living
-    process holds, and their RUNNING descendants, ended KILLED with the reason; returns the top-level ones."""
-    running = client.search_runs([experiment_id], "attributes.status = 'RUNNING' and "
-                                                  f"tags.`distilflow.host` = '{socket.gethostname()}'")
+def close_abandoned_runs(client, liveness_dir: Path, closer: str) -> list[Any]:
+    """The RUNNING runs (of any experiment: run.name may have changed) started on this host with a lock in
+    ``liveness_dir`` that no living process holds, and their RUNNING descendants, ended KILLED with the reason;
+    returns the top-level ones."""
+    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
+    running = client.search_runs(experiments, "attributes.status = 'RUNNING' and "
+                                              f"tags.`distilflow.host` = '{socket.gethostname()}'")
     stale = [run for run in running if Liveness.abandoned(Path(run.data.tags.get(Liveness.TAG, "")), liveness_dir)]
     for run in stale:
         reason = (f"closed by {closer}: its process (pid {run.data.tags.get('distilflow.pid', '?')}) ended without "
                   "closing it (killed, e.g. SIGKILL or a lost machine)")
-        for each in [run, *_running_descendants(client, experiment_id, run.info.run_id)]:
+        for each in [run, *_running_descendants(client, run.info.experiment_id, run.info.run_id)]:
             client.set_tag(each.info.run_id, "distilflow.end_reason", reason)
             client.set_terminated(each.info.run_id, "KILLED")
         log.warning("MLflow run %s (%s) was left RUNNING by a killed run; %s", run.info.run_id, run.info.run_name,
