@@ -155,7 +155,8 @@ def _yaml_hint(problem: dict) -> str:
     """YAML turns unquoted yes/no/on/off into booleans, digits into numbers and 2024-01-01 into a date."""
     got = problem.get("input")
     if problem["type"] == "string_type" and isinstance(got, (bool, int, float, datetime.date)):
-        return "; YAML read an unquoted value as a boolean, number or date: quote it"
+        return ("; text was expected: quote the value (YAML reads unquoted yes/no/on/off as booleans, digits as "
+                "numbers and 2024-01-01 as a date)")
     return ""
 
 

@@ -327,7 +327,7 @@ def test_an_unquoted_yes_or_no_in_yaml_gets_a_hint_to_quote_it(tmp_path):
     raw = tiny_yaml()
     raw["task"]["check"]["choices"] = [True, False]  # what `choices: [yes, no]` reads as
     message = error_of(write(tmp_path, raw))
-    assert "task.check.choices.0" in message and "quote it" in message
+    assert "task.check.choices.0" in message and "quote the value" in message
 
 
 @pytest.mark.parametrize("assignment, expected", [
