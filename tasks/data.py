@@ -47,6 +47,8 @@ def read_rows(path: Path, split: str | None = None) -> list[dict]:
     with a byte-order mark); a CSV's delimiter (comma, semicolon, tab) is read from its header line."""
     if path.is_dir():
         rows = _read_saved_dataset(path, split)
+    elif not path.is_file():
+        raise DistilflowError(f"task.data: {path} is not a regular file (a pipe or a device?); use {FORMATS}")
     elif split is not None:
         raise DistilflowError(f"task.data_split is {split!r}, but {path} is a file, not a `datasets` directory with "
                               "splits; remove task.data_split")

@@ -1,6 +1,7 @@
 """Task data: a seeded split every stage shares, few-shot examples, prompts, and bad data caught early."""
 
 import json
+import os
 
 import pytest
 
@@ -292,3 +293,9 @@ def test_a_data_split_for_a_plain_file_is_refused_not_ignored(tmp_path):
     path = write_rows(tmp_path, [{"text": "a", "label": "bug"}])
     with pytest.raises(DistilflowError, match="task.data_split is 'train', but .* is a file"):
         data.read_rows(path, "train")
+
+
+def test_a_pipe_named_like_a_data_file_is_refused_not_read_for_ever(tmp_path):
+    os.mkfifo(tmp_path / "tickets.jsonl")
+    with pytest.raises(DistilflowError, match="is not a regular file"):
+        data.read_rows(tmp_path / "tickets.jsonl")
