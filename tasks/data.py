@@ -166,6 +166,11 @@ def _check_rows(rows: list[dict], cfg: TaskConfig) -> None:
                     "cannot go into a prompt (task.template names it); give it text, a number, a list or an object")
         answer = label(row, cfg)
         problem = None if answer is None else checks.problem(answer, cfg)
+        if answer is not None and cfg.check.type == "python":
+            try:  # the user's function meets the answers of the run later: fail on what breaks it now
+                checks.score(answer, row, cfg)
+            except DistilflowError as err:
+                raise DistilflowError(f"{cfg.data}: example {number}, scoring its label: {err}") from err.__cause__
         if problem:
             raise DistilflowError(f"{cfg.data}: example {number} has label {answer!r}, which task.check rejects: "
                                   f"{problem}; correct the example, or task.check if the label is right")

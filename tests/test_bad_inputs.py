@@ -119,7 +119,8 @@ def test_the_distilflow_command_exits_2_on_a_truncated_gguf_teacher_with_nothing
 def test_a_failing_run_ends_with_one_error_line_and_the_traceback_in_its_log(tmp_path):
     """A user's check function that raises mid-stage: no Prefect traceback on the console, one `error:` line that
     names the function and the answer, and the log file (named there) holds the traceback."""
-    (tmp_path / "my_checks.py").write_text("import json\ndef strict(answer, row):\n    return json.loads(answer)['ok']\n")
+    (tmp_path / "my_checks.py").write_text(  # fine on every label; the teacher's free answers break it
+        "def strict(answer, row):\n    return {'payment': 1.0, 'delivery': 1.0, 'bug': 1.0, 'account': 1.0}[answer]\n")
     workdir = tmp_path / "work"
     finished = subprocess.run(
         [str(Path(sys.executable).with_name("distilflow")), "run", str(TINY_CONFIG), "--set", f"run.workdir={workdir}",
@@ -127,7 +128,7 @@ def test_a_failing_run_ends_with_one_error_line_and_the_traceback_in_its_log(tmp
         capture_output=True, text=True, env=os.environ.copy(), timeout=600)
     assert finished.returncode == 2, finished.stderr[-3000:]
     errors = [line for line in finished.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "my_checks.py:strict raised JSONDecodeError" in errors[0]
+    assert len(errors) == 1 and "my_checks.py:strict raised KeyError" in errors[0] and "scoring its label" not in errors[0]
     assert "Traceback" not in finished.stderr and " ERROR " not in finished.stderr
     log = Path(finished.stderr.split("(the log, with the traceback: ")[1].split(")")[0])
     assert log.parent == workdir / "logs" and "Traceback" in log.read_text()

@@ -6,7 +6,7 @@ import pytest
 
 from distilflow.configs.schema import TaskConfig
 from distilflow.flows.retries import is_transient
-from distilflow.tasks import checks
+from distilflow.tasks import checks, data
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.evaluate import task_score
 from tests.conftest import REPO
@@ -131,3 +131,10 @@ def test_task_score_is_the_mean_of_the_checks_scores():
 def test_describe_names_the_allowed_answers():
     assert checks.describe(CHOICE) == "one of `yes`, `no`"
     assert json.dumps(PERSON) in checks.describe(PERSON_TASK)
+
+
+def test_a_python_check_that_raises_on_a_label_fails_when_the_data_is_read(tmp_path):
+    write_module(tmp_path, "def picky(answer, row):\n    return {'bug': 1.0}[answer]\n")
+    task = task_with({"type": "python", "function": "my_checks.py:picky"}, base_dir=tmp_path)
+    with pytest.raises(DistilflowError, match=r"example 1, scoring its label: task.check.function .*picky raised KeyError"):
+        data.load_task_data(task.model_copy(update={"eval_size": 4}), 0)
