@@ -65,8 +65,9 @@ def pipeline(config_path: str, overrides: dict[str, Any] | None = None) -> dict:
     """
     send_logs_to_prefect()
     overrides = {**deployment_overrides(), **(overrides or {})}
-    logging.getLogger("distilflow").info("config %s, overrides %s", config_path, overrides or "none")
     cfg = load_config(config_path, overrides)
+    logging.getLogger("distilflow").info("config %s, overrides %s; workdir %s", Path(config_path).resolve(),
+                                         overrides or "none", cfg.run.workdir)
     preflight(cfg, tracking_uri(cfg))
     cfg.run.workdir.mkdir(parents=True, exist_ok=True)
     tracker = retried(start_tracking, cfg)(cfg)
