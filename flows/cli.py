@@ -16,6 +16,8 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from distilflow.tasks.errors import DistilflowError
@@ -61,14 +63,13 @@ def run(args) -> int:
     cfg = load_config(args.config, overrides)  # fail on a bad config before Prefect starts
     args.log_file = _log_to_file(cfg.run.workdir)
     _set_env_defaults()
-    _stop_on(signal.SIGTERM, signal.SIGHUP)
-    from distilflow.flows.deployments import check_prefect_api
-    from distilflow.flows.pipeline import pipeline
+    with _stopped_by(signal.SIGTERM, signal.SIGHUP):
+        from distilflow.flows.deployments import check_prefect_api
+        from distilflow.flows.pipeline import pipeline
 
-    check_prefect_api()
-    _start_temporary_prefect_server()
-
-    record = pipeline(config_path=str(args.config), overrides=overrides)
+        check_prefect_api()
+        _start_temporary_prefect_server()
+        record = pipeline(config_path=str(args.config), overrides=overrides)
     _print_report(record)
     return 0
 
@@ -238,12 +239,18 @@ class Stopped(KeyboardInterrupt):
         self.signal_number = signal_number
 
 
-def _stop_on(*signals: signal.Signals) -> None:
+@contextmanager
+def _stopped_by(*signals: signal.Signals) -> Iterator[None]:
+    """Inside, each of ``signals`` raises Stopped; their handlers are restored after."""
     def stop(signal_number, frame):
         raise Stopped(signal_number)
 
-    for each in signals:
-        signal.signal(each, stop)
+    previous = {each: signal.signal(each, stop) for each in signals}
+    try:
+        yield
+    finally:
+        for each, handler in previous.items():
+            signal.signal(each, handler)
 
 
 def resource_problem(error: BaseException) -> str | None:
