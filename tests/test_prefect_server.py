@@ -8,6 +8,7 @@ One server, one `distilflow serve` and two triggered runs for the whole module (
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -32,7 +33,7 @@ from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from distilflow.configs.loader import load_config
-from tests.conftest import REPO, TINY_CONFIG
+from tests.conftest import REPO, TINY_CONFIG, TINY_TEACHER
 
 STARTUP_S = 180  # server and serve start in 10-40 s on a loaded 2-core machine
 RUN_S = 600
@@ -296,17 +297,18 @@ def test_transient_failure_of_a_tracking_call_is_retried(server, monkeypatch, tm
 def test_failing_stage_fails_its_flow_run_with_the_error_and_no_retry(server, tmp_path):
     from distilflow.flows.pipeline import pipeline
 
-    not_a_model = tmp_path / "not-a-model"
-    not_a_model.mkdir()
-    overrides = {"run.workdir": str(tmp_path / "work"), "prototype.teacher.path": str(not_a_model),
+    broken = Path(shutil.copytree(TINY_TEACHER, tmp_path / "broken-teacher"))  # passes preflight, fails to load
+    (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:1000])
+    overrides = {"run.workdir": str(tmp_path / "work"), "prototype.teacher.path": str(broken),
                  "run.retries": 2, "run.retry_delay_seconds": 0}
+    failure = "prototype.teacher: a safetensors file"
     with against(server):
         state = pipeline(str(TINY_CONFIG), overrides, return_state=True)
-    assert state.is_failed() and "prototype.teacher: cannot load" in state.message
+    assert state.is_failed() and failure in state.message
     with prefect_client(server) as client:
         [prototype] = client.read_flow_runs(flow_run_filter=FlowRunFilter(
             parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])))
-        assert prototype.state.type == StateType.FAILED and "prototype.teacher: cannot load" in prototype.state.message
+        assert prototype.state.type == StateType.FAILED and failure in prototype.state.message
     [stage_task] = recorded_task_runs(server, flow_run_id=prototype.id)
     assert stage_task.run_count == 1
 
