@@ -4,7 +4,9 @@ A section's fields are what its stage reads; `distill.lora.r` is declared here a
 tasks/distill.py. Relative paths resolve against the directory of the YAML file that names them.
 """
 
+import os
 import re
+import string
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -12,23 +14,86 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Fiel
                       field_validator, model_validator)
 
 
+def expand(text: str) -> str:
+    """``~`` and ``$VAR`` / ``${VAR}`` expanded; a variable or user that is not set is an error, never a literal
+    directory named ``$VAR`` or ``~``."""
+    expanded = os.path.expanduser(os.path.expandvars(text))
+    unset = re.search(r"\$\{?(\w+)", expanded)
+    if unset:
+        raise ValueError(f"{text!r}: environment variable {unset.group(1)} is not set; set it, or write the path out")
+    if expanded.startswith("~"):
+        raise ValueError(f"{text!r}: no user {expanded.split('/')[0][1:]!r} to expand ~ for; write the path out")
+    return expanded
+
+
+def _base_dir(info: ValidationInfo) -> Path:
+    return Path((info.context or {}).get("base_dir", Path.cwd()))
+
+
+def _resolve(path: Path, info: ValidationInfo) -> Path:
+    path = Path(expand(str(path)))
+    return path if path.is_absolute() else (_base_dir(info) / path).resolve()
+
+
 def _resolve_existing(path: Path, info: ValidationInfo) -> Path:
-    base = (info.context or {}).get("base_dir", Path.cwd())
-    resolved = path if path.is_absolute() else (Path(base) / path).resolve()
+    resolved = _resolve(path, info)
     if not resolved.exists():
         raise ValueError(f"no such file or directory: {resolved}")
     return resolved
 
 
-def _resolve(path: Path, info: ValidationInfo) -> Path:
-    base = (info.context or {}).get("base_dir", Path.cwd())
-    return path if path.is_absolute() else (Path(base) / path).resolve()
+def _looks_like_a_path(ref: str) -> bool:
+    """A hub id is `name` or `org/name`; anything else (`./x`, `/x`, `a/b/c`, `~/x`, `$X/y`) is a path."""
+    return ref.startswith((".", "/", "~", "$")) or ref.count("/") > 1 or "\\" in ref
 
 
 def _resolve_if_local(ref: str, info: ValidationInfo) -> str:
-    """A relative path that exists beside the config becomes absolute; anything else is a hub id."""
-    local = Path((info.context or {}).get("base_dir", Path.cwd())) / ref
-    return str(local.resolve()) if not Path(ref).is_absolute() and local.exists() else ref
+    """A path (absolute, or relative to the config) that exists becomes absolute; one that looks like a path but
+    does not exist is an error; anything else is a Hugging Face hub id."""
+    local = _resolve(Path(ref), info)
+    if local.exists():
+        return str(local)
+    if _looks_like_a_path(ref):
+        raise ValueError(f"no such file or directory: {local}")
+    return ref
+
+
+def _valid_name(name: str) -> str:
+    """MLflow and Prefect refuse, or silently rewrite, names with slashes, spaces or non-ASCII letters."""
+    if not NAME.fullmatch(name):
+        raise ValueError(f"{name!r} is not a valid name: use ASCII letters, digits, '.', '_' and '-', starting with "
+                         "a letter or digit (at most 100 characters)")
+    return name
+
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+Name = Annotated[str, AfterValidator(_valid_name)]
+
+
+def _tracking_uri(uri: str | None, info: ValidationInfo) -> str | None:
+    """A tracking URI MLflow 3 accepts; a sqlite path is expanded and made absolute (relative: to the config)."""
+    if uri is None:
+        return None
+    database = check_tracking_uri(uri)
+    return f"sqlite:///{_resolve(Path(database), info)}" if database else uri
+
+
+def check_tracking_uri(uri: str) -> str | None:
+    """Raise ValueError unless MLflow 3 can use ``uri``; returns the database path of a sqlite URI, else None."""
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if "://" in uri or uri == "databricks" else ""
+    if scheme not in TRACKING_SCHEMES:
+        raise ValueError(f"{uri!r} is not an MLflow tracking URI: use sqlite:////absolute/path/mlflow.db, "
+                         "http(s)://host:port of an MLflow server, or a database URI (postgresql://, mysql://); "
+                         "MLflow 3 no longer reads a directory of runs (file store)")
+    if scheme != "sqlite":
+        return None
+    database = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else ""
+    if not database or database.startswith(":memory:"):
+        raise ValueError(f"{uri!r}: a sqlite store needs a file, e.g. sqlite:////absolute/path/mlflow.db")
+    return database
+
+
+TRACKING_SCHEMES = {"sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks"}
 
 
 ExistingPath = Annotated[Path, AfterValidator(_resolve_existing)]
@@ -41,13 +106,16 @@ class Section(BaseModel):
 
 
 class RunConfig(Section):
-    name: str = Field("distilflow", description="Run name: the MLflow experiment and the model's name.")
+    name: Name = Field("distilflow", description="Run name: the MLflow experiment, the Prefect deployment and the "
+                                                 "model's name (letters, digits, '.', '_', '-').")
     workdir: ResolvedPath = Field(Path("runs"), validate_default=True,
                                   description="Where artifacts, checkpoints and the default MLflow store live.")
     seed: int = Field(0, description="Seed for splits, sampling and training.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when a GPU is visible.")
-    mlflow_tracking_uri: str | None = Field(
-        None, description="MLflow store; default: $MLFLOW_TRACKING_URI, else sqlite:///WORKDIR/mlflow.db.")
+    mlflow_tracking_uri: Annotated[str | None, AfterValidator(_tracking_uri)] = Field(
+        None, description="MLflow store: sqlite:////abs/path.db (a relative path: against this config), "
+                          "http(s)://server, or a database URI; default: $MLFLOW_TRACKING_URI, else "
+                          "sqlite:///WORKDIR/mlflow.db.")
     retries: int = Field(
         2, ge=0, description="Retries of a stage, or of an MLflow call, after a transient failure (connection "
                              "refused or dropped, timeout, HTTP 408/429/5xx); a config or data error never retries.")
@@ -57,6 +125,16 @@ class RunConfig(Section):
 class ChoiceCheck(Section):
     type: Literal["choice"] = "choice"
     choices: list[str] = Field(min_length=2, description="The allowed answers, exactly as the model must write them.")
+
+    @field_validator("choices")
+    @classmethod
+    def _distinct_answers(cls, choices: list[str]) -> list[str]:
+        if any(not choice.strip() for choice in choices):
+            raise ValueError("an empty answer cannot be a choice")
+        repeated = sorted({c for c in choices if choices.count(c) > 1})
+        if repeated:
+            raise ValueError(f"{repeated} appear more than once; list each answer once")
+        return choices
     metric: Literal["accuracy"] = Field("accuracy", description="Share of answers equal to the label.")
 
 
@@ -135,7 +213,24 @@ class TaskConfig(Section):
     eval_size: int = Field(64, ge=1, description="Held-out examples (need labels); the rest is the training pool.")
     max_train: int | None = Field(None, ge=1, description="Cap on training-pool inputs sent to the teacher.")
     system_prompt: str = Field("", description="System message of every prompt.")
-    template: str = Field("{text}", description="User message; {field} names a data field.")
+    template: str = Field("{text}", description="User message; {field} names a data field (write {{ and }} for "
+                                                "literal braces).")
+
+    @field_validator("template")
+    @classmethod
+    def _names_data_fields(cls, template: str) -> str:
+        try:
+            parts = list(string.Formatter().parse(template))
+        except ValueError as err:
+            raise ValueError(f"{err} (write {{{{ and }}}} for a literal brace)") from None
+        names = [name for _, name, spec, conversion in parts if name is not None]
+        if not names:
+            raise ValueError("names no data field, so every prompt would be the same text: put one in, e.g. "
+                             "'Ticket: {text}'")
+        odd = [name for name in names if not name.isidentifier()]
+        if odd:
+            raise ValueError(f"{{{odd[0]}}} is not a field name: use {{column}} with a data column's name")
+        return template
     check: Check = Field(description="What a valid answer is and how it is scored: the rejection-sampling "
                                      "filter, the metric of every evaluation and the RL reward.")
     max_answer_tokens: int = Field(64, ge=1, description="Longest answer a model writes where it generates "
@@ -605,8 +700,8 @@ class CostConfig(Section):
 
 
 class DeployConfig(Section):
-    model_name: str = Field(
-        "distilflow", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+    model_name: Name = Field(
+        "distilflow",
         description="The name clients ask for (vLLM's served model name) and the MLflow registered model; "
                     "default: run.name.")
     smoke_prompts: int = Field(8, ge=1, description="Held-out prompts the fresh-process smoke test answers.")
@@ -655,8 +750,8 @@ class ScheduleConfig(Section):
     Read when the deployment is registered; a triggered run's overrides do not change it.
     """
 
-    deployment: str | None = Field(
-        None, min_length=1, description="Deployment name, default run.name: runs are triggered as "
+    deployment: Name | None = Field(
+        None, description="Deployment name, default run.name: runs are triggered as "
                                         "'distilflow/<deployment>'.")
     cron: str | None = Field(None, description="When scheduled runs start, e.g. '0 2 * * *' (02:00 every night); "
                                                "none: runs start only when triggered.")
@@ -692,6 +787,8 @@ class PipelineConfig(Section):
         later) because the bundle's files name the model, so the name belongs in deploy's cache key."""
         if isinstance(raw, dict) and isinstance(raw.get("deploy", {}), dict) and isinstance(raw.get("run"), dict):
             deploy = raw.get("deploy", {})
-            if "model_name" not in deploy and "name" in raw["run"]:
+            name = raw["run"].get("name")
+            # an invalid run.name is reported once, under run.name, not again under deploy.model_name
+            if "model_name" not in deploy and isinstance(name, str) and NAME.fullmatch(name):
                 raw = {**raw, "deploy": {**deploy, "model_name": raw["run"]["name"]}}
         return raw

@@ -1,15 +1,23 @@
 """`distilflow` command line: run, validate, serve, verify and report on pipelines.
 
-Exit codes: 0 done, 2 a problem with the input (config, data, model files) or a bundle that fails
-`verify`, 3 the new model failed the deploy gate (it is registered as `candidate`; `champion` did not
-move), 1 anything else.
+Exit codes: 0 done, 2 a problem with the input (config, data, model files, tracking store, a full disk) or a
+bundle that fails `verify`, 3 the new model failed the deploy gate (it is registered as `candidate`;
+`champion` did not move), 130 / 143 stopped by Ctrl-C / SIGTERM, 1 anything else (a bug). An error is one
+`error:` line; a run's log file (named there) holds the traceback, which --verbose also prints.
 """
 
 import argparse
+import atexit
+import errno
 import json
 import logging
 import os
+import signal
 import sys
+import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from distilflow.tasks.errors import DistilflowError
@@ -29,24 +37,39 @@ ENV_DEFAULTS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("distilflow").setLevel(logging.INFO)
+    _log_to_console(args.verbose)
     try:
         return args.command(args)
     except DistilflowError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+        return _fail(args, err, f"error: {err}", err.exit_code)
+    except KeyboardInterrupt as err:
+        signal_number = getattr(err, "signal_number", signal.SIGINT)
+        return _fail(args, err, f"stopped by {signal.Signals(signal_number).name}: finished stages are kept, nothing "
+                                "half-written is published, and the same command resumes", 128 + signal_number)
+    except Exception as err:
+        problem = resource_problem(err)
+        if problem is None and args.verbose:
+            raise
+        return _fail(args, err, f"error: {problem}" if problem else
+                     f"error: unexpected {type(err).__name__}: {err} (a bug in distilflow or a library; please report it)",
+                     2 if problem else 1)
 
 
 def run(args) -> int:
     from distilflow.configs.loader import load_config, parse_overrides
 
+    _stop_orphaned_prefect_servers()
     overrides = parse_overrides(args.set)
-    load_config(args.config, overrides)  # fail on a bad config before Prefect starts
+    cfg = load_config(args.config, overrides)  # fail on a bad config before Prefect starts
+    args.log_file = _log_to_file(cfg.run.workdir)
     _set_env_defaults()
-    from distilflow.flows.pipeline import pipeline
+    with _stopped_by(signal.SIGTERM, signal.SIGHUP):
+        from distilflow.flows.deployments import check_prefect_api
+        from distilflow.flows.pipeline import pipeline
 
-    record = pipeline(config_path=str(args.config), overrides=overrides)
+        check_prefect_api()
+        _start_temporary_prefect_server()
+        record = pipeline(config_path=str(args.config), overrides=overrides)
     _print_report(record)
     return 0
 
@@ -54,12 +77,15 @@ def run(args) -> int:
 def validate(args) -> int:
     from distilflow.configs.loader import load_config, parse_overrides
     from distilflow.tasks.data import load_task_data
-    from distilflow.tasks.stages import preflight
+    from distilflow.tasks.stages import check_hub_models, length_warnings, preflight
     from distilflow.tasks.tracking import tracking_uri
 
     cfg = load_config(args.config, parse_overrides(args.set))
     preflight(cfg, tracking_uri(cfg.run.mlflow_tracking_uri, cfg.run.workdir))
+    check_hub_models(cfg)
     examples = load_task_data(cfg.task, cfg.run.seed)
+    for warning in length_warnings(cfg, examples):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{args.config}: valid ({len(examples.train)} training inputs, {len(examples.eval)} held-out)")
     return 0
 
@@ -80,7 +106,7 @@ def serve(args) -> int:
     return 0
 
 
-REPORT_FIELDS = ("run_id", "mlflow_run_id", "mlflow_tracking_uri", "bundle", "journey")
+REPORT_FIELDS = ("run_id", "mlflow_run_id", "mlflow_tracking_uri", "bundle", "journey", "release")
 
 
 def report(args) -> int:
@@ -88,44 +114,230 @@ def report(args) -> int:
 
     record = latest_run(distilflow_home())
     if args.json:
-        print(json.dumps({k: record[k] for k in REPORT_FIELDS}))
+        print(json.dumps({k: record.get(k) for k in REPORT_FIELDS}))
     else:
         _print_report(record)
     return 0
 
 
 def verify(args) -> int:
-    from pathlib import Path
-
-    from distilflow.tasks.artifacts import MANIFEST, manifest_problems
+    from distilflow.tasks.artifacts import MANIFEST, manifest_problems, read_manifest
 
     bundle = Path(args.bundle)
     if not bundle.is_dir():
-        raise DistilflowError(f"{bundle}: no such bundle directory (`distilflow report --latest` prints the newest)")
-    try:
-        problems = manifest_problems(bundle)
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-        raise DistilflowError(f"{bundle / MANIFEST}: not a distilflow manifest (JSON with a \"files\" map "
-                              "of path to sha256)") from None
+        raise DistilflowError(f"{bundle.resolve()}: no such bundle directory (`distilflow report --latest` prints "
+                              "the newest)")
+    problems = manifest_problems(bundle)
     if problems:
         raise DistilflowError(f"{bundle}: does not match {MANIFEST} ({len(problems)} problem"
                               f"{'s' * (len(problems) > 1)}):\n  " + "\n  ".join(problems))
-    count = len(json.loads((bundle / MANIFEST).read_text())["files"])
-    print(f"{bundle}: all {count} files match {MANIFEST}")
+    files, links = read_manifest(bundle)
+    print(f"{bundle}: all {len(files)} files{f' and {len(links)} symlinks' if links else ''} match {MANIFEST}")
     return 0
 
 
 def _print_report(record: dict) -> None:
+    """The journey, where the bundle is, and the deploy gate's verdict: a bundle the gate rejected is marked so."""
     from distilflow.tasks.evaluate import journey_table
+    from distilflow.tasks.registry import CHAMPION
 
+    release = record.get("release")
+    rejected = release is not None and not release["passed"]
     print(journey_table(record["journey"]))
-    print(f"\nbundle:        {record['bundle']}")
+    gone = not Path(record["bundle"]).is_dir()
+    print(f"\nbundle:        {record['bundle']}{'  (REJECTED by the deploy gate: not the one to ship)' * rejected}"
+          f"{'  (no longer on disk)' * gone}")
     print(f"MLflow run id: {record['mlflow_run_id']}  ({record['mlflow_tracking_uri']})")
     print(f"run id:        {record['run_id']}")
-    if "release" in record:
-        release = record["release"]
-        print(f"model:         {release['model_name']} version {release['version']} "
-              f"(aliases: {', '.join(release['aliases']) or 'none'})")
+    if release is None:
+        print("gate:          not recorded (a run from an older distilflow)")
+        return
+    name, champion = release["model_name"], release["champion"]
+    print(f"model:         {name} version {release['version']} (aliases: {', '.join(release['aliases']) or 'none'})")
+    if rejected:
+        reasons = "; ".join(f"{c['key']}: {c['detail']}" for c in release["checks"] if not c["passed"])
+        ship = f"version {champion}: ship models:/{name}@{CHAMPION}" if champion else "no version yet"
+        print(f"gate:          FAILED ({reasons}); `{CHAMPION}` is {ship}")
+    else:
+        print(f"gate:          passed; `{CHAMPION}` is version {champion}")
+
+
+def _start_temporary_prefect_server() -> None:
+    """Without PREFECT_API_URL, Prefect starts a temporary server in a subprocess (and stops it at exit). Started
+    here first (Prefect then uses this one), its pid is recorded, so that the next run stops it if this process is
+    killed with SIGKILL and cannot."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
+
+    from distilflow.tasks.artifacts import check_writable
+
+    settings = get_current_settings()
+    if settings.api.url:
+        return
+    check_writable(Path(settings.home), "PREFECT_HOME", "the temporary Prefect server keeps its database there")
+    server = SubprocessASGIServer()
+    server.start()
+    record = _servers_dir() / f"{server.server_process.pid}.json"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"owner": os.getpid()}))
+    atexit.register(record.unlink, missing_ok=True)
+
+
+def _stop_orphaned_prefect_servers() -> None:
+    """Stop the temporary Prefect servers whose `distilflow run` was killed (their owner is gone)."""
+    try:
+        records = list(_servers_dir().glob("*.json"))
+    except DistilflowError:
+        return  # a bad DISTILFLOW_HOME: preflight names it
+    for record in records:
+        server = int(record.stem)
+        try:
+            owner = json.loads(record.read_text())["owner"]
+        except (OSError, ValueError, KeyError, TypeError):
+            owner = None
+        if owner is not None and _alive(owner):
+            continue
+        if _alive(server) and TEMPORARY_SERVER in _command_line(server):
+            os.kill(server, signal.SIGTERM)
+            logging.getLogger("distilflow").warning(
+                "stopped the temporary Prefect server (pid %d) of a killed `distilflow run` (pid %s)", server, owner)
+        record.unlink(missing_ok=True)
+
+
+TEMPORARY_SERVER = "prefect.server.api.server:create_app"
+
+
+def _servers_dir() -> Path:
+    from distilflow.tasks.history import distilflow_home
+
+    return distilflow_home() / "prefect-servers"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class Stopped(KeyboardInterrupt):
+    """A termination signal, raised like Ctrl-C's KeyboardInterrupt so that every `finally`, context manager and
+    atexit hook runs: MLflow runs get closed, the temporary Prefect server stopped, partial outputs removed."""
+
+    def __init__(self, signal_number: int):
+        super().__init__(signal.Signals(signal_number).name)
+        self.signal_number = signal_number
+
+
+@contextmanager
+def _stopped_by(*signals: signal.Signals) -> Iterator[None]:
+    """Inside, each of ``signals`` raises Stopped; their handlers are restored after."""
+    def stop(signal_number, frame):
+        raise Stopped(signal_number)
+
+    previous = {each: signal.signal(each, stop) for each in signals}
+    try:
+        yield
+    finally:
+        for each, handler in previous.items():
+            signal.signal(each, handler)
+
+
+def resource_problem(error: BaseException) -> str | None:
+    """A full disk or a read-only file system anywhere in ``error``'s chain, said in a sentence."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in RESOURCE_ERRNOS:
+            where = f" writing {error.filename}" if error.filename else ""
+            return f"{os.strerror(error.errno)}{where}; free space (or choose a writable run.workdir) and run again: " \
+                   "finished stages are kept"
+        if "database or disk is full" in str(error):
+            return "the MLflow store's disk is full; free space and run again: finished stages are kept"
+        error = error.__cause__ or error.__context__
+    return None
+
+
+RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+class _BriefFormatter(logging.Formatter):
+    """One line per record: the console leaves tracebacks to the log file (or to --verbose)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def _restates_a_failure(record: logging.LogRecord) -> bool:
+    """Prefect's lines about a failed or crashed (sub)flow or task: the CLI's own `error:` line says it once."""
+    if not record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
+        return False
+    message = record.getMessage()
+    if "Retry" in message:
+        return False
+    return record.levelno >= logging.ERROR or (message.startswith("Finished in state") and "Completed" not in message)
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _log_to_console(verbose: bool) -> None:
+    """stderr shows progress (distilflow's INFO lines, Prefect's, any library's warnings); --verbose adds the
+    tracebacks and Prefect's restatements of a failure."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "distilflow", False)]:
+        root.removeHandler(handler)
+        handler.close()
+    console = logging.StreamHandler(sys.stderr)
+    console.distilflow = True
+    console.setFormatter(logging.Formatter(LOG_FORMAT) if verbose else _BriefFormatter(LOG_FORMAT))
+    if not verbose:
+        console.addFilter(lambda record: not _restates_a_failure(record))
+    root.addHandler(console)
+    root.setLevel(logging.WARNING)
+    logging.getLogger("distilflow").setLevel(logging.INFO)
+
+
+def _log_to_file(workdir: Path) -> Path | None:
+    """Every log record of the run, tracebacks included, in WORKDIR/logs/ (None where it cannot be written:
+    preflight then says why)."""
+    path = workdir / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError:
+        return None
+    handler.distilflow = True
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.getLogger().addHandler(handler)
+    return path
+
+
+def _fail(args, error: BaseException, message: str, exit_code: int) -> int:
+    """Print ``message``; the traceback goes to the run's log file (named in the message) or, with --verbose,
+    to stderr."""
+    log_file = getattr(args, "log_file", None)
+    if log_file is not None:
+        with open(log_file, "a", encoding="utf-8") as log:
+            log.write(message + "\n" + "".join(traceback.format_exception(error)))
+    if args.verbose:
+        traceback.print_exception(error, file=sys.stderr)
+    where = f"\n(the log, with the traceback: {log_file})" if log_file is not None and not args.verbose else ""
+    print(message + where, file=sys.stderr)
+    return exit_code
 
 
 def _set_env_defaults() -> None:
@@ -137,6 +349,9 @@ def _set_env_defaults() -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distilflow", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", "-v", action="store_true",
+                        help="print tracebacks and Prefect's own failure lines on stderr too")
 
     subs = {}
     for name, handler, text, details in [
@@ -146,7 +361,7 @@ def _parser() -> argparse.ArgumentParser:
          " (with the schedule of its `schedule:` section) and run what the UI, `prefect deployment run` or "
          "the schedule triggers, until stopped; needs PREFECT_API_URL"),
     ]:
-        subs[name] = sub = commands.add_parser(name, help=text, description=text + details)
+        subs[name] = sub = commands.add_parser(name, help=text, description=text + details, parents=[common])
         sub.add_argument("config", help="pipeline YAML, e.g. configs/demo.yaml")
         sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config value, e.g. --set distill.lora.r=16 (repeatable)")
@@ -154,11 +369,11 @@ def _parser() -> argparse.ArgumentParser:
     subs["serve"].add_argument("--cron", help="schedule, e.g. \"0 2 * * *\" (02:00 nightly); default: schedule.cron")
     subs["serve"].add_argument("--name", help="deployment name; default: schedule.deployment, else run.name")
 
-    sub = commands.add_parser("verify", help="check a bundle's files against its manifest.json (exit 2 if any differ)")
+    sub = commands.add_parser("verify", parents=[common], help="check a bundle's files against its manifest.json (exit 2 if any differ)")
     sub.add_argument("bundle", help="bundle directory, e.g. the `bundle:` path `distilflow run` prints")
     sub.set_defaults(command=verify)
 
-    sub = commands.add_parser("report", help="print the journey of a finished run")
+    sub = commands.add_parser("report", parents=[common], help="print the journey of a finished run")
     sub.add_argument("--latest", action="store_true", required=True, help="the most recently finished run")
     sub.add_argument("--json", action="store_true", help=f"one JSON object: {', '.join(REPORT_FIELDS)}")
     sub.set_defaults(command=report)

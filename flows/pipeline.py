@@ -6,13 +6,20 @@ Stages and MLflow calls are tasks that retry transient failures (`run.retries`);
 """
 
 import json
+import logging
+import signal
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_client, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run
+from prefect._internal import control_listener
+from prefect.exceptions import ObjectNotFound, TerminationSignal
+from prefect.states import Crashed
+from prefect.logging.handlers import APILogHandler
+from prefect.runtime import deployment, flow_run
 
 from distilflow.configs.loader import load_config
 from distilflow.configs.schema import PipelineConfig
@@ -42,6 +49,7 @@ def stage_flow(name: str, cfg: PipelineConfig, upstream: dict[str, StageResult],
 
 
 def stage(name: str, cfg: PipelineConfig, upstream: dict[str, StageResult], mlflow_run_id: str) -> StageResult:
+    stop_if_cancelled()
     return stage_flow.with_options(name=f"distilflow-{name}", flow_run_name=name)(name, cfg, upstream, mlflow_run_id)
 
 
@@ -52,9 +60,14 @@ def pipeline(config_path: str, overrides: dict[str, Any] | None = None) -> dict:
     Args:
         config_path: The pipeline's YAML config (relative paths: against the flow run's working directory).
         overrides: Dotted config keys and their values, e.g. {"distill.lora.r": 16}; validated with the
-            config before any stage starts.
+            config before any stage starts. A run of a deployment gets the deployment's own overrides too,
+            under these (a key set in both takes this run's value).
     """
+    send_logs_to_prefect()
+    overrides = {**deployment_overrides(), **(overrides or {})}
     cfg = load_config(config_path, overrides)
+    logging.getLogger("distilflow").info("config %s, overrides %s; workdir %s", Path(config_path).resolve(),
+                                         overrides or "none", cfg.run.workdir)
     preflight(cfg, tracking_uri(cfg))
     cfg.run.workdir.mkdir(parents=True, exist_ok=True)
     tracker = retried(start_tracking, cfg)(cfg)
@@ -64,17 +77,52 @@ def pipeline(config_path: str, overrides: dict[str, Any] | None = None) -> dict:
         compress = stage("compress", cfg, {"prototype": prototype, "distill": distill}, tracker.run_id)
         deploy = stage("deploy", cfg, {"prototype": prototype, "distill": distill, "compress": compress},
                        tracker.run_id)
-    except BaseException:
-        tracker.finish(failed=True)
+    except BaseException as err:
+        tracker.finish(err)
         raise
     bundle = deploy.path("bundle").resolve()
     journey = json.loads((bundle / "journey.json").read_text())
     mlflow_run = retried(finish_tracking, cfg)(tracker, journey, bundle)
     record = {"run_id": str(flow_run.id), "mlflow_run_id": tracker.run_id,
               "mlflow_tracking_uri": tracking_uri(cfg), "bundle": str(bundle), "journey": journey}
+    outcome = release(cfg, record)
+    # Recorded after the release, gate verdict included, so `report` never shows a rejected bundle as the one
+    # to ship; and recorded when the gate fails too, so `report` explains the newest run.
+    record = {**record, "release": outcome.as_dict()}
     history.record_run(cfg.run.workdir, record, history.distilflow_home())
-    publish_artifacts(cfg.run.name, journey, bundle, mlflow_run)
-    return release(cfg, record)
+    publish_artifacts(cfg.run.name, journey, bundle, mlflow_run, outcome)
+    if not outcome.passed:
+        raise registry.GateFailed(outcome.failure())
+    return record
+
+
+def stop_if_cancelled() -> None:
+    """The runner cancels a run (`distilflow serve` stopping) with SIGTERM after telling the run's process over its
+    control channel. Python drops a signal handler's exception raised inside a finalizer (weakref callbacks while
+    models load: "Exception ignored in ..."), so the run could go on; the intent itself is never lost."""
+    if control_listener.get_intent() == "cancel":
+        raise TerminationSignal(signal.SIGTERM)
+
+
+def send_logs_to_prefect() -> None:
+    """distilflow's own lines (stage progress, resume notices, scores) in the flow run's logs, however the run was
+    started: a served or worker flow-run process has no CLI to set the level or PREFECT_LOGGING_EXTRA_LOGGERS."""
+    logger = logging.getLogger("distilflow")
+    logger.setLevel(logging.INFO)
+    if not any(isinstance(handler, APILogHandler) for handler in logger.handlers):
+        logger.addHandler(APILogHandler())
+
+
+def deployment_overrides() -> dict[str, Any]:
+    """The overrides the run's deployment was registered with (`distilflow serve --set`), or {}.
+
+    Prefect replaces a parameter a run sets instead of merging it, so a run triggered with its own `overrides`
+    would otherwise silently drop the deployment's (its workdir, its registry name) and write elsewhere.
+    """
+    if deployment.id is None:
+        return {}
+    with get_client(sync_client=True) as client:
+        return dict(client.read_deployment(UUID(deployment.id)).parameters.get("overrides") or {})
 
 
 def tracking_uri(cfg: PipelineConfig) -> str:
@@ -83,12 +131,31 @@ def tracking_uri(cfg: PipelineConfig) -> str:
 
 @task(retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE, persist_result=False)
 def start_tracking(cfg: PipelineConfig) -> MlflowTracker:
+    """The pipeline's MLflow run; runs of this workdir that a killed process left RUNNING are closed first."""
     tracker = MlflowTracker.start(
         tracking_uri(cfg), experiment=cfg.run.name, artifact_root=cfg.run.workdir / "mlartifacts",
         run_name=flow_run.name or "distilflow", tags={"prefect.flow_run_id": str(flow_run.id),
-                                                      "prefect.flow_run_name": str(flow_run.name)})
+                                                      "prefect.flow_run_name": str(flow_run.name)},
+        liveness_dir=tracking.liveness_dir(cfg.run.workdir))
+    crash_flow_runs([run.data.tags["prefect.flow_run_id"] for run in tracker.close_stale_runs()
+                     if "prefect.flow_run_id" in run.data.tags])
     tracker.log_params(flatten(cfg.model_dump(mode="json")))
     return tracker
+
+
+def crash_flow_runs(flow_run_ids: list[str]) -> None:
+    """Flow runs whose process was killed stay RUNNING on the Prefect server: end them Crashed."""
+    if not flow_run_ids:
+        return
+    with get_client(sync_client=True) as client:
+        for flow_run_id in flow_run_ids:
+            try:
+                found = client.read_flow_run(UUID(flow_run_id))
+            except (ObjectNotFound, ValueError):
+                continue  # another server's run (a temporary server's, since gone)
+            if not found.state or not found.state.is_final():
+                client.set_flow_run_state(found.id, Crashed(message="its process was killed; closed by a later run"),
+                                          force=True)
 
 
 @task(retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE, persist_result=False)
@@ -109,30 +176,31 @@ def mlflow_run_reference(tracker: MlflowTracker) -> str:
     return f"MLflow run `{tracker.run_id}` in `{uri}` (to browse it: `mlflow ui --backend-store-uri {uri}`)"
 
 
-def publish_artifacts(run_name: str, journey: list[dict], bundle: Path, mlflow_run: str) -> None:
-    """The journey (with its MLflow run) and the bundle as Prefect artifacts. Their keys hold only the
-    run name, so the runs of one config (each night's) make one history in the UI's Artifacts page."""
+def publish_artifacts(run_name: str, journey: list[dict], bundle: Path, mlflow_run: str,
+                      outcome: registry.Release) -> None:
+    """The journey (with its MLflow run and the gate's verdict) and the bundle as Prefect artifacts. Their keys
+    hold only the run name, so the runs of one config (each night's) make one history in the UI's Artifacts page."""
     key = _artifact_key(run_name)
     create_markdown_artifact(
         key=f"journey-{key}",
-        markdown=f"# {run_name}: journey\n\n{journey_table(journey)}\n\n{mlflow_run}\n\nBundle: `{bundle}`\n",
+        markdown=f"# {run_name}: journey\n\n{journey_table(journey)}\n\n{mlflow_run}\n\n{outcome.summary()}\n\n"
+                 f"Bundle: `{bundle}`\n",
         description="Task score, size and speed of every model state")
-    create_link_artifact(key=f"bundle-{key}", link=bundle.as_uri(), link_text=str(bundle),
+    create_link_artifact(key=f"bundle-{key}", link=bundle.as_uri(),
+                         link_text=f"{bundle}{'' if outcome.passed else ' (rejected by the deploy gate)'}",
                          description="The deployable bundle: model, tokenizer, model card, journey, manifest")
 
 
-def release(cfg: PipelineConfig, record: dict) -> dict:
+def release(cfg: PipelineConfig, record: dict) -> registry.Release:
     """Register the bundle in MLflow's model registry; deploy.gate decides whether `champion` moves.
 
-    A model that fails the gate fails the flow run, with the reasons in the error and in an artifact.
+    The gate's checks go to an artifact; the caller fails the flow run when the model did not pass.
     """
     outcome = registry.release(cfg, Path(record["bundle"]), record["mlflow_tracking_uri"], record["mlflow_run_id"],
                                record["run_id"])
     create_markdown_artifact(key=f"gate-{_artifact_key(cfg.run.name)}", markdown=outcome.markdown(),
                              description="Deploy gate: its checks, and where the champion alias points")
-    if not outcome.passed:
-        raise registry.GateFailed(outcome.failure())
-    return {**record, "release": outcome.as_dict()}
+    return outcome
 
 
 def _artifact_key(name: str) -> str:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -44,13 +45,15 @@ class StageResult:
         return self.directory / self.files[name]
 
 
-def check_writable(workdir: Path) -> None:
-    """The workdir (or the directory that will hold it) must be writable before any stage starts."""
-    existing = workdir
+def check_writable(directory: Path, key: str = "run.workdir", why: str = "") -> None:
+    """``directory`` (or the one that will hold it) must be writable before any stage starts."""
+    existing = directory
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise DistilflowError(f"run.workdir {workdir}: cannot write in {existing}; choose another run.workdir")
+        problem = "a file, not a directory" if existing.exists() and not existing.is_dir() else "not writable"
+        raise DistilflowError(f"{key} {directory}: cannot write in {existing} ({problem}{f'; {why}' if why else ''}); "
+                              f"choose another {key}")
 
 
 def stage_key(stage: str, *inputs) -> str:
@@ -65,25 +68,92 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def write_manifest(directory: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[str, str]:
-    files = {str(p.relative_to(directory)): file_sha256(p)
-             for p in sorted(directory.rglob("*")) if p.is_file() and p.name not in exclude}
-    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+def write_manifest(directory: Path) -> dict[str, str]:
+    """Record the sha256 of every regular file under ``directory`` (and the target of every symlink, as
+    such) in ``directory/manifest.json``; returns the files' digests."""
+    entries, _ = _walk(directory)
+    files = {name: file_sha256(directory / name) for name, kind in entries.items() if kind == "file"}
+    links = {name: os.readlink(directory / name) for name, kind in entries.items() if kind == "symlink"}
+    (directory / MANIFEST).write_text(json.dumps({"files": files, **({"links": links} if links else {})}, indent=1))
     return files
 
 
 def manifest_problems(directory: Path) -> list[str]:
-    """What differs between ``directory`` and its manifest: changed, missing or extra files."""
+    """What differs between ``directory`` and its manifest: files changed, missing or added, and any symlink
+    or other non-regular entry the manifest does not list as such. Empty when they match."""
+    try:
+        files, links = read_manifest(directory)
+    except ManifestError as err:
+        return [str(err)]
+    entries, unreadable = _walk(directory)
+    present = {name for name, kind in entries.items() if kind == "file"}
+    problems = [f"missing: {name}" for name in sorted(files.keys() - entries.keys())]
+    problems += [f"missing: {name} (a symlink)" for name in sorted(links.keys() - entries.keys())]
+    problems += [f"not in manifest: {name}" for name in sorted(present - files.keys())]
+    problems += [_changed(directory, name, files[name]) for name in sorted(files.keys() & present)]
+    problems += [_kind_problem(directory, name, kind, files, links) for name, kind in sorted(entries.items())]
+    return [problem for problem in problems if problem] + [f"unreadable: {entry}" for entry in unreadable]
+
+
+def _kind_problem(directory: Path, name: str, kind: str, files: dict, links: dict) -> str | None:
+    """A symlink the manifest does not list with this target, or any entry that is no file or directory."""
+    if kind == "symlink":
+        target = os.readlink(directory / name)
+        if links.get(name) == target:
+            return None
+        listed = "a regular file in the manifest" if name in files else "not in the manifest as a symlink"
+        return f"symlink: {name} -> {target} ({listed})"
+    if kind == "directory":
+        return f"changed: {name} is now a directory" if name in files else None
+    return None if kind == "file" else f"not a regular file: {name} ({kind})"
+
+
+class ManifestError(Exception):
+    """A manifest.json that is missing or not a distilflow manifest."""
+
+
+def read_manifest(directory: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """The manifest's files (path -> sha256) and symlinks (path -> target)."""
     manifest = directory / MANIFEST
-    if not manifest.is_file():
-        return [f"{manifest} is missing"]
-    expected = json.loads(manifest.read_text())["files"]
-    present = {str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST}
-    problems = [f"missing: {name}" for name in sorted(expected.keys() - present)]
-    problems += [f"not in manifest: {name}" for name in sorted(present - expected.keys())]
-    problems += [f"changed: {name}" for name in sorted(expected.keys() & present)
-                 if file_sha256(directory / name) != expected[name]]
-    return problems
+    if manifest.is_symlink() or not manifest.is_file():
+        raise ManifestError(f"{manifest} is missing" if not manifest.is_symlink() else
+                            f"{manifest} is a symlink, not the bundle's own manifest")
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ManifestError(f"{manifest}: not a distilflow manifest ({err})") from None
+    if not isinstance(data, dict) or not _string_map(data.get("files")) or not _string_map(data.get("links", {})):
+        raise ManifestError(f"{manifest}: not a distilflow manifest (JSON with a \"files\" map of path to sha256)")
+    return data["files"], data.get("links", {})
+
+
+def _string_map(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+
+def _changed(directory: Path, name: str, digest: str) -> str | None:
+    try:
+        return None if file_sha256(directory / name) == digest else f"changed: {name}"
+    except OSError as err:
+        return f"unreadable: {name} ({err.strerror})"
+
+
+ENTRY_KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "directory", stat.S_IFLNK: "symlink", stat.S_IFIFO: "fifo",
+               stat.S_IFSOCK: "socket", stat.S_IFCHR: "character device", stat.S_IFBLK: "block device"}
+
+
+def _walk(directory: Path) -> tuple[dict[str, str], list[str]]:
+    """Every entry under ``directory`` but its top-level manifest, by relative path -> kind ("file",
+    "directory", "symlink", ...), and the directories that could not be read. Symlinks are never followed:
+    a linked directory is one "symlink" entry."""
+    entries, errors = {}, []
+    for root, dirs, names in os.walk(directory, onerror=lambda err: errors.append(f"{err.filename} ({err.strerror})")):
+        for name in dirs + names:
+            path = Path(root) / name
+            relative = str(path.relative_to(directory))
+            if relative != MANIFEST:
+                entries[relative] = ENTRY_KINDS.get(stat.S_IFMT(os.lstat(path).st_mode), "unknown")
+    return entries, errors
 
 
 def manifest_digest(directory: Path) -> str:

@@ -10,6 +10,7 @@ import functools
 import importlib
 import importlib.util
 import json
+import numbers
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -163,8 +164,13 @@ def import_function(ref: str) -> Callable[[str, dict], float]:
 
 
 def _python_score(ref: str, answer: str, row: dict) -> float:
-    value = import_function(ref)(answer, row)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+    try:
+        value = import_function(ref)(answer, row)
+    except Exception as err:  # the user's function: its failure is theirs to fix, with the input that broke it
+        raise DistilflowError(f"task.check.function {ref} raised {type(err).__name__}: {err} for the answer "
+                              f"{answer[:80]!r}; it must return a number in [0, 1] for any answer, malformed ones "
+                              "included (the log has its traceback)") from err
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
         raise DistilflowError(f"task.check.function {ref} returned {value!r} for the answer {answer[:80]!r}; "
                               "it must return a number in [0, 1]")
     return float(value)

@@ -1,18 +1,22 @@
 """The task's data: reading examples, the held-out split, and the prompts models see."""
 
 import csv
+import difflib
+import io
 import json
+import math
 import random
 import string
 from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
 
+from distilflow.configs.loader import decode_text
 from distilflow.configs.schema import TaskConfig
 from distilflow.tasks import checks
 from distilflow.tasks.errors import DistilflowError
 
-FORMATS = "a .jsonl, .json, .csv or .parquet file, or a directory written by datasets' save_to_disk"
+FORMATS = "a .jsonl, .json, .csv, .tsv or .parquet file, or a directory written by datasets' save_to_disk"
 
 
 @dataclass(frozen=True)
@@ -39,16 +43,18 @@ def load_task_data(cfg: TaskConfig, seed: int) -> TaskData:
 
 
 def read_rows(path: Path, split: str | None = None) -> list[dict]:
-    """Every example in ``path`` as a dict, whatever the format (see FORMATS)."""
+    """Every example in ``path`` as a dict, whatever the format (see FORMATS). Text files are UTF-8 (or UTF-16
+    with a byte-order mark); a CSV's delimiter (comma, semicolon, tab) is read from its header line."""
     if path.is_dir():
         rows = _read_saved_dataset(path, split)
-    elif path.suffix == ".jsonl":
-        rows = _read_jsonl(path)
-    elif path.suffix == ".json":
-        rows = _read_json(path)
-    elif path.suffix == ".csv":
-        with open(path, encoding="utf-8-sig", newline="") as lines:
-            rows = list(csv.DictReader(lines))
+    elif not path.is_file():
+        raise DistilflowError(f"task.data: {path} is not a regular file (a pipe or a device?); use {FORMATS}")
+    elif split is not None:
+        raise DistilflowError(f"task.data_split is {split!r}, but {path} is a file, not a `datasets` directory with "
+                              "splits; remove task.data_split")
+    elif path.suffix in (".jsonl", ".json", ".csv", ".tsv"):
+        text = decode_text(path.read_bytes(), path)
+        rows = {".jsonl": _read_jsonl, ".json": _read_json}.get(path.suffix, _read_csv)(text, path)
     elif path.suffix == ".parquet":
         rows = _read_parquet(path)
     else:
@@ -58,29 +64,47 @@ def read_rows(path: Path, split: str | None = None) -> list[dict]:
     return rows
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(text: str, path: Path) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DistilflowError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise DistilflowError(f"{path}:{number}: expected a JSON object per line")
-            rows.append(row)
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DistilflowError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise DistilflowError(f"{path}:{number}: expected a JSON object per line")
+        rows.append(row)
     return rows
 
 
-def _read_json(path: Path) -> list[dict]:
+def _read_json(text: str, path: Path) -> list[dict]:
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = json.loads(text)
     except json.JSONDecodeError as err:
         raise DistilflowError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
     if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
         raise DistilflowError(f"{path}: expected a JSON list of objects (or use .jsonl, one object per line)")
+    return rows
+
+
+def _read_csv(text: str, path: Path) -> list[dict]:
+    header = text.split("\n", 1)[0]
+    delimiter = "\t" if path.suffix == ".tsv" else max(",;\t", key=header.count)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    columns = next(reader, [])
+    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    if repeated:
+        raise DistilflowError(f"{path}: the header names column(s) {repeated} more than once; rename them")
+    rows = []
+    for cells in reader:
+        if len(cells) > len(columns):
+            raise DistilflowError(f"{path}: line {reader.line_num} has {len(cells)} cells but the header names "
+                                  f"{len(columns)} columns ({delimiter!r}-separated); quote cells that hold "
+                                  f"{delimiter!r}")
+        if any(cell.strip() for cell in cells):
+            rows.append(dict(zip(columns, cells + [""] * (len(columns) - len(cells)))))
     return rows
 
 
@@ -122,17 +146,49 @@ def _map_fields(row: dict, number: int, cfg: TaskConfig) -> dict:
 
 def _check_rows(rows: list[dict], cfg: TaskConfig) -> None:
     needed = _template_fields(cfg.template)
+    if cfg.label_field and not any(cfg.label_field in row for row in rows):
+        columns = sorted({column for row in rows for column in row if isinstance(column, str)})
+        close = difflib.get_close_matches(cfg.label_field, columns, n=1)
+        raise DistilflowError(
+            f"task.label_field: no example in {cfg.data} has a column {cfg.label_field!r} (columns: "
+            f"{', '.join(columns)}{f'; did you mean {close[0]!r}?' if close else ''}); name the label column, or set "
+            "task.label_field: null to have the teacher label every example")
     for number, row in enumerate(rows, start=1):
-        missing = sorted(name for name in needed if row.get(name) is None)
+        missing = sorted(name for name in needed if row.get(name) is None or str(row[name]).strip() == "")
         if missing:
             raise DistilflowError(
-                f"{cfg.data}: example {number} has no field {', '.join(missing)} "
+                f"{cfg.data}: example {number} has no field {', '.join(missing)} (or it is empty) "
                 "(task.template names it; map another column to it with task.fields)")
+        for name in sorted(needed):
+            if prompt_text(row[name]) is None:
+                raise DistilflowError(
+                    f"{cfg.data}: example {number}: field {name} is {row[name]!r} ({type(row[name]).__name__}), which "
+                    "cannot go into a prompt (task.template names it); give it text, a number, a list or an object")
         answer = label(row, cfg)
         problem = None if answer is None else checks.problem(answer, cfg)
+        if answer is not None and cfg.check.type == "python":
+            try:  # the user's function meets the answers of the run later: fail on what breaks it now
+                checks.score(answer, row, cfg)
+            except DistilflowError as err:
+                raise DistilflowError(f"{cfg.data}: example {number}, scoring its label: {err}") from err.__cause__
         if problem:
             raise DistilflowError(f"{cfg.data}: example {number} has label {answer!r}, which task.check rejects: "
                                   f"{problem}; correct the example, or task.check if the label is right")
+
+
+def prompt_text(value) -> str | None:
+    """How a data value is written into a prompt: text as it is, a number as written, true/false, a list or an
+    object as compact JSON; None for what has no faithful text (NaN, infinity, bytes, dates)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (bool, int, float, list, dict)):
+        try:
+            return json.dumps(value, ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError):
+            return None
+    return None
 
 
 def _template_fields(template: str) -> set[str]:
@@ -161,7 +217,7 @@ def few_shot_examples(train: list[dict], cfg: TaskConfig, k: int, seed: int) -> 
 
 
 def user_message(row: dict, cfg: TaskConfig) -> str:
-    return cfg.template.format(**row)
+    return cfg.template.format(**{name: prompt_text(row[name]) for name in _template_fields(cfg.template)})
 
 
 def messages(row: dict, cfg: TaskConfig, shots: list[dict] = ()) -> list[dict]:

@@ -116,7 +116,7 @@ def initial_student(cfg: StudentConfig, teacher_dir: Path | None, dataset: Datas
     if not origin_file.is_file():
         teacher, tokenizer = load_model(teacher_dir, ctx.device)
         influence = prune.block_influence(teacher, _batches(tokenizer, dataset, ctx))
-        keep = prune.most_influential(influence, cfg.teacher_layers)
+        keep = prune.most_influential(influence, cfg.teacher_layers, key="distill.student.teacher_layers")
         ctx.tracker.log_metrics({f"block_influence.layer_{i:02d}": v for i, v in enumerate(influence)})
         log.info("student keeps teacher layers %s", keep)
         _save_atomically(prune.keep_layers(teacher, keep), tokenizer, directory)
@@ -268,10 +268,27 @@ def sft(student, tokenizer, dataset: Dataset, cfg: DistillConfig, ctx: StageCont
     """
     args = training_args(SFTConfig, cfg.sft, ctx, max_length=cfg.sft.max_length, **COUNT_TOKENS)
     trainer = SFTTrainer(model=with_adapters(student, cfg.lora), args=args, processing_class=tokenizer,
-                         train_dataset=dataset.select_columns(["prompt", "completion"]),
+                         train_dataset=whole_examples(tokenizer, dataset.select_columns(["prompt", "completion"]),
+                                                      cfg.sft.max_length),
                          callbacks=[TrackerCallback(ctx.tracker, "sft")])
     train(trainer, ctx)
     return merged(trainer, cfg.lora)
+
+
+def whole_examples(tokenizer, dataset: Dataset, max_length: int) -> Dataset:
+    """The examples that fit in ``max_length`` tokens. TRL cuts a longer one at its end, which is the answer:
+    trained on, it would teach the prompt alone. They are dropped and counted instead."""
+    lengths = [len(tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True)["input_ids"])
+               for row in dataset]
+    fits = [length <= max_length for length in lengths]
+    if not any(fits):
+        raise DistilflowError(f"distill.sft.max_length is {max_length} tokens, shorter than every training example "
+                              "(prompt and answer); raise it")
+    if not all(fits):
+        log.warning("sft: %d of %d training examples are longer than distill.sft.max_length (%d tokens) and are "
+                    "skipped, since their answers would be cut off; raise it to train on them",
+                    fits.count(False), len(fits), max_length)
+    return dataset.select([i for i, fit in enumerate(fits) if fit])
 
 
 def logit_kd(student, tokenizer, dataset: Dataset, cfg: DistillConfig, ctx: StageContext, *,

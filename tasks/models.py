@@ -1,6 +1,7 @@
 """Loading and saving models: the teacher from its many sources, checkpoints we wrote, devices."""
 
 import importlib.util
+import json
 import logging
 import struct
 from collections.abc import Iterator
@@ -36,7 +37,7 @@ def compute_dtype(device: torch.device) -> torch.dtype:
 def load_teacher(cfg: LocalTeacherConfig, device: torch.device, key: str = "prototype.teacher"):
     """The teacher as (model, tokenizer): a GGUF file (dequantized by transformers), or a HF dir / hub id,
     optionally quantized on load to 4 or 8 bits by bitsandbytes. ``key`` names the config in errors."""
-    source, gguf_file = _teacher_source(cfg, key)
+    source, gguf_file = teacher_source(cfg, key)
     log.info("loading teacher %s%s (%s)", source, f" ({gguf_file})" if gguf_file else "", trust_summary(cfg))
     files = {"gguf_file": gguf_file} if gguf_file else {}
     quantization = bitsandbytes_loading(cfg, device, key) if cfg.load_in_4bit or cfg.load_in_8bit else {}
@@ -117,7 +118,7 @@ def bitsandbytes_loading(cfg: LocalTeacherConfig, device: torch.device, key: str
     return {"quantization_config": quantization, "device_map": {"": device.index or 0}}
 
 
-def _teacher_source(cfg: LocalTeacherConfig, key: str) -> tuple[str, str | None]:
+def teacher_source(cfg: LocalTeacherConfig, key: str) -> tuple[str, str | None]:
     if cfg.gguf_package:
         spec = importlib.util.find_spec(cfg.gguf_package)
         if spec is None or spec.origin is None:
@@ -130,6 +131,55 @@ def _teacher_source(cfg: LocalTeacherConfig, key: str) -> tuple[str, str | None]
     if cfg.gguf_file:
         _require_file(Path(cfg.path) / cfg.gguf_file, f"{key}.gguf_file")
     return cfg.path, cfg.gguf_file
+
+
+def check_model_files(cfg: ModelTrust, key: str) -> Path | None:
+    """Before any stage: a local model (``cfg.path``, with ``cfg.gguf_file`` or as a Hugging Face directory) has
+    the files loading needs, else say what is wrong with it. Returns its directory (None: a hub id or package)."""
+    gguf_file = getattr(cfg, "gguf_file", None)
+    if getattr(cfg, "gguf_package", None):
+        teacher_source(cfg, key)
+        return None
+    directory = Path(cfg.path)
+    if not directory.is_absolute():
+        return None  # a hub id: only the hub can say
+    if gguf_file:
+        _require_file(directory / gguf_file, f"{key}.gguf_file")
+        with open(directory / gguf_file, "rb") as head:
+            if head.read(4) != b"GGUF":
+                raise DistilflowError(f"{key}.gguf_file: {directory / gguf_file} is not a GGUF file (no GGUF header)")
+        return None
+    if not directory.is_dir():
+        raise DistilflowError(f"{key}.path: {directory} is a file; give the directory that holds the model's "
+                              "config.json, weights and tokenizer (for a GGUF file: path: its directory, gguf_file: "
+                              "its name)")
+    present = {p.name for p in directory.iterdir()}
+    if not present:
+        raise DistilflowError(f"{key}.path: {directory} is empty; it should hold a model saved by save_pretrained "
+                              "(config.json, *.safetensors, tokenizer files)")
+    if "config.json" not in present:
+        raise DistilflowError(f"{key}.path: {directory} is not a model directory (no config.json; it holds "
+                              f"{', '.join(sorted(present)[:8])}); point it at a model saved by save_pretrained")
+    if not cfg.allow_pickle:
+        _refuse_pickle_only(directory, key)
+    weights = [name for name in present if name.endswith(".safetensors") or cfg.allow_pickle and
+               any(Path(name).match(pattern) for pattern in PICKLE_CHECKPOINTS)]
+    if not weights:
+        raise DistilflowError(f"{key}.path: {directory} has a config.json but no weights (*.safetensors); copy them "
+                              "there, or save the model again")
+    if not present & TOKENIZER_FILES:
+        raise DistilflowError(f"{key}.path: {directory} has no tokenizer (none of {', '.join(sorted(TOKENIZER_FILES))}); "
+                              "save the tokenizer beside the model (tokenizer.save_pretrained)")
+    return directory
+
+
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"}
+
+
+def layer_count(directory: Path) -> int | None:
+    """Decoder layers of the Hugging Face model in ``directory``, from its config.json (None if it does not say)."""
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    return config.get("num_hidden_layers") or (config.get("text_config") or {}).get("num_hidden_layers")
 
 
 def _require_file(path: Path, key: str) -> None:

@@ -62,8 +62,12 @@ def block_influence(model, batches: list[dict]) -> list[float]:
     return (totals / count).tolist()
 
 
-def most_influential(influence: list[float], keep: int) -> list[int]:
-    """Indices of the ``keep`` most influential layers, in model order."""
+def most_influential(influence: list[float], keep: int, key: str = "compress.prune.depth.keep_layers") -> list[int]:
+    """Indices of the ``keep`` most influential layers, in model order; ``key`` names ``keep`` in the error
+    when it would keep every layer."""
+    if keep >= len(influence):
+        raise DistilflowError(f"{key} is {keep}, but the model has only {len(influence)} layers: nothing would be "
+                              "cut; keep fewer")
     return sorted(sorted(range(len(influence)), key=lambda i: influence[i], reverse=True)[:keep])
 
 
@@ -72,9 +76,6 @@ def layers_to_keep(model, influence: list[float], cfg: DepthPruneConfig) -> list
     influential ones that must go for the model to fit in ``max_params``."""
     layers = decoder_layers(model)
     if cfg.keep_layers:
-        if cfg.keep_layers >= len(layers):
-            raise DistilflowError(f"compress.prune.depth.keep_layers is {cfg.keep_layers}, but the student has "
-                                  f"only {len(layers)} layers; keep fewer")
         return most_influential(influence, cfg.keep_layers)
     total = sum(p.numel() for p in model.parameters())
     least_influential_first = sorted(range(len(layers)), key=lambda i: influence[i])

@@ -46,10 +46,20 @@ class Release:
         return all(check.passed for check in self.checks)
 
     def failure(self) -> str:
-        reasons = "; ".join(f"{c.key}: {c.detail}" for c in self.checks if not c.passed)
+        reasons = self.reasons()
         kept = f"version {self.champion}" if self.champion else "no version"
         return (f"{self.model_name} version {self.version} failed the deploy gate ({reasons}); `{CHAMPION}` "
                 f"stays on {kept}, the new version has alias `{CANDIDATE}`. Improve the model or change deploy.gate.")
+
+    def summary(self) -> str:
+        """One line: the gate's verdict, and which version to ship."""
+        if self.passed:
+            return f"Deploy gate passed: {self.model_name} version {self.version} is `{CHAMPION}`."
+        return (f"Deploy gate FAILED ({self.reasons()}): this run's bundle is not the one to ship; `{CHAMPION}` is "
+                f"{f'version {self.champion}' if self.champion else 'no version yet'}.")
+
+    def reasons(self) -> str:
+        return "; ".join(f"{c.key}: {c.detail}" for c in self.checks if not c.passed)
 
     def markdown(self) -> str:
         verdict = "passed" if self.passed else "FAILED"

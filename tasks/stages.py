@@ -9,15 +9,17 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
-from distilflow.configs.schema import HttpTeacherConfig, PipelineConfig
-from distilflow.tasks import artifacts, serving
+from distilflow.configs.schema import HttpTeacherConfig, ModelTrust, PipelineConfig
+from distilflow.tasks import artifacts, history, serving
 from distilflow.tasks.artifacts import StageResult
 from distilflow.tasks.context import StageContext
-from distilflow.tasks.data import load_task_data
-from distilflow.tasks.models import resolve_device
+from distilflow.tasks.data import TaskData, load_task_data
+from distilflow.tasks.errors import DistilflowError
+from distilflow.tasks.models import check_model_files, layer_count, resolve_device, teacher_source
 from distilflow.tasks.teachers import api_key
-from distilflow.tasks.tracking import LogTracker, Tracker, check_tracking_store
+from distilflow.tasks.tracking import LogTracker, Tracker, check_tracking_store, tracking_source
 
 log = logging.getLogger("distilflow")
 
@@ -44,18 +46,84 @@ def preflight(cfg: PipelineConfig, tracking_uri: str) -> None:
     """
     load_task_data(cfg.task, cfg.run.seed)
     artifacts.check_writable(cfg.run.workdir)
+    history.check_home(history.distilflow_home())
     engine = serving.choose_engine(cfg.eval.serving, resolve_device(cfg.run.device).type)
     if engine:
         serving.priced(engine, cfg.deploy.cost)  # a device kind with no price fails now, not after training
-    check_tracking_store(tracking_uri)
+    check_tracking_store(tracking_uri, tracking_source(cfg.run.mlflow_tracking_uri))
     for key, teacher in http_teachers(cfg).items():
         api_key(teacher, os.environ, key)  # a missing key fails now, not after the teacher is half asked
+    for key, model in local_models(cfg).items():
+        directory = check_model_files(model, key)
+        if key == "prototype.teacher" and directory and cfg.distill.student.teacher_layers:
+            check_teacher_layers(cfg.distill.student.teacher_layers, layer_count(directory), directory)
+
+
+def local_models(cfg: PipelineConfig) -> dict[str, ModelTrust]:
+    judge = cfg.prototype.judge and cfg.prototype.judge.teacher
+    models = {"prototype.teacher": cfg.prototype.teacher, "prototype.judge.teacher": judge,
+              "distill.student": cfg.distill.student if cfg.distill.student.path else None}
+    return {key: model for key, model in models.items() if isinstance(model, ModelTrust)}
+
+
+def check_teacher_layers(keep: int, layers: int | None, teacher: Path) -> None:
+    if layers is not None and keep >= layers:
+        raise DistilflowError(f"distill.student.teacher_layers is {keep}, but the teacher ({teacher}) has {layers} "
+                              "layers: the student would be as large as the teacher; keep fewer")
 
 
 def http_teachers(cfg: PipelineConfig) -> dict[str, HttpTeacherConfig]:
     teachers = {"prototype.teacher": cfg.prototype.teacher,
                 "prototype.judge.teacher": cfg.prototype.judge and cfg.prototype.judge.teacher}
     return {key: teacher for key, teacher in teachers.items() if isinstance(teacher, HttpTeacherConfig)}
+
+
+def check_hub_models(cfg: PipelineConfig) -> None:
+    """`distilflow validate` only (it asks the network): every model given by hub id is in the local cache or on
+    the Hugging Face hub."""
+    from transformers import AutoConfig
+
+    for key, model in local_models(cfg).items():
+        ref = getattr(model, "path", None)
+        if ref is None or Path(ref).is_absolute():
+            continue  # a local model (checked by preflight) or a GGUF package
+        try:
+            AutoConfig.from_pretrained(ref, trust_remote_code=model.trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise DistilflowError(
+                f"{key}.path: {ref!r} is no local directory (none beside the config) and no model this machine can "
+                f"fetch from the Hugging Face hub ({str(err).splitlines()[0]}); give the model's directory, or check "
+                "the id and the network") from None
+
+
+def length_warnings(cfg: PipelineConfig, examples: TaskData) -> list[str]:
+    """What `distilflow validate` says about sequence lengths, measured with the teacher's tokenizer and chat
+    template: inputs longer than the teacher's context, and training examples longer than distill's max_length
+    (SFT skips them; logit KD leaves out the start of their prompts). Empty for an HTTP teacher."""
+    teacher = cfg.prototype.teacher
+    if isinstance(teacher, HttpTeacherConfig):
+        return []
+    from transformers import AutoConfig, AutoTokenizer
+
+    from distilflow.tasks.data import label, messages
+
+    source, gguf_file = teacher_source(teacher, "prototype.teacher")
+    tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
+    rows = examples.train + examples.eval
+    prompts = [tokenizer.apply_chat_template(messages(row, cfg.task), add_generation_prompt=True)["input_ids"]
+               for row in rows]
+    answers = [len(tokenizer(label(row, cfg.task) or "", add_special_tokens=False)["input_ids"]) for row in rows]
+    limits = {} if gguf_file else {"the teacher's context (max_position_embeddings)":
+                                   getattr(AutoConfig.from_pretrained(source), "max_position_embeddings", None)}
+    limits |= {f"distill.{phase}.max_length": getattr(cfg.distill, phase).max_length
+               for phase in ("sft", "logit_kd") if phase in cfg.distill.phases}
+    warnings = []
+    for what, limit in limits.items():
+        longer = sum(len(prompt) + answer > limit for prompt, answer in zip(prompts, answers)) if limit else 0
+        if longer:
+            warnings.append(f"{longer} of {len(rows)} examples are longer than {what}, {limit} tokens (the longest: "
+                            f"{max(len(p) + a for p, a in zip(prompts, answers))})")
+    return warnings
 
 
 def cache_key(name: str, cfg: PipelineConfig, upstream: dict[str, StageResult]) -> str:

@@ -44,7 +44,7 @@ def tokenize(tokenizer, rows, max_length: int) -> list[Example]:
     The prompt (with the assistant's turn opened) and the answer are tokenized apart and joined, so
     the answer's first token is never merged into the prompt's last one.
     """
-    examples = []
+    examples, cut = [], 0
     for row in rows:
         prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
@@ -62,6 +62,10 @@ def tokenize(tokenizer, rows, max_length: int) -> list[Example]:
                                   f"answer of {len(answer_ids)} tokens; raise it")
         examples.append(Example(input_ids=(prompt_ids + answer_ids)[drop:],
                                 completion_mask=([0] * len(prompt_ids) + [1] * len(answer_ids))[drop:]))
+        cut += drop > 0
+    if cut:
+        log.warning("logit_kd: %d of %d examples are longer than distill.logit_kd.max_length (%d tokens): the start of "
+                    "their prompts is left out (their answers are whole)", cut, len(examples), max_length)
     return examples
 
 

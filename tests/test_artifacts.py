@@ -1,10 +1,12 @@
 """Stage outputs: published whole or not at all, reused only while they match their manifest."""
 
 import json
+import os
 
 import pytest
 
 from distilflow.tasks import artifacts
+from distilflow.flows.cli import main
 from distilflow.tasks.artifacts import StageResult
 
 
@@ -100,3 +102,93 @@ def test_published_files_are_readable_by_anyone_even_when_written_private(tmp_pa
     result = artifacts.cached_or_run("demo", "k1", tmp_path, produce)
     assert result.path("model").stat().st_mode & 0o555 == 0o555
     assert (result.path("model") / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def signed_bundle(tmp_path):
+    """A directory with files in a subdirectory and its manifest, as the deploy stage writes a bundle."""
+    bundle = tmp_path / "bundle"
+    (bundle / "gguf").mkdir(parents=True)
+    (bundle / "model.safetensors").write_bytes(b"weights")
+    (bundle / "gguf" / "model.gguf").write_bytes(b"gguf")
+    artifacts.write_manifest(bundle)
+    return bundle
+
+
+def verify_error(bundle, capsys) -> str:
+    assert main(["verify", str(bundle)]) == 2
+    return capsys.readouterr().err
+
+
+def test_verify_fails_a_symlinked_directory_added_to_the_bundle(tmp_path, capsys):
+    bundle = signed_bundle(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "payload.py").write_text("print('hi')")
+    (bundle / "extra").symlink_to(tmp_path / "elsewhere")
+    assert f"symlink: extra -> {tmp_path / 'elsewhere'}" in verify_error(bundle, capsys)
+
+
+def test_verify_fails_a_symlink_loop_and_a_dangling_symlink(tmp_path, capsys):
+    bundle = signed_bundle(tmp_path)
+    (bundle / "gguf" / "loop").symlink_to("loop")
+    (bundle / "dangling").symlink_to(tmp_path / "nothing-here")
+    error = verify_error(bundle, capsys)
+    assert "symlink: gguf/loop -> loop" in error and "symlink: dangling ->" in error
+
+
+def test_verify_fails_weights_replaced_by_a_symlink_to_an_identical_file_outside(tmp_path, capsys):
+    bundle = signed_bundle(tmp_path)
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(b"weights")
+    (bundle / "model.safetensors").unlink()
+    (bundle / "model.safetensors").symlink_to(outside)
+    assert f"symlink: model.safetensors -> {outside} (a regular file in the manifest)" in verify_error(bundle, capsys)
+
+
+def test_verify_fails_a_fifo_in_the_bundle(tmp_path, capsys):
+    bundle = signed_bundle(tmp_path)
+    os.mkfifo(bundle / "pipe")
+    assert "not a regular file: pipe (fifo)" in verify_error(bundle, capsys)
+
+
+def test_verify_accepts_a_symlink_the_manifest_lists_as_such(tmp_path, capsys):
+    bundle = signed_bundle(tmp_path)
+    (bundle / "latest.gguf").symlink_to("gguf/model.gguf")
+    artifacts.write_manifest(bundle)
+    assert main(["verify", str(bundle)]) == 0
+    assert "and 1 symlinks match" in capsys.readouterr().out
+    (bundle / "latest.gguf").unlink()
+    (bundle / "latest.gguf").symlink_to("model.safetensors")
+    assert "symlink: latest.gguf -> model.safetensors" in verify_error(bundle, capsys)
+
+
+def test_verify_fails_a_manifest_that_is_a_symlink(tmp_path, capsys):
+    bundle = signed_bundle(tmp_path)
+    (tmp_path / "forged.json").write_text((bundle / "manifest.json").read_text())
+    (bundle / "manifest.json").unlink()
+    (bundle / "manifest.json").symlink_to(tmp_path / "forged.json")
+    assert "manifest.json is a symlink" in verify_error(bundle, capsys)
+
+
+def test_a_nested_manifest_is_covered_by_the_stage_manifest(tmp_path):
+    bundle = signed_bundle(tmp_path)
+    artifacts.write_manifest(tmp_path)
+    (bundle / "manifest.json").write_text('{"files": {}}')
+    assert artifacts.manifest_problems(tmp_path) == ["changed: bundle/manifest.json"]
+
+
+@pytest.mark.parametrize("manifest", ["{not json", "[1, 2]", '{"files": {"a": 1}}', "\xff\xfe"])
+def test_a_stage_artifact_with_a_corrupt_manifest_is_recomputed(tmp_path, manifest):
+    calls = []
+    artifacts.cached_or_run("demo", "k1", tmp_path, producer(calls))
+    (tmp_path / "artifacts" / "demo" / "k1" / "manifest.json").write_bytes(manifest.encode("latin-1"))
+    result = artifacts.cached_or_run("demo", "k1", tmp_path, producer(calls))
+    assert len(calls) == 2 and not result.cached
+
+
+def test_verify_never_reads_outside_the_bundle_for_a_manifest_entry_that_points_there(tmp_path, capsys):
+    bundle = signed_bundle(tmp_path)
+    (tmp_path / "secret.txt").write_text("outside")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"]["../secret.txt"] = artifacts.file_sha256(tmp_path / "secret.txt")
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    assert "missing: ../secret.txt" in verify_error(bundle, capsys)

@@ -114,3 +114,27 @@ def test_the_distilflow_command_exits_2_on_a_truncated_gguf_teacher_with_nothing
     assert finished.returncode == 2, finished.stderr[-3000:]
     assert f"error: prototype.teacher.gguf_file: {gguf} is not a complete GGUF file" in finished.stderr
     assert_nothing_finished(workdir)
+
+
+def test_a_failing_run_ends_with_one_error_line_and_the_traceback_in_its_log(tmp_path):
+    """A user's check function that raises mid-stage: no Prefect traceback on the console, one `error:` line that
+    names the function and the answer, and the log file (named there) holds the traceback."""
+    (tmp_path / "my_checks.py").write_text(  # fine on every label; the teacher's free answers break it
+        "def strict(answer, row):\n    return {'payment': 1.0, 'delivery': 1.0, 'bug': 1.0, 'account': 1.0}[answer]\n")
+    workdir = tmp_path / "work"
+    finished = subprocess.run(
+        [str(Path(sys.executable).with_name("distilflow")), "run", str(TINY_CONFIG), "--set", f"run.workdir={workdir}",
+         "--set", f"task.check={{type: python, function: {tmp_path / 'my_checks.py'}:strict}}"],
+        capture_output=True, text=True, env=os.environ.copy(), timeout=600)
+    assert finished.returncode == 2, finished.stderr[-3000:]
+    errors = [line for line in finished.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "my_checks.py:strict raised KeyError" in errors[0] and "scoring its label" not in errors[0]
+    assert "Traceback" not in finished.stderr and " ERROR " not in finished.stderr
+    log = Path(finished.stderr.split("(the log, with the traceback: ")[1].split(")")[0])
+    assert log.parent == workdir / "logs" and "Traceback" in log.read_text()
+
+
+def test_verbose_prints_the_traceback_too(tmp_path, capsys):
+    assert main(["verify", str(tmp_path / "nowhere"), "--verbose"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.rstrip().splitlines()[-1].startswith("error: ")

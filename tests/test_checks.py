@@ -5,7 +5,8 @@ import json
 import pytest
 
 from distilflow.configs.schema import TaskConfig
-from distilflow.tasks import checks
+from distilflow.flows.retries import is_transient
+from distilflow.tasks import checks, data
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.evaluate import task_score
 from tests.conftest import REPO
@@ -106,6 +107,22 @@ def test_python_check_score_outside_unit_interval_is_an_error(tmp_path):
         checks.score("x", {}, task)
 
 
+def test_a_python_check_that_raises_names_the_function_and_the_answer(tmp_path):
+    write_module(tmp_path, "import json\ndef strict(answer, row):\n    return json.loads(answer)['score']\n")
+    task = task_with({"type": "python", "function": "my_checks.py:strict"}, base_dir=tmp_path)
+    with pytest.raises(DistilflowError) as caught:
+        checks.score("not json at all", {}, task)
+    message = str(caught.value)
+    assert "my_checks.py:strict raised JSONDecodeError" in message and "'not json at all'" in message
+    assert not is_transient(caught.value)
+
+
+def test_a_python_check_may_return_a_numpy_number(tmp_path):
+    write_module(tmp_path, "import numpy\ndef half(answer, row):\n    return numpy.float32(0.5)\n")
+    task = task_with({"type": "python", "function": "my_checks.py:half"}, base_dir=tmp_path)
+    assert checks.score("x", {}, task) == 0.5
+
+
 def test_task_score_is_the_mean_of_the_checks_scores():
     rows = [{"label": "yes"}, {"label": "no"}, {"label": "no"}, {}]
     assert task_score(["yes", "yes", "no", "no"], rows, CHOICE) == 0.75
@@ -114,3 +131,10 @@ def test_task_score_is_the_mean_of_the_checks_scores():
 def test_describe_names_the_allowed_answers():
     assert checks.describe(CHOICE) == "one of `yes`, `no`"
     assert json.dumps(PERSON) in checks.describe(PERSON_TASK)
+
+
+def test_a_python_check_that_raises_on_a_label_fails_when_the_data_is_read(tmp_path):
+    write_module(tmp_path, "def picky(answer, row):\n    return {'bug': 1.0}[answer]\n")
+    task = task_with({"type": "python", "function": "my_checks.py:picky"}, base_dir=tmp_path)
+    with pytest.raises(DistilflowError, match=r"example 1, scoring its label: task.check.function .*picky raised KeyError"):
+        data.load_task_data(task.model_copy(update={"eval_size": 4}), 0)

@@ -169,17 +169,17 @@ def check_error(tmp_path, check: dict) -> str:
 
 def test_invalid_regex_is_named(tmp_path):
     message = check_error(tmp_path, {"type": "regex", "pattern": "(a"})
-    assert "task.check.regex.pattern: not a valid regular expression" in message
+    assert "task.check.pattern: not a valid regular expression" in message
 
 
 def test_invalid_json_schema_is_named(tmp_path):
     message = check_error(tmp_path, {"type": "json_schema", "json_schema": {"type": "objekt"}})
-    assert "task.check.json_schema.json_schema: not a valid JSON schema at type" in message
+    assert "task.check.json_schema: not a valid JSON schema at type" in message
 
 
 def test_python_check_that_cannot_be_imported_is_named(tmp_path):
     message = check_error(tmp_path, {"type": "python", "function": "no_such_module:score"})
-    assert "task.check.python.function: cannot import no_such_module" in message
+    assert "task.check.function: cannot import no_such_module" in message
 
 
 def test_unknown_check_type_lists_the_kinds(tmp_path):
@@ -190,7 +190,7 @@ def test_unknown_check_type_lists_the_kinds(tmp_path):
 def test_http_teacher_needs_a_model(tmp_path):
     raw = tiny_yaml()
     raw["prototype"]["teacher"] = {"base_url": "http://127.0.0.1:8000/v1"}
-    assert "prototype.teacher.http.model: required key is missing" in error_of(write(tmp_path, raw))
+    assert "prototype.teacher.model: required key is missing" in error_of(write(tmp_path, raw))
 
 
 def test_api_key_in_the_config_is_refused(tmp_path):
@@ -210,3 +210,185 @@ def test_student_cut_from_a_black_box_teacher_is_refused(tmp_path):
     raw = tiny_yaml()
     raw["prototype"]["teacher"] = {"base_url": "http://127.0.0.1:8000/v1", "model": "m"}
     assert "set distill.student.path instead" in error_of(write(tmp_path, raw))
+
+
+# ---- names MLflow or Prefect would refuse: the message names the key the user set --------------------------
+
+@pytest.mark.parametrize("name", ["support/tickets", "support tickets", "tickets-é", "-leading", "x" * 101])
+def test_a_run_name_mlflow_or_prefect_would_refuse_is_named_under_run_name_only(tmp_path, name):
+    message = error_of(write(tmp_path, tiny_yaml(run__name=name)))
+    assert f"run.name: {name!r} is not a valid name" in message
+    assert "deploy.model_name" not in message
+
+
+def test_a_bad_deployment_name_is_named_under_schedule_deployment(tmp_path):
+    raw = tiny_yaml()
+    raw["schedule"] = {"deployment": "nightly/prod"}
+    assert "schedule.deployment: 'nightly/prod' is not a valid name" in error_of(write(tmp_path, raw))
+
+
+def test_a_bad_model_name_set_explicitly_is_named_under_deploy_model_name(tmp_path):
+    raw = tiny_yaml()
+    raw["deploy"]["model_name"] = "my model"
+    message = error_of(write(tmp_path, raw))
+    assert "deploy.model_name: 'my model' is not a valid name" in message and "run.name" not in message
+
+
+# ---- paths: ~ and $VAR expanded or refused, relative paths shown resolved ----------------------------------
+
+def test_tilde_and_variables_in_paths_are_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("DISTILFLOW_TEST_DATA", str(REPO / "configs" / "data"))
+    cfg = load_config(TINY_CONFIG, {"run.workdir": "~/work", "task.data": "$DISTILFLOW_TEST_DATA/support_tickets.jsonl"})
+    assert cfg.run.workdir == tmp_path / "work"
+    assert cfg.task.data == REPO / "configs" / "data" / "support_tickets.jsonl"
+
+
+def test_an_unset_variable_in_a_path_is_refused_not_made_a_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv("DISTILFLOW_TEST_UNSET", raising=False)
+    monkeypatch.chdir(tmp_path)
+    message = error_of(TINY_CONFIG, {"run.workdir": "${DISTILFLOW_TEST_UNSET}/work"})
+    assert "run.workdir" in message and "environment variable DISTILFLOW_TEST_UNSET is not set" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_tilde_for_an_unknown_user_is_refused(tmp_path):
+    assert "no user 'nosuchuser-distilflow' to expand ~ for" in error_of(
+        TINY_CONFIG, {"run.workdir": "~nosuchuser-distilflow/work"})
+
+
+@pytest.mark.parametrize("path", ["./models/teacher", "~/no-such-teacher", "models/sub/teacher"])
+def test_a_teacher_path_that_does_not_exist_is_named_resolved_not_taken_for_a_hub_id(tmp_path, monkeypatch, path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    message = error_of(TINY_CONFIG, {"prototype.teacher.path": path})
+    assert "prototype.teacher.path: no such file or directory: /" in message
+
+
+def test_a_missing_student_path_is_named(tmp_path):
+    message = error_of(TINY_CONFIG, {"distill.student": {"path": str(tmp_path / "student")}})
+    assert f"distill.student.path: no such file or directory: {tmp_path / 'student'}" in message
+
+
+def test_the_config_path_itself_may_use_a_tilde(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(TINY_CONFIG.parent))
+    assert load_config("~/tiny.yaml").run.name == "tiny"
+
+
+def test_a_directory_given_as_the_config_is_named(tmp_path):
+    assert f"{tmp_path}: not a config file" in error_of(tmp_path)
+
+
+# ---- tracking URIs ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("uri", ["./mlruns", "file:///tmp/mlruns", "mlflow.db", "sqlite://", "sqlite:///:memory:"])
+def test_a_tracking_uri_mlflow_cannot_use_is_named_with_the_forms_it_takes(uri):
+    message = error_of(TINY_CONFIG, {"run.mlflow_tracking_uri": uri})
+    assert "run.mlflow_tracking_uri" in message and "sqlite:////absolute/path/mlflow.db" in message
+
+
+def test_a_relative_sqlite_tracking_uri_resolves_against_the_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(TINY_CONFIG, {"run.mlflow_tracking_uri": "sqlite:///../runs/store.db"})
+    assert cfg.run.mlflow_tracking_uri == f"sqlite:///{REPO / 'runs' / 'store.db'}"
+
+
+def test_a_tracking_store_where_nothing_can_be_written_fails_validate(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code = main(["validate", str(TINY_CONFIG), "--set", f"run.mlflow_tracking_uri=sqlite:///{blocker / 'mlflow.db'}"])
+    error = capsys.readouterr().err
+    assert code == 2 and f"run.mlflow_tracking_uri: cannot write the MLflow store {blocker / 'mlflow.db'}" in error
+
+
+def test_mlflow_tracking_uri_from_the_environment_is_blamed_on_the_variable(monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "./mlruns")
+    assert main(["validate", str(TINY_CONFIG)]) == 2
+    assert "MLFLOW_TRACKING_URI" in capsys.readouterr().err
+
+
+# ---- encodings of the config and YAML's types ---------------------------------------------------------------
+
+def test_a_latin_1_config_is_refused_with_the_line_and_the_fix(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_bytes(TINY_CONFIG.read_bytes().replace(b"Classify the ticket.", "Classez le problème.".encode("latin-1")))
+    message = error_of(path)
+    assert f"{path}: line" in message and "not UTF-8 text (byte 0xe8)" in message and "iconv" in message
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16"])
+def test_a_config_with_a_byte_order_mark_is_read(tmp_path, encoding):
+    path = tmp_path / "config.yaml"
+    path.write_text(TINY_CONFIG.read_text().replace("../", f"{REPO}/").replace("data/support", f"{REPO}/configs/data/support"),
+                    encoding=encoding)
+    assert load_config(path).task.system_prompt == "Classify the ticket. Answer with the queue name only."
+
+
+def test_an_unquoted_yes_or_no_in_yaml_gets_a_hint_to_quote_it(tmp_path):
+    raw = tiny_yaml()
+    raw["task"]["check"]["choices"] = [True, False]  # what `choices: [yes, no]` reads as
+    message = error_of(write(tmp_path, raw))
+    assert "task.check.choices.0" in message and "quote the value" in message
+
+
+@pytest.mark.parametrize("assignment, expected", [
+    ("run.name=007", "007"),
+    ("task.system_prompt=no", "no"),
+    ("task.template=Ticket: {text}", "Ticket: {text}"),
+    ("task.system_prompt='quoted: yes'", "quoted: yes"),
+    ("run.seed=010", 10),
+    ("distill.lora.r=8", 8),
+    ("task.label_field=null", None),
+])
+def test_set_reads_yaml_but_a_text_key_takes_the_text_as_written(assignment, expected):
+    [value] = parse_overrides([assignment]).values()
+    assert value == expected and type(value) is type(expected)
+
+
+def test_set_with_a_value_that_is_not_yaml_is_named():
+    with pytest.raises(DistilflowError, match="--set 'distill.lora.target_modules=\\[q_proj': the value is not valid YAML"):
+        parse_overrides(["distill.lora.target_modules=[q_proj"])
+
+
+@pytest.mark.parametrize("template, message", [
+    ("Ticket: {text", "expected '}' before end of string"),
+    ("Ticket: text", "names no data field, so every prompt would be the same text"),
+    ("Ticket: {}", "{} is not a field name"),
+    ("Ticket: {0}", "{0} is not a field name"),
+    ("Ticket: {text.upper}", "{text.upper} is not a field name"),
+])
+def test_a_template_that_cannot_fill_a_prompt_is_named(template, message):
+    assert f"task.template: {message}" in error_of(TINY_CONFIG, {"task.template": template})
+
+
+@pytest.mark.parametrize("choices, message", [(["bug", "bug", "payment"], "['bug'] appear more than once"),
+                                              (["bug", " "], "an empty answer cannot be a choice")])
+def test_choices_that_repeat_or_are_empty_are_named(choices, message):
+    assert message in error_of(TINY_CONFIG, {"task.check.choices": choices})
+
+
+def test_a_section_given_twice_in_the_yaml_is_refused_not_silently_dropped(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(TINY_CONFIG.read_text() + "\ndistill:\n  student: {teacher_layers: 3}\n")
+    message = error_of(path)
+    assert f"{path}: line" in message and "the key 'distill' appears twice in one mapping" in message
+
+
+def test_a_tilde_in_a_sqlite_tracking_uri_and_in_a_check_path_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "my_checks.py").write_text("def score(answer, row):\n    return 1.0\n")
+    cfg = load_config(TINY_CONFIG, {"run.mlflow_tracking_uri": "sqlite:///~/store/mlflow.db",
+                                    "task.check": {"type": "python", "function": "~/my_checks.py:score"}})
+    assert cfg.run.mlflow_tracking_uri == f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    assert cfg.task.check.function == f"{tmp_path / 'my_checks.py'}:score"
+
+
+def test_an_unset_variable_in_a_model_path_is_named_under_its_key(monkeypatch):
+    monkeypatch.delenv("DISTILFLOW_TEST_MODELS", raising=False)
+    message = error_of(TINY_CONFIG, {"prototype.teacher.path": "$DISTILFLOW_TEST_MODELS/teacher"})
+    assert "prototype.teacher.path" in message and "DISTILFLOW_TEST_MODELS is not set" in message
+
+
+def test_a_key_inside_a_teacher_or_check_is_named_as_written_without_pydantics_union_tag():
+    assert "  prototype.teacher.pth: unknown key; did you mean 'path'?" in error_of(
+        TINY_CONFIG, {"prototype.teacher.pth": "x"})
+    assert "  task.check.patern: unknown key" in error_of(TINY_CONFIG, {"task.check": {"type": "regex", "patern": "a"}})

@@ -21,14 +21,15 @@ def start_run(workdir: Path) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def kill_when_partial(process: subprocess.Popen, stage_dir: Path, timeout_s: float = 300) -> None:
-    """SIGKILL the run as soon as the stage has started writing its (partial) output: the whole process
-    group, as a lost machine would, so its temporary Prefect server does not outlive it."""
+def kill_when_partial(process: subprocess.Popen, stage_dir: Path, timeout_s: float = 300,
+                      sig: int = signal.SIGKILL, group: bool = True) -> None:
+    """Send ``sig`` (SIGKILL: as a lost machine would) as soon as the stage has started writing its (partial)
+    output: to the whole process group by default, so its temporary Prefect server does not outlive a SIGKILL."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if stage_dir.is_dir() and any(p.name.startswith(".") and ".partial-" in p.name for p in stage_dir.iterdir()):
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            (os.killpg if group else os.kill)(process.pid, sig)
+            process.wait(timeout=120)
             return
         if process.poll() is not None:
             pytest.fail(f"the run ended before {stage_dir.name} started writing:\n{process.stdout.read().decode()}")
@@ -68,3 +69,99 @@ def test_killed_stage_leaves_nothing_finished_and_the_rerun_redoes_only_it(tmp_p
     assert cached[stage] == "false"
     assert len(finished(workdir / "artifacts" / stage)) == 1
     assert not any(".partial-" in p.name for p in (workdir / "artifacts" / stage).iterdir())
+
+
+def group_members(pgid: int) -> list[str]:
+    """Command lines of the live processes in process group ``pgid`` (zombies excluded)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # gone meanwhile
+        if int(group) == pgid and state != "Z":
+            members.append(command)
+    return members
+
+
+def mlflow_runs(workdir: Path) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+@pytest.mark.parametrize("sig, stage", [(signal.SIGTERM, "distill"), (signal.SIGINT, "compress")],
+                         ids=["sigterm-in-distill", "sigint-in-compress"])
+def test_a_signal_mid_stage_stops_the_run_its_prefect_server_and_its_mlflow_runs(tmp_path, sig, stage):
+    """The signal goes to `distilflow run` alone (as `kill PID` or a scheduler sends it), not to its group."""
+    workdir = tmp_path / "work"
+    run = start_run(workdir)
+    try:
+        kill_when_partial(run, workdir / "artifacts" / stage, sig=sig, group=False)
+        assert run.returncode == 128 + sig
+        output = run.stdout.read().decode()
+        assert f"stopped by {signal.Signals(sig).name}" in output and "Traceback" not in output
+        time.sleep(1)
+        assert group_members(run.pid) == []  # no temporary Prefect server left listening
+        runs = mlflow_runs(workdir)
+        status = {r.data.tags.get("distilflow.stage", "pipeline"): r.info.status for r in runs}
+        assert status["pipeline"] == status[stage] == "KILLED"
+        assert {r.info.status for r in runs} <= {"FINISHED", "KILLED"}
+        assert finished(workdir / "artifacts" / stage) == []
+    finally:
+        if group_members(run.pid):
+            os.killpg(run.pid, signal.SIGKILL)
+
+
+def test_the_run_after_a_kill_9_closes_the_mlflow_runs_the_killed_one_left_running(tmp_path):
+    workdir = tmp_path / "work"
+    kill_when_partial(start_run(workdir), workdir / "artifacts" / "distill")
+    left = [r for r in mlflow_runs(workdir) if r.info.status == "RUNNING"]
+    assert {r.info.run_name for r in left} >= {"distill"}
+
+    rerun = subprocess.run([DISTILFLOW, "run", str(TINY_CONFIG), "--set", f"run.workdir={workdir}"],
+                           capture_output=True, text=True, env=os.environ.copy())
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    closed = {r.info.run_id: r for r in mlflow_runs(workdir)}
+    for run in left:
+        assert closed[run.info.run_id].info.status == "KILLED"
+        assert "ended without closing it" in closed[run.info.run_id].data.tags["distilflow.end_reason"]
+    assert "was left RUNNING by a killed run" in rerun.stderr
+    assert not any(r.info.status == "RUNNING" for r in closed.values())
+
+
+def test_the_next_run_stops_the_prefect_server_a_kill_9_left_behind(tmp_path):
+    home = Path(os.environ["DISTILFLOW_HOME"]) / "prefect-servers"
+    before = set(home.glob("*.json")) if home.is_dir() else set()
+    run = start_run(tmp_path / "work")
+    deadline = time.monotonic() + 180
+    while not (set(home.glob("*.json")) - before if home.is_dir() else set()):
+        assert time.monotonic() < deadline and run.poll() is None, "the temporary server never started"
+        time.sleep(0.2)
+    [record] = set(home.glob("*.json")) - before
+    server = int(record.stem)
+    os.kill(run.pid, signal.SIGKILL)  # the run alone, as the OOM killer does: its server is orphaned
+    run.wait()
+    try:
+        assert group_members(run.pid)  # the orphan still listens
+        later = subprocess.run([DISTILFLOW, "run", str(tmp_path / "no-such.yaml")], capture_output=True, text=True,
+                               env=os.environ.copy(), timeout=120)
+        assert later.returncode == 2 and f"stopped the temporary Prefect server (pid {server})" in later.stderr
+        deadline = time.monotonic() + 30
+        while group_members(run.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert group_members(run.pid) == [] and not record.exists()
+    finally:
+        if group_members(run.pid):
+            os.killpg(run.pid, signal.SIGKILL)
+
+
+def test_a_prefect_home_where_nothing_can_be_written_is_named_before_the_server_starts(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    done = subprocess.run([DISTILFLOW, "run", str(TINY_CONFIG), "--set", f"run.workdir={tmp_path / 'work'}"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PREFECT_HOME": str(tmp_path / "a-file" / "prefect")})
+    assert done.returncode == 2
+    assert f"error: PREFECT_HOME {tmp_path / 'a-file' / 'prefect'}: cannot write in {tmp_path / 'a-file'}" in done.stderr

@@ -1,6 +1,7 @@
 """Task data: a seeded split every stage shares, few-shot examples, prompts, and bad data caught early."""
 
 import json
+import os
 
 import pytest
 
@@ -129,7 +130,7 @@ def test_dataset_dict_without_data_split_names_the_splits(tmp_path):
 def test_unknown_format_names_the_supported_ones(tmp_path):
     path = tmp_path / "tickets.xlsx"
     path.write_text("x")
-    with pytest.raises(DistilflowError, match="unknown format; use a .jsonl, .json, .csv or .parquet file"):
+    with pytest.raises(DistilflowError, match="unknown format; use a .jsonl, .json, .csv, .tsv or .parquet file"):
         data.read_rows(path)
 
 
@@ -194,3 +195,107 @@ def test_few_shot_examples_of_a_free_form_task_are_labelled(tiny_cfg, tmp_path):
         update={"check": RegexCheck(type="regex", pattern=r"\d+")})
     shots = data.few_shot_examples(rows, task, k=3, seed=0)
     assert len(shots) == 3 and all("label" in s for s in shots)
+
+
+# ---- encodings, delimiters and the types of text columns --------------------------------------------------
+
+SPREADSHEET_ROWS = [("My card was charged twice", "payment"), ("Parcel never arrived", "delivery"),
+           ("App crashes on start", "bug"), ("Cannot log in", "account")] * 6
+
+
+def csv_bytes(rows, delimiter=",", header=("text", "label")) -> str:
+    return "\n".join([delimiter.join(header)] + [delimiter.join(row) for row in rows]) + "\n"
+
+
+def task_for(tiny_cfg, path, **update):
+    return with_data(tiny_cfg, path).model_copy(update={"eval_size": 4, "max_train": None, **update})
+
+
+@pytest.mark.parametrize("encoding, byte", [("latin-1", "0xe9"), ("cp1252", "0x93")])
+def test_a_spreadsheet_csv_that_is_not_utf8_is_refused_with_where_and_how_to_convert(tiny_cfg, tmp_path, encoding, byte):
+    path = tmp_path / "tickets.csv"
+    rows = SPREADSHEET_ROWS[:5] + [("Charged \u201ctwice\u201d" if encoding == "cp1252" else "Carte débitée", "payment")]
+    path.write_bytes(csv_bytes(rows).encode(encoding, errors="replace"))
+    with pytest.raises(DistilflowError) as caught:
+        data.load_task_data(task_for(tiny_cfg, path), 0)
+    assert f"{path}: line 7, column " in str(caught.value) and f"not UTF-8 text (byte {byte})" in str(caught.value)
+    assert "iconv -f cp1252 -t utf-8" in str(caught.value)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16"])
+def test_a_csv_with_a_byte_order_mark_is_read_with_its_first_column_named_right(tiny_cfg, tmp_path, encoding):
+    path = tmp_path / "tickets.csv"
+    path.write_text(csv_bytes(SPREADSHEET_ROWS + [("Colis abîmé", "delivery")]), encoding=encoding)
+    rows = data.read_rows(path)
+    assert list(rows[0]) == ["text", "label"] and rows[-1]["text"] == "Colis abîmé"
+
+
+@pytest.mark.parametrize("delimiter, suffix", [(";", ".csv"), ("\t", ".csv"), ("\t", ".tsv")])
+def test_a_semicolon_or_tab_separated_file_is_read_by_its_header(tmp_path, delimiter, suffix):
+    path = tmp_path / f"tickets{suffix}"
+    path.write_text(csv_bytes(SPREADSHEET_ROWS, delimiter))
+    assert data.read_rows(path)[0] == {"text": "My card was charged twice", "label": "payment"}
+
+
+def test_a_csv_line_with_more_cells_than_the_header_is_named(tmp_path):
+    path = tmp_path / "tickets.csv"
+    path.write_text(csv_bytes(SPREADSHEET_ROWS[:2]) + "Refund, please,payment\n")
+    with pytest.raises(DistilflowError, match=r"line 4 has 3 cells but the header names 2 columns"):
+        data.read_rows(path)
+
+
+def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path):
+    path = tmp_path / "tickets.csv"
+    path.write_text(csv_bytes(SPREADSHEET_ROWS[:2], header=("text", "text")))
+    with pytest.raises(DistilflowError, match=r"names column\(s\) \['text'\] more than once"):
+        data.read_rows(path)
+
+
+def test_a_label_field_typo_is_blamed_on_label_field_not_eval_size(tiny_cfg):
+    task = tiny_cfg.task.model_copy(update={"label_field": "lable"})
+    with pytest.raises(DistilflowError) as caught:
+        data.load_task_data(task, 0)
+    message = str(caught.value)
+    assert message.startswith("task.label_field: no example in") and "did you mean 'label'?" in message
+    assert "eval_size" not in message
+
+
+@pytest.mark.parametrize("value, shown", [(42, "Ticket: 42"), (2.5, "Ticket: 2.5"), (True, "Ticket: true"),
+                                          ({"subject": "refund"}, 'Ticket: {"subject": "refund"}'),
+                                          (["a", "b"], 'Ticket: ["a", "b"]')])
+def test_a_text_field_that_is_no_string_is_written_into_the_prompt_as_json(tiny_cfg, tmp_path, value, shown):
+    rows = [{"text": value, "label": "bug"}] + [{"text": t, "label": label} for t, label in SPREADSHEET_ROWS]
+    split = data.load_task_data(task_for(tiny_cfg, write_rows(tmp_path, rows)), 0)
+    row = next(r for r in split.train + split.eval if r["text"] == value)
+    assert data.user_message(row, tiny_cfg.task) == shown
+
+
+@pytest.mark.parametrize("line, shown", [('{"text": NaN, "label": "bug"}', "nan"), ('{"text": "", "label": "bug"}', "empty"),
+                                         ('{"text": "  ", "label": "bug"}', "empty")])
+def test_a_text_field_with_no_faithful_text_is_refused(tiny_cfg, tmp_path, line, shown):
+    path = tmp_path / "tickets.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "label": label}) + "\n" for t, label in SPREADSHEET_ROWS) + line + "\n")
+    with pytest.raises(DistilflowError, match="example 25") as caught:
+        data.load_task_data(task_for(tiny_cfg, path), 0)
+    assert ("cannot go into a prompt" if shown == "nan" else "(or it is empty)") in str(caught.value)
+
+
+def test_a_latin_1_jsonl_file_is_refused_and_a_utf8_bom_is_accepted(tmp_path):
+    path = tmp_path / "tickets.jsonl"
+    path.write_bytes('{"text": "problème", "label": "bug"}\n'.encode("latin-1"))
+    with pytest.raises(DistilflowError, match="line 1, column 16: not UTF-8 text"):
+        data.read_rows(path)
+    path.write_bytes('{"text": "problème", "label": "bug"}\n'.encode("utf-8-sig"))
+    assert data.read_rows(path) == [{"text": "problème", "label": "bug"}]
+
+
+def test_a_data_split_for_a_plain_file_is_refused_not_ignored(tmp_path):
+    path = write_rows(tmp_path, [{"text": "a", "label": "bug"}])
+    with pytest.raises(DistilflowError, match="task.data_split is 'train', but .* is a file"):
+        data.read_rows(path, "train")
+
+
+def test_a_pipe_named_like_a_data_file_is_refused_not_read_for_ever(tmp_path):
+    os.mkfifo(tmp_path / "tickets.jsonl")
+    with pytest.raises(DistilflowError, match="is not a regular file"):
+        data.read_rows(tmp_path / "tickets.jsonl")

@@ -134,3 +134,12 @@ def test_runner_image_dockerfile_passes_hadolint():
     done = subprocess.run([str(hadolint), str(REPO / "docker" / "pipeline.Dockerfile")],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "serve"])
+def test_a_prefect_api_that_does_not_answer_is_named_before_anything_starts(capsys, tmp_path, command):
+    with temporary_settings({PREFECT_API_URL: NOWHERE}):
+        assert main([command, str(TINY_CONFIG), "--set", f"run.workdir={tmp_path / 'work'}"]) == 2
+    error = capsys.readouterr().err
+    assert f"the Prefect API {NOWHERE} (PREFECT_API_URL) does not answer" in error and "Traceback" not in error
+    assert not (tmp_path / "work" / "artifacts").exists()

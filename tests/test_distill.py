@@ -84,17 +84,30 @@ def test_tokenize_marks_the_answer_and_its_end_of_turn_only(tiny):
     assert example.completion_mask[0] == 0
 
 
-def test_tokenize_drops_the_start_of_a_long_prompt_and_keeps_the_answer(tiny):
+def test_tokenize_drops_the_start_of_a_long_prompt_and_keeps_the_answer(tiny, caplog):
     _, dataset, tokenizer = tiny
     full = teacher_logits.tokenize(tokenizer, dataset, 256)[0]
     short = teacher_logits.tokenize(tokenizer, dataset, 12)[0]
     assert short.input_ids == full.input_ids[-12:] and short.completion_mask == full.completion_mask[-12:]
+    assert f"{len(dataset)} of {len(dataset)} examples are longer than distill.logit_kd.max_length" in caplog.text
 
 
 def test_tokenize_refuses_a_max_length_that_leaves_no_prompt(tiny):
     _, dataset, tokenizer = tiny
     with pytest.raises(DistilflowError, match="distill.logit_kd.max_length"):
         teacher_logits.tokenize(tokenizer, dataset, 2)
+
+
+def test_sft_skips_and_counts_examples_whose_answer_max_length_would_cut(tiny, caplog):
+    _, dataset, tokenizer = tiny
+    lengths = [len(tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=True)["input_ids"])
+               for r in dataset]
+    kept = distill.whole_examples(tokenizer, dataset, sorted(lengths)[len(lengths) // 2])
+    assert 0 < len(kept) < len(dataset)
+    assert f"{len(dataset) - len(kept)} of {len(dataset)} training examples are longer than distill.sft.max_length" \
+        in caplog.text
+    with pytest.raises(DistilflowError, match="distill.sft.max_length is 4 tokens, shorter than every training example"):
+        distill.whole_examples(tokenizer, dataset, 4)
 
 
 def test_cached_top_k_log_probs_are_the_teachers_at_each_answer_position(tiny, tiny_teacher):

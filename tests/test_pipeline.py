@@ -119,7 +119,8 @@ def test_prefect_markdown_artifact_shows_the_journey_and_links_mlflow(runs):
 def test_report_latest_json_describes_the_newest_run(runs, capsys):
     assert main(["report", "--latest", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert set(report) == {"run_id", "mlflow_run_id", "mlflow_tracking_uri", "bundle", "journey"}
+    assert set(report) == {"run_id", "mlflow_run_id", "mlflow_tracking_uri", "bundle", "journey", "release"}
+    assert report["release"]["passed"] and report["release"]["aliases"] == ["champion"]
     teacher = report["journey"][0]
     assert teacher["serving"]["engine"] == "llama.cpp" and set(teacher["cost_usd_per_mtok"]) == {"batch1", "throughput"}
     assert report["mlflow_tracking_uri"] == runs["changed"]["mlflow_tracking_uri"]

@@ -8,6 +8,7 @@ One server, one `distilflow serve` and two triggered runs for the whole module (
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +24,8 @@ import yaml
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId,
-                                            FlowRunFilterParentFlowRunId, TaskRunFilter, TaskRunFilterId)
+                                            FlowRunFilterParentFlowRunId, LogFilter, LogFilterFlowRunId,
+                                            TaskRunFilter, TaskRunFilterId)
 from prefect.client.schemas.objects import ConcurrencyLimitStrategy, StateType
 from prefect.exceptions import PrefectHTTPStatusError
 from prefect.events.worker import EventsWorker
@@ -31,7 +33,7 @@ from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from distilflow.configs.loader import load_config
-from tests.conftest import REPO, TINY_CONFIG
+from tests.conftest import REPO, TINY_CONFIG, TINY_TEACHER
 
 STARTUP_S = 180  # server and serve start in 10-40 s on a loaded 2-core machine
 RUN_S = 600
@@ -157,17 +159,19 @@ def final(client, flow_run_id: UUID, log: Path):
 
 @pytest.fixture(scope="module")
 def runs(server, served):
-    """A run with overrides; while it runs, a second trigger whose overrides have an unknown key."""
-    workdir = served["workdir"]
-    good = {"run.workdir": str(workdir), "distill.lora.r": 2}
-    bad = {"run.workdir": str(workdir), "distill.lora.rank": 16}
+    """A run whose overrides leave out the deployment's (its workdir): they are merged. While it runs, three
+    more triggers, each with an unknown key: they wait, then start in the order they were made."""
+    good = {"distill.lora.r": 2}
     with prefect_client(server) as client:
         deployment_id = served["deployment"].id
         first = client.create_flow_run_from_deployment(deployment_id, parameters={"overrides": good})
         wait_for(lambda: client.read_flow_run(first.id).state.type == StateType.RUNNING, "first run starts",
                  STARTUP_S, log=served["log"])
-        second = client.create_flow_run_from_deployment(deployment_id, parameters={"overrides": bad})
-        result = {"first": final(client, first.id, served["log"]), "second": final(client, second.id, served["log"])}
+        waiting = [client.create_flow_run_from_deployment(deployment_id, parameters={"overrides": {key: 16}})
+                   for key in ("distill.lora.rank", "distill.lora.rank2", "distill.lora.rank3")]
+        result = {"first": final(client, first.id, served["log"]),
+                  "waiting": [final(client, run.id, served["log"]) for run in waiting]}
+        result["second"] = result["waiting"][0]
         for name in ("first", "second"):
             run_id = result[name].id
             result[f"{name}_states"] = [state.name for state in client.read_flow_run_states(run_id)]
@@ -175,6 +179,8 @@ def runs(server, served):
                 flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id])))
         result["artifacts"] = {a.key: a for a in client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[first.id])))}
+        run_ids = [first.id, *[stage.id for stage in result["first_stages"]]]
+        result["logs"] = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=run_ids)))
     return result
 
 
@@ -231,8 +237,28 @@ def test_run_with_a_bad_override_fails_before_any_stage_with_the_config_error(ru
 
 
 def test_second_trigger_waits_until_the_running_one_finished(runs):
-    assert "AwaitingConcurrencySlot" in runs["second_states"]
     assert runs["second"].start_time >= runs["first"].end_time
+    assert runs["second_states"][0] == "Scheduled" and "Running" in runs["second_states"]
+
+
+def test_waiting_triggers_start_in_the_order_they_were_made(runs):
+    waiting = runs["waiting"]
+    assert [run.start_time for run in waiting] == sorted(run.start_time for run in waiting)
+    assert [run.created for run in waiting] == sorted(run.created for run in waiting)
+    assert all(run.state.type == StateType.FAILED for run in waiting)
+
+
+def test_a_run_with_its_own_overrides_keeps_the_deployments(runs, served):
+    client = MlflowClient(f"sqlite:///{served['workdir'] / 'mlflow.db'}")
+    [parent] = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
+                                  filter_string=f"tags.`prefect.flow_run_id` = '{runs['first'].id}'")
+    assert parent.data.params["run.workdir"] == str(served["workdir"]) and parent.data.params["distill.lora.r"] == "2"
+
+
+def test_a_served_run_sends_distilflows_own_lines_to_prefect(runs):
+    messages = [log.message for log in runs["logs"] if log.name == "distilflow"]
+    assert any(m.startswith("prototype: running") for m in messages), messages
+    assert any(m.startswith("config ") and "'distill.lora.r': 2" in m for m in messages)
 
 
 def test_override_of_the_wrong_type_is_refused_by_the_server(server, served):
@@ -271,17 +297,18 @@ def test_transient_failure_of_a_tracking_call_is_retried(server, monkeypatch, tm
 def test_failing_stage_fails_its_flow_run_with_the_error_and_no_retry(server, tmp_path):
     from distilflow.flows.pipeline import pipeline
 
-    not_a_model = tmp_path / "not-a-model"
-    not_a_model.mkdir()
-    overrides = {"run.workdir": str(tmp_path / "work"), "prototype.teacher.path": str(not_a_model),
+    broken = Path(shutil.copytree(TINY_TEACHER, tmp_path / "broken-teacher"))  # passes preflight, fails to load
+    (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:1000])
+    overrides = {"run.workdir": str(tmp_path / "work"), "prototype.teacher.path": str(broken),
                  "run.retries": 2, "run.retry_delay_seconds": 0}
+    failure = "prototype.teacher: a safetensors file"
     with against(server):
         state = pipeline(str(TINY_CONFIG), overrides, return_state=True)
-    assert state.is_failed() and "prototype.teacher: cannot load" in state.message
+    assert state.is_failed() and failure in state.message
     with prefect_client(server) as client:
         [prototype] = client.read_flow_runs(flow_run_filter=FlowRunFilter(
             parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])))
-        assert prototype.state.type == StateType.FAILED and "prototype.teacher: cannot load" in prototype.state.message
+        assert prototype.state.type == StateType.FAILED and failure in prototype.state.message
     [stage_task] = recorded_task_runs(server, flow_run_id=prototype.id)
     assert stage_task.run_count == 1
 
@@ -302,3 +329,68 @@ def test_prefect_yaml_deployments_register_with_the_nightly_cron(server, tmp_pat
             assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]
             assert deployment.job_variables == declaration["work_pool"]["job_variables"]
             assert load_config(REPO / deployment.parameters["config_path"]).run.name == "support-tickets"
+
+
+@pytest.fixture(scope="module", params=[signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def stopped_mid_run(request, server, tmp_path_factory):
+    """`distilflow serve` stopped while its run trains: SIGTERM to the serve process (as systemd or `kill` stop it),
+    or SIGINT to its whole process group (Ctrl-C in its terminal)."""
+    sig = request.param
+    home = tmp_path_factory.mktemp(f"stop-{sig.name}")
+    workdir, log, name = home / "work", home / "serve.log", f"stop-{sig.name.lower()}"
+    env = {**os.environ, "PREFECT_API_URL": server["url"], "PREFECT_HOME": str(server["home"] / "client"),
+           "DISTILFLOW_HOME": str(home / "distilflow"), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "distilflow.flows.cli", "serve", str(TINY_CONFIG), "--name",
+                                    name, "--set", f"run.workdir={workdir}"], env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    try:
+        with prefect_client(server) as client:
+            deployment = wait_for(lambda: _polled(client, f"distilflow/{name}"), "serve", STARTUP_S, process, log)
+            flow_run = client.create_flow_run_from_deployment(deployment.id)
+            distill = workdir / "artifacts" / "distill"
+            wait_for(lambda: distill.is_dir() and any(".partial-" in p.name for p in distill.iterdir()),
+                     "distill starts", RUN_S, process, log)
+            (os.kill if sig == signal.SIGTERM else os.killpg)(process.pid, sig)
+            exit_code = process.wait(timeout=120)
+            yield {"exit": exit_code, "flow_run": final(client, flow_run.id, log), "workdir": workdir,
+                   "slots": client.read_deployment(deployment.id).global_concurrency_limit.active_slots,
+                   "left": _group_alive(process.pid), "log": log}
+    finally:
+        if _group_alive(process.pid):
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def _polled(client, name: str):
+    try:
+        deployment = client.read_deployment_by_name(name)
+    except Exception:  # not registered yet
+        return None
+    return deployment if deployment.last_polled else None
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_stopping_serve_mid_run_ends_the_run_cancelled_or_crashed(stopped_mid_run):
+    state = stopped_mid_run["flow_run"].state
+    assert stopped_mid_run["exit"] == 0, stopped_mid_run["log"].read_text()[-3000:]
+    assert state.type in (StateType.CANCELLED, StateType.CRASHED), state
+
+
+def test_stopping_serve_mid_run_ends_its_mlflow_runs_killed_or_failed(stopped_mid_run):
+    client = MlflowClient(f"sqlite:///{stopped_mid_run['workdir'] / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    status = {run.data.tags.get("distilflow.stage", "pipeline"): run.info.status for run in runs}
+    assert status["pipeline"] in ("KILLED", "FAILED") and status["distill"] in ("KILLED", "FAILED")
+    assert "RUNNING" not in status.values()
+
+
+def test_stopping_serve_mid_run_frees_the_concurrency_slot_and_leaves_no_process(stopped_mid_run):
+    assert stopped_mid_run["slots"] == 0
+    assert not stopped_mid_run["left"]

@@ -71,7 +71,7 @@ def test_a_parameter_budget_below_the_embeddings_is_an_error(tiny_teacher):
 
 def test_keeping_as_many_layers_as_the_student_has_is_an_error(tiny_teacher):
     model, _ = tiny_teacher
-    with pytest.raises(DistilflowError, match="keep_layers is 4, but the student has only 4 layers"):
+    with pytest.raises(DistilflowError, match="keep_layers is 4, but the model has only 4 layers"):
         prune.layers_to_keep(model, [0.9, 0.1, 0.5, 0.05], DepthPruneConfig(keep_layers=4))
 
 

@@ -214,6 +214,24 @@ def test_failed_gate_fails_the_flow_run_with_the_reason(runs):
     assert "deploy.gate.max_size_mb" in states[1].message
 
 
+def test_report_after_a_failed_gate_names_the_run_its_verdict_and_the_champion(runs, capsys):
+    assert main(["report", "--latest"]) == 0
+    out = capsys.readouterr().out
+    failing, passing = runs["failing"], runs["passing"]
+    champion = passing["release"]["version"]
+    assert f"run id:        {failing['run_id']}" in out
+    assert f"bundle:        {failing['bundle']}  (REJECTED by the deploy gate: not the one to ship)" in out
+    assert "gate:          FAILED (deploy.gate.max_size_mb: size (MB)" in out
+    assert f"`champion` is version {champion}: ship models:/tiny@champion" in out
+
+
+def test_report_json_after_a_failed_gate_carries_the_verdict(runs, capsys):
+    assert main(["report", "--latest", "--json"]) == 0
+    release = json.loads(capsys.readouterr().out)["release"]
+    assert release["passed"] is False and release["aliases"] == ["candidate"]
+    assert release["champion"] == runs["passing"]["release"]["version"]
+
+
 def test_gate_artifact_says_why_it_failed(runs):
     assert any("Deploy gate FAILED" in markdown and "| `deploy.gate.max_size_mb` | FAIL |" in markdown
                for markdown in runs["gate_artifacts"])
