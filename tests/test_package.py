@@ -22,7 +22,7 @@ def test_model_name_set_in_the_config_wins_over_the_run_name():
 
 
 def test_model_name_that_is_no_valid_served_name_is_an_error_naming_the_key():
-    with pytest.raises(DistilflowError, match="deploy.model_name: String should match pattern"):
+    with pytest.raises(DistilflowError, match="deploy.model_name: .ticket router. is not a valid name"):
         load_config(TINY_CONFIG, {"deploy.model_name": "ticket router"})
 
 
