@@ -16,7 +16,7 @@ from distilflow.tasks.artifacts import StageResult
 from distilflow.tasks.context import StageContext
 from distilflow.tasks.data import load_task_data
 from distilflow.tasks.models import resolve_device
-from distilflow.tasks.teachers import api_key
+from distilflow.tasks.teachers import check_endpoint, served_model
 from distilflow.tasks.tracking import LogTracker, Tracker, check_tracking_store
 
 log = logging.getLogger("distilflow")
@@ -38,7 +38,7 @@ STAGES = {
 
 def preflight(cfg: PipelineConfig, tracking_uri: str) -> None:
     """Everything that can be checked before the first stage: task data, workdir, device, tracking store,
-    the API key of an HTTP teacher.
+    and each HTTP teacher's endpoint (its key, the model served, prompt log-probs deep enough for logit KD).
 
     A run that would fail on its input fails here, in seconds, with nothing written.
     """
@@ -47,7 +47,9 @@ def preflight(cfg: PipelineConfig, tracking_uri: str) -> None:
     resolve_device(cfg.run.device)
     check_tracking_store(tracking_uri)
     for key, teacher in http_teachers(cfg).items():
-        api_key(teacher, os.environ, key)  # a missing key fails now, not after the teacher is half asked
+        top_k = cfg.distill.logit_kd.top_k if key == "prototype.teacher" and "logit_kd" in cfg.distill.phases \
+            else None
+        check_endpoint(teacher, os.environ, key, top_k)
 
 
 def http_teachers(cfg: PipelineConfig) -> dict[str, HttpTeacherConfig]:
@@ -58,7 +60,10 @@ def http_teachers(cfg: PipelineConfig) -> dict[str, HttpTeacherConfig]:
 
 def cache_key(name: str, cfg: PipelineConfig, upstream: dict[str, StageResult]) -> str:
     """Everything a stage's output depends on: its section, the task (and its data's bytes), the
-    evaluator, seed and device kind, and the digests of the upstream artifacts it reads."""
+    evaluator, seed and device kind, the digests of the upstream artifacts it reads, and for the
+    prototype what each HTTP teacher's server reports about the model it serves."""
+    served = {key: served_model(teacher, os.environ, key) for key, teacher in http_teachers(cfg).items()} \
+        if name == "prototype" else {}
     return artifacts.stage_key(
         name,
         getattr(cfg, name).model_dump(mode="json"),
@@ -68,6 +73,7 @@ def cache_key(name: str, cfg: PipelineConfig, upstream: dict[str, StageResult]) 
         cfg.run.seed,
         resolve_device(cfg.run.device).type,
         {n: upstream[n].digest for n in STAGES[name].needs},
+        *([served] if served else []),
     )
 
 

@@ -129,7 +129,8 @@ def test_black_box_stage_writes_dataset_card_and_baseline(black_box):
 def test_black_box_stage_says_it_has_no_teacher_weights(black_box):
     result, _ = black_box
     assert "teacher" not in result.files and result.metrics["teacher.black_box"] == 1.0
-    assert "black-box" in result.summary and "no logit distillation" in result.summary
+    assert "black-box" in result.summary and "no student pruned from it" in result.summary
+    assert "Labels chosen by the server's guided choice" in result.summary
     entry = result.journey[0]
     assert set(JOURNEY_FIELDS) <= entry.keys() and entry["size_bytes"] is None and entry["task_score"] >= 0
 
