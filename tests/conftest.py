@@ -82,20 +82,21 @@ def openai_server(tmp_path_factory):
 
 
 @contextmanager
-def serving(log_dir: Path, *flags: str, model: Path = TINY_TEACHER, port: int | None = None, wait: bool = True):
-    """tests/openai_server.py on 127.0.0.1 (``flags`` as on its command line) until the block ends; yields the
-    server and its process, stopped by its PID."""
+def serving(log_dir: Path, *flags: str, model: Path = TINY_TEACHER, name: str = "tiny-teacher", port: int | None = None,
+            wait: bool = True):
+    """tests/openai_server.py serving ``model`` as ``name`` on 127.0.0.1 (``flags`` as on its command line) until
+    the block ends; yields the server and its process, stopped by its PID."""
     port = port or free_port()
     log = log_dir / f"server-{port}-{time.monotonic_ns()}.log"
     with open(log, "w") as out:
         process = subprocess.Popen(
             [sys.executable, str(REPO / "tests" / "openai_server.py"), "--model", str(model), "--port", str(port),
-             "--api-key", SERVER_API_KEY, *flags], stdout=out, stderr=subprocess.STDOUT)
+             "--served-model-name", name, "--api-key", SERVER_API_KEY, *flags], stdout=out, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
         if wait:
             wait_until_serving(base_url, process, log)
-        yield Server(base_url=base_url, model="tiny-teacher", api_key=SERVER_API_KEY), process
+        yield Server(base_url=base_url, model=name, api_key=SERVER_API_KEY), process
     finally:
         process.terminate()
         process.wait(timeout=30)
