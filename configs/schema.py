@@ -298,7 +298,13 @@ class HttpTeacherConfig(Section):
     structured_outputs: bool = Field(
         True, description="Constrain answers to the task's check on the server: vLLM's `structured_outputs` "
                           "(choice, regex) and `response_format` (json_schema). Turn off for APIs that reject "
-                          "them; free answers are then filtered by the check.")
+                          "them; free answers are then filtered by the check. A choice task scored by "
+                          "log-likelihood (see `tokenizer`) does not use them.")
+    tokenizer: ModelRef | None = Field(
+        None, description="The served model's tokenizer (a local dir or hub id; checked against the server's "
+                          "/tokenize before use). With it, and a server that returns prompt log-probs (vLLM), a "
+                          "choice task is answered as a local teacher answers it: each label's full "
+                          "log-likelihood, calibrated; without it, by the server's guided choice.")
 
     @model_validator(mode="before")
     @classmethod
@@ -334,7 +340,8 @@ class PrototypeConfig(Section):
     calibrate: bool = Field(
         True, description="Contextual calibration of choice scores (Zhao et al. 2021): subtract the scores "
                           "the teacher gives content-free inputs, removing its bias toward some labels. Needs "
-                          "log-likelihoods: not applied to an HTTP teacher.")
+                          "log-likelihoods: an HTTP teacher is calibrated only when it scores labels by them "
+                          "(teacher.tokenizer set, prompt log-probs served).")
     num_samples: int = Field(1, ge=1, description="Answers sampled per input (rejection sampling keeps the good ones).")
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy.")
     min_score: float = Field(1.0, ge=0.0, le=1.0,
@@ -778,6 +785,22 @@ class PipelineConfig(Section):
         if isinstance(self.prototype.teacher, HttpTeacherConfig) and self.distill.student.teacher_layers:
             raise ValueError("distill.student.teacher_layers keeps layers of the teacher's weights, but "
                              "prototype.teacher is an HTTP endpoint (black-box): set distill.student.path instead")
+        return self
+
+    @model_validator(mode="after")
+    def _served_logits_are_offline_top_k(self):
+        """An HTTP teacher's distribution is the top-k log-probs its server returns, at temperature 1."""
+        kd = self.distill.logit_kd
+        if not isinstance(self.prototype.teacher, HttpTeacherConfig) or "logit_kd" not in self.distill.phases:
+            return self
+        if kd.teacher_logits == "online":
+            raise ValueError("distill.logit_kd.teacher_logits: online runs the teacher's weights beside the student, "
+                             "but prototype.teacher is an HTTP endpoint; use offline (its top-k prompt log-probs, "
+                             "cached once)")
+        if kd.temperature != 1.0:
+            raise ValueError(f"distill.logit_kd.temperature is {kd.temperature:g}, but an HTTP teacher's server "
+                             "returns log-probs at temperature 1 and only their top k, from which a softened "
+                             "distribution cannot be rebuilt; set it to 1.0")
         return self
 
     @model_validator(mode="before")

@@ -1,22 +1,27 @@
 """Which failures a retry can fix: the retry policy of the pipeline's tasks (stages, MLflow calls)."""
 
 import httpx
+import openai
 import requests
 
 from distilflow.configs.schema import PipelineConfig
-from distilflow.tasks.errors import DistilflowError
+from distilflow.tasks.errors import DistilflowError, ServiceError
 
 # Failures that waiting can fix: a refused or dropped connection, a timeout, a server saying "busy, later".
+# (The openai client's connection error also covers a server that hung up mid-answer, which its HTTP
+# library reports as a protocol error, not a network one.)
 TRANSIENT_ERRORS = (ConnectionError, TimeoutError, httpx.NetworkError, httpx.TimeoutException,
-                    requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError)
+                    requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError,
+                    openai.APIConnectionError)
 TRANSIENT_HTTP_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
 
 def is_transient(error: BaseException) -> bool:
-    """Whether ``error`` (or an error it was raised from) is transient; a DistilflowError never is: it
-    needs the user to fix a config, data or model file, and a retry would only repeat it."""
+    """Whether ``error`` (or an error it was raised from) is transient. A DistilflowError is not: it needs
+    the user to fix a config, data or model file, and a retry would only repeat it; a ServiceError (an
+    HTTP teacher that failed) is as transient as the client error it was raised from."""
     while error is not None:
-        if isinstance(error, DistilflowError):
+        if isinstance(error, DistilflowError) and not isinstance(error, ServiceError):
             return False
         if isinstance(error, TRANSIENT_ERRORS) or _http_status(error) in TRANSIENT_HTTP_STATUS:
             return True

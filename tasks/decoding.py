@@ -23,8 +23,7 @@ def choice_logprobs(model, tokenizer, prompts: list[str], choices: list[str], *,
     few-shot examples) runs through the model once, each prompt's own tail once, and only the
     choice tokens once per choice, all reusing the KV cache (as vLLM's prefix caching does).
     """
-    end = turn_end(tokenizer)
-    choice_ids = [tokenizer(c + end, add_special_tokens=False).input_ids for c in choices]
+    choice_ids = choice_token_ids(tokenizer, choices)
     prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
     # Keep at least one token per prompt outside the shared prefix: it predicts the first choice token.
     shared = min(_common_prefix_length(prompt_ids), min(len(p) for p in prompt_ids) - 1)
@@ -65,6 +64,12 @@ def _score_choices(model, cache, next_logits, past_length: int, choice_ids: list
     return scores.cpu()
 
 
+def choice_token_ids(tokenizer, choices: list[str]) -> list[list[int]]:
+    """Each choice as the model writes it to the end of its turn: the tokens a choice's log-likelihood sums."""
+    end = turn_end(tokenizer)
+    return [tokenizer(c + end, add_special_tokens=False).input_ids for c in choices]
+
+
 def turn_end(tokenizer) -> str:
     """The text the chat template puts right after an assistant answer, e.g. ``<|im_end|>``."""
     if tokenizer.chat_template is None:
@@ -78,15 +83,24 @@ def turn_end(tokenizer) -> str:
 def choose(model, tokenizer, prompts: list[str], choices: list[str], *,
            calibration_prompts: list[str] = (), temperature: float = 0.0, num_samples: int = 1,
            seed: int = 0, desc: str | None = None) -> list[list[str]]:
-    """Answer each prompt with one of ``choices`` (constrained choice, like vLLM's guided choice).
+    """Answer each prompt with one of ``choices`` by each choice's full log-likelihood (constrained choice).
 
     ``calibration_prompts`` are the same prompts with content-free inputs ("N/A"); their mean scores
     are subtracted (contextual calibration), which removes a small model's bias toward some labels.
     Temperature 0 takes the best choice; above 0, ``num_samples`` choices are sampled per prompt.
     """
     scores = choice_logprobs(model, tokenizer, prompts, choices, desc=desc)
-    if calibration_prompts:
-        scores -= choice_logprobs(model, tokenizer, list(calibration_prompts), choices).mean(0)
+    calibration = choice_logprobs(model, tokenizer, list(calibration_prompts), choices) if calibration_prompts \
+        else None
+    return pick(scores, choices, calibration, temperature=temperature, num_samples=num_samples, seed=seed)
+
+
+def pick(scores: torch.Tensor, choices: list[str], calibration: torch.Tensor | None = None, *,
+         temperature: float = 0.0, num_samples: int = 1, seed: int = 0) -> list[list[str]]:
+    """The choices ``scores`` (prompts x choices log-likelihoods) make: calibrated by the mean scores of
+    content-free prompts where given, then the best one, or ``num_samples`` sampled at ``temperature``."""
+    if calibration is not None:
+        scores = scores - calibration.mean(0)
     if temperature == 0:
         return [[choices[i]] * num_samples for i in scores.argmax(1).tolist()]
     generator = torch.Generator().manual_seed(seed)

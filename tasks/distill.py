@@ -2,7 +2,7 @@
 
 - ``sft``: the teacher's kept answers (sequence-level KD / rejection-sampling fine-tuning), TRL SFT;
 - ``logit_kd``: the teacher's next-token distribution (tasks/kd.py), offline from cached top-k
-  log-probs or online beside the teacher;
+  log-probs (of the teacher's weights, or of its server's prompt log-probs) or online beside the teacher;
 - ``grpo``: RL on the task's own check, TRL GRPO, optionally rewarding agreement with the teacher.
 
 Each phase starts from the previous phase's model, trains LoRA adapters (merged afterwards; QLoRA
@@ -33,8 +33,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 from trl.experimental.gkd import GKDConfig
 
-from distilflow.configs.schema import (DistillConfig, EvalConfig, LoraConfig, ModelTrust, StudentConfig, TaskConfig,
-                                      TrainingConfig)
+from distilflow.configs.schema import (DistillConfig, EvalConfig, HttpTeacherConfig, LoraConfig, ModelTrust,
+                                      StudentConfig, TaskConfig, TrainingConfig)
 from distilflow.tasks import checks, decoding, kd, prune, teacher_logits
 from distilflow.tasks.artifacts import StageResult
 from distilflow.tasks.context import StageContext
@@ -43,6 +43,7 @@ from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.evaluate import Evaluation, evaluate_saved
 from distilflow.tasks.models import (compute_dtype, explained_load_errors, load_model, loading_safeguards, save_model,
                                     trust_summary)
+from distilflow.tasks.teachers import HttpTeacher, api_key
 from distilflow.tasks.tracking import FileTracker, TrackerCallback
 
 log = logging.getLogger("distilflow")
@@ -59,7 +60,11 @@ def run(cfg: DistillConfig, upstream: dict[str, StageResult], ctx: StageContext)
     # In memory: datasets would otherwise write its map caches into the upstream artifact.
     dataset = load_from_disk(prototype.path("dataset"), keep_in_memory=True)
     model_dir, origin = initial_student(cfg.student, teacher_dir, dataset, ctx)
-    if "logit_kd" in cfg.phases:
+    served = None
+    if "logit_kd" in cfg.phases and teacher_dir is None:
+        served = served_teacher(prototype.path("teacher_endpoint"), cfg.logit_kd.top_k)
+        teacher_logits.require_served_vocabulary(served, model_dir)
+    elif "logit_kd" in cfg.phases:
         teacher_logits.require_shared_vocabulary(teacher_dir, model_dir)
     ctx.tracker.log_params({"student.origin": origin, "student.allow_pickle": cfg.student.allow_pickle,
                             "student.trust_remote_code": cfg.student.trust_remote_code,
@@ -71,7 +76,8 @@ def run(cfg: DistillConfig, upstream: dict[str, StageResult], ctx: StageContext)
         with ctx.tracker.child(phase) as tracker:
             tracker.set_tags({"distilflow.stage": "distill", "distilflow.phase": phase})
             phase_ctx = replace(ctx, checkpoint_dir=ctx.checkpoint_dir / phase, tracker=tracker)
-            model_dir = trained(phase, model_dir, prototype.path("dataset"), dataset, teacher_dir, cfg, phase_ctx)
+            model_dir = trained(phase, model_dir, prototype.path("dataset"), dataset, teacher_dir, cfg, phase_ctx,
+                                served=served)
             evaluation = evaluated(model_dir, phase_ctx, desc=f"student eval ({phase})")
             tracker.log_metrics({f"student.{k}": v for k, v in evaluation.metrics.items()})
         (out / f"student_eval_{phase}.json").write_text(json.dumps(evaluation.report(), indent=1))
@@ -98,9 +104,18 @@ def check_can_train(cfg: DistillConfig, teacher_dir: Path | None, device: torch.
     if teacher_dir is None and cfg.student.teacher_layers:
         raise DistilflowError("distill.student.teacher_layers derives the student from the teacher's weights, but "
                               "the teacher is a black box (an HTTP endpoint); set distill.student.path instead")
-    if teacher_dir is None and "logit_kd" in cfg.phases:
-        raise DistilflowError("distill.phases has logit_kd, which needs the teacher's token distributions, but the "
-                              "teacher is a black box (an HTTP endpoint) that gives answers only; use sft and grpo")
+    if teacher_dir is None and "logit_kd" in cfg.phases and cfg.logit_kd.teacher_logits == "online":
+        raise DistilflowError("distill.logit_kd.teacher_logits: online runs the teacher beside the student, but the "
+                              "teacher is a black box (an HTTP endpoint) without weights here; use offline (its "
+                              "top-k prompt log-probs, cached once)")
+
+
+def served_teacher(endpoint_file: Path, top_k: int) -> HttpTeacher:
+    """The prototype's HTTP teacher, connected again for its prompt log-probs (the key from the environment)."""
+    cfg = HttpTeacherConfig.model_validate(json.loads(endpoint_file.read_text())["teacher"])
+    teacher = HttpTeacher.connect(cfg, api_key(cfg, os.environ), "prototype.teacher")
+    teacher.require_prompt_logprobs(top_k)
+    return teacher
 
 
 def initial_student(cfg: StudentConfig, teacher_dir: Path | None, dataset: Dataset,
@@ -133,14 +148,15 @@ def _batches(tokenizer, dataset: Dataset, ctx: StageContext, batch_size: int = 8
 
 
 def trained(phase: str, start: str | Path, dataset_dir: Path, dataset: Dataset, teacher_dir: Path | None,
-            cfg: DistillConfig, ctx: StageContext) -> Path:
-    """The student after ``phase``, trained from ``start`` now, or found finished by an earlier run."""
+            cfg: DistillConfig, ctx: StageContext, served: HttpTeacher | None = None) -> Path:
+    """The student after ``phase``, trained from ``start`` now, or found finished by an earlier run (``served``:
+    the HTTP teacher that stands in for ``teacher_dir``)."""
     done = ctx.checkpoint_dir / "model"
     if (done / "config.json").is_file():
         log.info("%s: reusing the finished phase's model %s", phase, done)
         return done
     ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    sources = teacher_sources(phase, start, dataset, teacher_dir, cfg, ctx)
+    sources = teacher_sources(phase, start, dataset, teacher_dir, cfg, ctx, served)
     partial = ctx.checkpoint_dir / "model.partial"
     shutil.rmtree(partial, ignore_errors=True)
     if cfg.processes > 1 or (ctx.device.type == "cuda" and torch.cuda.device_count() > cfg.processes):
@@ -152,16 +168,20 @@ def trained(phase: str, start: str | Path, dataset_dir: Path, dataset: Dataset, 
 
 
 def teacher_sources(phase: str, start: str | Path, dataset: Dataset, teacher_dir: Path | None,
-                    cfg: DistillConfig, ctx: StageContext) -> dict[str, str]:
+                    cfg: DistillConfig, ctx: StageContext, served: HttpTeacher | None = None) -> dict[str, str]:
     """What the phase learns from besides the dataset, as paths: for logit KD, the teacher's directory
-    (online) or its cached top-k log-probs (offline, computed here once per teacher and data)."""
+    (online) or its cached top-k log-probs (offline, computed here once per teacher and data, from its
+    weights or from its server)."""
     if phase != "logit_kd":
         return {}
     if cfg.logit_kd.teacher_logits == "online":
         return {"teacher": str(teacher_dir)}
     examples = teacher_logits.tokenize(AutoTokenizer.from_pretrained(start), dataset, cfg.logit_kd.max_length)
-    cache = teacher_logits.cached(teacher_dir, examples, cfg.logit_kd.top_k, cfg.logit_kd.temperature,
-                                  ctx.workdir, load_teacher=lambda: load_model(teacher_dir, ctx.device)[0])
+    if served is not None:
+        cache = teacher_logits.cached_from_endpoint(served, examples, cfg.logit_kd.top_k, ctx.workdir)
+    else:
+        cache = teacher_logits.cached(teacher_dir, examples, cfg.logit_kd.top_k, cfg.logit_kd.temperature,
+                                      ctx.workdir, load_teacher=lambda: load_model(teacher_dir, ctx.device)[0])
     ctx.tracker.log_metrics(cache.metrics)
     ctx.tracker.set_tags({"distilflow.teacher_logits": str(cache.directory)})
     return {"logits_file": str(cache.path("logits"))}

@@ -5,13 +5,22 @@ The judge answers by constrained choice among "1".."5" (log-likelihood on a loca
 outputs on an endpoint that has them); a free reply is read for its first digit 1..5.
 """
 
+import logging
 import re
 from collections import Counter
 
 from distilflow.configs.schema import ChoiceCheck, JudgeConfig, TaskConfig
 from distilflow.tasks import data
+from distilflow.tasks.errors import DistilflowError
+
+log = logging.getLogger("distilflow")
 
 SCORES = ChoiceCheck(choices=["1", "2", "3", "4", "5"])
+
+# A judge that drops at least this share of the answers known to be right (they match their data labels)
+# cannot tell right from wrong; it needs at least MIN_EVIDENCE such answers to be judged so.
+UNDISCERNING = 0.9
+MIN_EVIDENCE = 5
 
 INSTRUCTIONS = ("You grade answers to a task. Read the task, the input, the answer and the rubric, then reply "
                 "with a single digit from 1 (poor) to 5 (excellent).")
@@ -37,7 +46,25 @@ def judge_scores(judge, kept: list[dict], task: TaskConfig, cfg: JudgeConfig) ->
     """The judge's score of every kept answer (None where its reply holds none)."""
     chats = [judge_chat(k["row"], k["answer"], task, cfg.rubric) for k in kept]
     replies = judge.complete(chats, SCORES, max_new_tokens=8, desc="judging answers")
-    return [parse_score(reply[0]) for reply in replies]
+    scores = [parse_score(reply[0]) for reply in replies]
+    require_discerning_judge(kept, scores, task, cfg.threshold)
+    return scores
+
+
+def require_discerning_judge(kept: list[dict], scores: list[int | None], task: TaskConfig, threshold: float) -> None:
+    """Fail when the judge rejects nearly every answer that matches its label (a judge as small as the teacher
+    often scores everything "1"); warn when it rejects nearly everything and no label can tell who is wrong."""
+    dropped = [score is None or score < threshold for score in scores]
+    right = [d for k, d in zip(kept, dropped) if data.label(k["row"], task) is not None and k["score"] == 1.0]
+    if len(right) >= MIN_EVIDENCE and sum(right) >= UNDISCERNING * len(right):
+        raise DistilflowError(
+            f"prototype.judge: the judge rejected {sum(right)} of the {len(right)} kept answers that match their "
+            f"labels (scored below threshold {threshold:g}, or unreadable): it cannot tell right answers from "
+            f"wrong, and would leave {dropped.count(False)} of {len(kept)} answers. Use a stronger judge than the "
+            "teacher (prototype.judge.teacher), lower prototype.judge.threshold, or remove prototype.judge")
+    if len(kept) >= MIN_EVIDENCE and sum(dropped) >= UNDISCERNING * len(kept):
+        log.warning("prototype.judge rejected %d of %d kept answers; check that it can judge this task",
+                    sum(dropped), len(kept))
 
 
 def judge_filter(kept: list[dict], scores: list[int | None], threshold: float) -> tuple[list[dict], Counter]:

@@ -17,7 +17,7 @@ from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.evaluate import Evaluation, Prompting, task_score
 from distilflow.tasks.judge import judge_filter, judge_scores
 from distilflow.tasks.models import save_model, size_on_disk
-from distilflow.tasks.teachers import open_teacher
+from distilflow.tasks.teachers import FREE_TEXT, GUIDED_CHOICE, LOG_LIKELIHOOD, open_teacher
 
 
 def run(cfg: PrototypeConfig, upstream: dict[str, StageResult], ctx: StageContext) -> StageResult:
@@ -43,10 +43,14 @@ def run(cfg: PrototypeConfig, upstream: dict[str, StageResult], ctx: StageContex
     baseline = teacher.evaluate(ctx.examples.eval, task, ctx.eval, prompting)
     files = {"dataset": "dataset", "dataset_jsonl": "dataset.jsonl", "data_card": "data_card.md",
              "teacher_eval": "teacher_eval.json", "teacher_card": "teacher_card.json"}
-    if not teacher.black_box:  # a black-box teacher has no weights to save: logit KD and pruning need them
+    if not teacher.black_box:  # a black-box teacher has no weights to save: pruning and online KD need them
         save_model(teacher.model, teacher.tokenizer, out / "teacher")
         baseline.add_size(size_on_disk(out / "teacher"))
         files["teacher"] = "teacher"
+    else:  # where offline logit KD asks for the served teacher's log-probs
+        (out / "teacher_endpoint.json").write_text(json.dumps(
+            {"teacher": cfg.teacher.model_dump(mode="json"), "served": teacher.served}, indent=1))
+        files["teacher_endpoint"] = "teacher_endpoint.json"
     (out / "teacher_eval.json").write_text(json.dumps(baseline.report(), indent=1))
     (out / "few_shot.json").write_text(json.dumps(list(prompting.shots), indent=1))
     card = data_card(kept, rejected, pool, cfg, task, teacher) + "\n" + baseline_card(baseline, task)
@@ -80,11 +84,11 @@ def choose_prompting(teacher, cfg: PrototypeConfig, ctx: StageContext) -> tuple[
 
     A small teacher's score swings with its examples (0.53 to 0.73 across four draws for the
     embedded one), so candidates are scored on labelled training examples (never the held-out
-    split) that are not among their own shots. Calibration needs the teacher's log-likelihoods,
-    so a black-box teacher is never calibrated.
+    split) that are not among their own shots. Calibration needs the teacher's log-likelihoods:
+    a served teacher that chooses by its guided choice is never calibrated.
     """
     task, train = ctx.task, ctx.examples.train
-    calibrate = cfg.calibrate and not teacher.black_box
+    calibrate = cfg.calibrate and teacher.choice_method == LOG_LIKELIHOOD
     candidates = [Prompting(tuple(data.few_shot_examples(train, task, cfg.few_shot, ctx.seed + i)), calibrate)
                   for i in range(cfg.shot_candidates)]
     if len(candidates) == 1:
@@ -148,10 +152,11 @@ def data_card(kept: list[dict], rejected: Counter, pool: list[dict], cfg: Protot
     """What the distillation set holds and what was thrown away, as markdown (MLflow, Prefect, model card)."""
     total = len(pool) * cfg.num_samples
     labelled = sum(data.label(row, task) is not None for row in pool)
-    access = "black-box (text only: no logits, so no logit distillation and no student pruned from it)" \
+    access = "black-box (served: no weights, so no student pruned from it)" \
         if teacher.black_box else "white-box (weights saved with this stage)"
     lines = ["## Data card", "",
              f"Teacher: `{teacher.name}`, {access}.", "",
+             *([f"Labels chosen by {choice_method(teacher, cfg)}.", ""] if task.check.type == "choice" else []),
              f"Inputs: {len(pool)} ({labelled} labelled, {len(pool) - labelled} labelled by the teacher); "
              f"{cfg.num_samples} answer(s) each at temperature {cfg.temperature}: {total} answers. "
              f"Check: {task.check.type}, {checks.describe(task)}.", "",
@@ -171,6 +176,15 @@ def data_card(kept: list[dict], rejected: Counter, pool: list[dict], cfg: Protot
         lines += ["", f"Judge (`{'teacher' if cfg.judge.teacher is None else 'separate model'}`): kept answers "
                       f"scored {mean} on average (1..5); threshold {cfg.judge.threshold:g}."]
     return "\n".join(lines) + "\n"
+
+
+def choice_method(teacher, cfg: PrototypeConfig) -> str:
+    """How the teacher answered a choice task, for the data card."""
+    if teacher.choice_method != LOG_LIKELIHOOD:
+        return {GUIDED_CHOICE: "the server's guided choice (labels spelled from sub-word pieces, not calibrated)",
+                FREE_TEXT: "free text from the server, filtered by the check"}[teacher.choice_method]
+    source = "the server's prompt log-probs" if teacher.black_box else "the teacher's logits"
+    return f"each label's full log-likelihood from {source}" + (", calibrated" if cfg.calibrate else "")
 
 
 def baseline_card(baseline: Evaluation, task: TaskConfig) -> str:

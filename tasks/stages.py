@@ -18,7 +18,7 @@ from distilflow.tasks.context import StageContext
 from distilflow.tasks.data import TaskData, load_task_data
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.models import check_model_files, layer_count, resolve_device, teacher_source
-from distilflow.tasks.teachers import api_key
+from distilflow.tasks.teachers import check_endpoint, served_model
 from distilflow.tasks.tracking import LogTracker, Tracker, check_tracking_store, tracking_source
 
 log = logging.getLogger("distilflow")
@@ -40,7 +40,7 @@ STAGES = {
 
 def preflight(cfg: PipelineConfig, tracking_uri: str) -> None:
     """Everything that can be checked before the first stage: task data, workdir, device, tracking store,
-    the API key of an HTTP teacher.
+    and each HTTP teacher's endpoint (its key, the model served, prompt log-probs deep enough for logit KD).
 
     A run that would fail on its input fails here, in seconds, with nothing written.
     """
@@ -52,7 +52,9 @@ def preflight(cfg: PipelineConfig, tracking_uri: str) -> None:
         serving.priced(engine, cfg.deploy.cost)  # a device kind with no price fails now, not after training
     check_tracking_store(tracking_uri, tracking_source(cfg.run.mlflow_tracking_uri))
     for key, teacher in http_teachers(cfg).items():
-        api_key(teacher, os.environ, key)  # a missing key fails now, not after the teacher is half asked
+        top_k = cfg.distill.logit_kd.top_k if key == "prototype.teacher" and "logit_kd" in cfg.distill.phases \
+            else None
+        check_endpoint(teacher, os.environ, key, top_k)
     for key, model in local_models(cfg).items():
         directory = check_model_files(model, key)
         if key == "prototype.teacher" and directory and cfg.distill.student.teacher_layers:
@@ -128,9 +130,12 @@ def length_warnings(cfg: PipelineConfig, examples: TaskData) -> list[str]:
 
 def cache_key(name: str, cfg: PipelineConfig, upstream: dict[str, StageResult]) -> str:
     """Everything a stage's output depends on: its section, the task (and its data's bytes), the
-    evaluator, seed and device kind, and the digests of the upstream artifacts it reads. The serving
+    evaluator, seed and device kind, the digests of the upstream artifacts it reads, and for the
+    prototype what each HTTP teacher's server reports about the model it serves. The serving
     measurements (eval.serving) are deploy's alone: changing them reruns deploy only."""
     evaluator = cfg.eval.model_dump(mode="json", exclude={"serving"} if name != "deploy" else set())
+    served = {key: served_model(teacher, os.environ, key) for key, teacher in http_teachers(cfg).items()} \
+        if name == "prototype" else {}
     return artifacts.stage_key(
         name,
         getattr(cfg, name).model_dump(mode="json"),
@@ -140,6 +145,7 @@ def cache_key(name: str, cfg: PipelineConfig, upstream: dict[str, StageResult]) 
         cfg.run.seed,
         resolve_device(cfg.run.device).type,
         {n: upstream[n].digest for n in STAGES[name].needs},
+        *([served] if served else []),
     )
 
 

@@ -8,6 +8,11 @@ hashes the teacher's weights, the exact token ids and k: any later run with the 
 data reuses it.
 
 The token ids are stored too, so the student trains on exactly the sequences the teacher scored.
+
+A served teacher (an OpenAI-compatible vLLM endpoint) fills the same file from its top-k prompt
+log-probs: the token ids go to the server, which returns, for every position, the k most likely
+next tokens and their log-probs (at temperature 1); the tail is the probability they leave. Its key
+hashes what the server reports about the served model instead of weight files.
 """
 
 import hashlib
@@ -84,6 +89,18 @@ def require_shared_vocabulary(teacher_dir: Path, student_dir: str | Path) -> Non
             "compared. Use the sft phase (sequence-level KD on the teacher's answers) instead.")
 
 
+def require_served_vocabulary(teacher, student_dir: str | Path) -> None:
+    """Logit KD from a served teacher sends the student's token ids and gets the server's back: the student's
+    tokenizer must split text into the ids the served model uses (``teacher``: tasks.teachers.HttpTeacher)."""
+    mismatch = teacher.tokenizer_mismatch(AutoTokenizer.from_pretrained(student_dir))
+    if mismatch:
+        raise DistilflowError(
+            f"distill.phases has logit_kd, but the student's tokenizer ({student_dir}) does not split text into "
+            f"the token ids of the served teacher ({teacher.name}): {mismatch}, so their token distributions "
+            "cannot be compared. Use a student from the teacher's family (same tokenizer), or the sft phase "
+            "(sequence-level KD on the teacher's answers) instead.")
+
+
 @torch.no_grad()
 def compute(teacher, examples: list[Example], top_k: int, temperature: float,
             batch_size: int = 8) -> dict[str, torch.Tensor]:
@@ -121,25 +138,66 @@ def _flat_examples(examples: list[Example]) -> dict[str, torch.Tensor]:
             "sequence_offsets": torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])}
 
 
+def compute_from_endpoint(teacher, examples: list[Example], top_k: int) -> dict[str, torch.Tensor]:
+    """``compute``'s tensors (at temperature 1) from a served ``teacher`` (tasks.teachers.HttpTeacher): its
+    top-k prompt log-probs at every answer token, one request per example.
+
+    The server's entry at position ``t`` is the distribution of token ``t`` given the tokens before it:
+    the one ``compute`` reads from position ``t - 1``'s logits.
+    """
+    def answer_tokens(example: Example) -> list[list[tuple[int, float]]]:
+        [positions] = teacher.prompt_logprobs([example.input_ids], top_k)
+        return [sorted(positions[t].items(), key=lambda entry: entry[1][1])[:top_k]
+                for t in range(1, len(example.input_ids)) if example.completion_mask[t]]
+
+    tops = [top for example in teacher.each(answer_tokens, examples, desc="teacher log-probs (served)")
+            for top in example]
+    ids = torch.tensor([[token for token, _ in top] for top in tops], dtype=torch.int32)
+    logprobs = torch.tensor([[logprob for _, (logprob, _) in top] for top in tops], dtype=torch.float64)
+    tails = (1 - logprobs.exp().sum(-1)).clamp_min(0).log()  # the probability the top k leave
+    return {"topk_ids": ids, "topk_logprobs": logprobs.to(torch.float16), "tail_logprob": tails.float(),
+            **_flat_examples(examples)}
+
+
 def cache_key(teacher_dir: Path, examples: list[Example], top_k: int, temperature: float) -> str:
     """Hash of what the log-probs depend on: the teacher's files, the exact token ids, k and temperature."""
     teacher_files = {str(p.relative_to(teacher_dir)): artifacts.file_sha256(p)
                      for p in sorted(teacher_dir.rglob("*")) if p.is_file()}
-    tokens = hashlib.sha256(json.dumps([[e.input_ids, e.completion_mask] for e in examples]).encode()).hexdigest()
-    return artifacts.stage_key("teacher_logits", teacher_files, tokens, top_k, temperature)
+    return artifacts.stage_key("teacher_logits", teacher_files, _tokens_digest(examples), top_k, temperature)
+
+
+def served_cache_key(served: dict, examples: list[Example], top_k: int) -> str:
+    """Hash of what a served teacher's log-probs depend on: the server's card of the model (name, weights'
+    path, context length: ``HttpTeacher.served``), the exact token ids and k."""
+    return artifacts.stage_key("teacher_logits", {"served_model": served}, _tokens_digest(examples), top_k, 1.0)
+
+
+def _tokens_digest(examples: list[Example]) -> str:
+    return hashlib.sha256(json.dumps([[e.input_ids, e.completion_mask] for e in examples]).encode()).hexdigest()
 
 
 def cached(teacher_dir: Path, examples: list[Example], top_k: int, temperature: float, workdir: Path,
            load_teacher) -> StageResult:
     """The teacher's log-probs for ``examples``, from the cache or computed now (``load_teacher()`` is
     only called then) and published atomically."""
-    key = cache_key(teacher_dir, examples, top_k, temperature)
+    return _cached(cache_key(teacher_dir, examples, top_k, temperature), str(teacher_dir),
+                   lambda: compute(load_teacher(), examples, top_k, temperature), examples, top_k, temperature,
+                   workdir)
 
+
+def cached_from_endpoint(teacher, examples: list[Example], top_k: int, workdir: Path) -> StageResult:
+    """A served ``teacher``'s log-probs for ``examples``, from the cache or asked for now."""
+    return _cached(served_cache_key(teacher.served, examples, top_k), teacher.name,
+                   lambda: compute_from_endpoint(teacher, examples, top_k), examples, top_k, 1.0, workdir)
+
+
+def _cached(key: str, teacher: str, computed, examples: list[Example], top_k: int, temperature: float,
+            workdir: Path) -> StageResult:
     def produce(out_dir: Path) -> StageResult:
         start = time.perf_counter()
-        tensors = compute(load_teacher(), examples, top_k, temperature)
+        tensors = computed()
         save_file(tensors, out_dir / FILE, metadata={"top_k": str(top_k), "temperature": str(temperature),
-                                                     "teacher": str(teacher_dir)})
+                                                     "teacher": teacher})
         kept_mass = tensors["topk_logprobs"].float().exp().sum(-1).mean().item()
         metrics = {"teacher_logits.positions": len(tensors["tail_logprob"]), "teacher_logits.top_k": top_k,
                    "teacher_logits.mass_in_top_k": kept_mass, "teacher_logits.bytes": (out_dir / FILE).stat().st_size,

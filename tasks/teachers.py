@@ -1,13 +1,18 @@
 """The teacher, whatever it is: a model loaded here (white-box: weights and logits) or an
-OpenAI-compatible HTTP endpoint such as vLLM, Ollama or a hosted API (black-box: text only).
+OpenAI-compatible HTTP endpoint such as vLLM, Ollama or a hosted API (black-box: no weights).
 
 Both answer chats in the form the task's check asks for and measure their own task score on the
-held-out split; only a white-box teacher can be saved for logit distillation or pruned into a student.
+held-out split. A `choice` task is answered by each label's full log-likelihood, calibrated: from the
+logits of a local teacher; from the prompt log-probs of a served one (vLLM's `prompt_logprobs` on
+/v1/completions, token ids in, which needs the served model's tokenizer: `teacher.tokenizer`); a
+server without them answers by its guided choice. Only a white-box teacher can be saved or pruned
+into a student; logit KD reads either (a served teacher's top-k prompt log-probs: tasks/teacher_logits.py).
 """
 
+import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -16,9 +21,21 @@ from tqdm.auto import tqdm
 
 from distilflow.configs.schema import EvalConfig, HttpTeacherConfig, LocalTeacherConfig, TaskConfig
 from distilflow.tasks import data, decoding
-from distilflow.tasks.errors import DistilflowError
+from distilflow.tasks.errors import DistilflowError, ServiceError
 from distilflow.tasks.evaluate import Evaluation, Prompting, evaluate, score_answers
 from distilflow.tasks.models import load_teacher
+
+log = logging.getLogger("distilflow")
+
+# How a teacher answers a choice task (the data card says which).
+LOG_LIKELIHOOD, GUIDED_CHOICE, FREE_TEXT = "log-likelihood", "guided choice", "free text"
+
+# Model-card fields a server fills anew on every call: not part of what identifies the served model.
+VOLATILE_CARD_FIELDS = {"created", "object", "permission"}
+
+# Text whose token ids the served model's tokenizer and ours must agree on: words, digits, punctuation,
+# non-Latin scripts, an emoji, code and white space (besides the chat template's special tokens).
+TOKENIZER_PROBE = "Hello, wörld! Order #1234 — 50% off? ½ café 日本語 🙂\n\tdef f(x): return x**2  "
 
 
 def open_teacher(cfg: LocalTeacherConfig | HttpTeacherConfig, device: torch.device,
@@ -42,10 +59,34 @@ def api_key(cfg: HttpTeacherConfig, environ, key: str = "prototype.teacher") -> 
     return value
 
 
+def served_model(cfg: HttpTeacherConfig, environ, key: str = "prototype.teacher") -> dict:
+    """What identifies the model behind ``cfg`` for cache keys: the server's model card for it (vLLM: its
+    name, the weights' path or hub id `root`, `max_model_len`); raises if the server does not serve it."""
+    return HttpTeacher(cfg, client_for(cfg, api_key(cfg, environ, key)), key).model_card()
+
+
+def check_endpoint(cfg: HttpTeacherConfig, environ, key: str, top_k: int | None = None) -> None:
+    """Before any stage: the endpoint answers, accepts the key and serves ``cfg.model`` (with ``cfg.tokenizer``
+    matching it); with ``top_k``, it returns that many prompt log-probs per position (logit KD needs them)."""
+    teacher = HttpTeacher.connect(cfg, api_key(cfg, environ, key), key)
+    if top_k is not None:
+        teacher.require_prompt_logprobs(top_k)
+
+
+def client_for(cfg: HttpTeacherConfig, api_key: str | None):
+    """An OpenAI client for the endpoint, with the config's retries and timeout."""
+    from openai import OpenAI
+
+    # Local servers (vLLM without --api-key, Ollama) accept any key; the client insists on one.
+    return OpenAI(base_url=cfg.base_url, api_key=api_key or "unused", max_retries=cfg.max_retries,
+                  timeout=cfg.timeout_s)
+
+
 class LocalTeacher:
     """A teacher whose weights are in memory: constrained choice by log-likelihood, logits for KD."""
 
     black_box = False
+    choice_method = LOG_LIKELIHOOD
 
     def __init__(self, model, tokenizer, name: str):
         self.model, self.tokenizer, self.name = model, tokenizer, name
@@ -64,45 +105,82 @@ class LocalTeacher:
 
 
 class HttpTeacher:
-    """A teacher behind an OpenAI-compatible chat completions endpoint.
+    """A teacher behind an OpenAI-compatible endpoint.
 
     Requests run ``max_concurrency`` at a time; the OpenAI client retries failed ones with exponential
-    backoff and applies the timeout. The server applies the model's chat template. With
-    ``structured_outputs``, answers are constrained on the server (vLLM's guided decoding).
+    backoff and applies the timeout. Chats go to /v1/chat/completions (the server applies the model's
+    chat template; with ``structured_outputs`` it constrains the answer: vLLM's guided decoding). Given the
+    served model's tokenizer and a server that returns prompt log-probs, a choice is scored instead, from
+    token ids sent to /v1/completions, exactly as a local teacher scores it.
     """
 
     black_box = True
 
-    def __init__(self, cfg: HttpTeacherConfig, client, key: str):
-        self.cfg, self.client, self.key = cfg, client, key
+    def __init__(self, cfg: HttpTeacherConfig, client, key: str, tokenizer=None):
+        self.cfg, self.client, self.key, self.tokenizer = cfg, client, key, tokenizer
         self.name = cfg.label
+        self.served = {"id": cfg.model}  # the server's model card, once asked for (``model_card``)
 
     @classmethod
     def connect(cls, cfg: HttpTeacherConfig, api_key: str | None, key: str = "prototype.teacher") -> "HttpTeacher":
-        """A client for the endpoint, after checking that it answers and serves ``cfg.model``."""
-        from openai import NotFoundError, OpenAI
+        """A client for the endpoint, after checking that it answers and serves ``cfg.model``, and that
+        ``cfg.tokenizer`` (if set) is the served model's; its labels are scored when the server allows."""
+        teacher = cls(cfg, client_for(cfg, api_key), key)
+        teacher.served = teacher.model_card()
+        if cfg.tokenizer is None:
+            return teacher
+        from transformers import AutoTokenizer
 
-        # Local servers (vLLM without --api-key, Ollama) accept any key; the client insists on one.
-        client = OpenAI(base_url=cfg.base_url, api_key=api_key or "unused", max_retries=cfg.max_retries,
-                        timeout=cfg.timeout_s)
-        teacher = cls(cfg, client, key)
-        with teacher.explained_errors():
-            try:
-                served = [model.id for model in client.models.list()]
-            except NotFoundError:  # some servers have no model list; the first answer will tell
-                return teacher
-        if cfg.model not in served:
-            raise DistilflowError(f"{key}.model: {cfg.base_url} does not serve {cfg.model!r}; it serves {served}")
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+        mismatch = teacher.tokenizer_mismatch(tokenizer)
+        if mismatch:
+            raise DistilflowError(f"{key}.tokenizer: {cfg.tokenizer} is not the tokenizer of {cfg.model} at "
+                                  f"{cfg.base_url}: {mismatch}. Name the served model's tokenizer, or unset "
+                                  f"{key}.tokenizer (labels are then chosen by the server's guided choice)")
+        problem = teacher.prompt_logprobs_problem(0)
+        if problem:
+            log.warning("%s: %s; labels are chosen by its guided choice, not scored like a local teacher's",
+                        cfg.base_url, problem)
+        else:
+            teacher.tokenizer = tokenizer
         return teacher
+
+    @property
+    def choice_method(self) -> str:
+        if self.tokenizer is not None:
+            return LOG_LIKELIHOOD
+        return GUIDED_CHOICE if self.cfg.structured_outputs else FREE_TEXT
+
+    def model_card(self) -> dict:
+        """The server's card for ``cfg.model`` without the fields that change from call to call; the name
+        alone where the server lists no models."""
+        from openai import NotFoundError
+
+        with self.explained_errors():
+            try:
+                cards = {card.id: card for card in self.client.models.list()}
+            except NotFoundError:  # some servers have no model list; the first answer will tell
+                return {"id": self.cfg.model}
+        if self.cfg.model not in cards:
+            raise DistilflowError(f"{self.key}.model: {self.cfg.base_url} does not serve {self.cfg.model!r}; "
+                                  f"it serves {sorted(cards)}")
+        return {k: v for k, v in cards[self.cfg.model].to_dict().items() if k not in VOLATILE_CARD_FIELDS}
 
     def answer(self, rows: list[dict], task: TaskConfig, prompting: Prompting, **sampling) -> list[list[str]]:
         return self.complete(prompting.chats(rows, task), task.check, max_new_tokens=task.max_answer_tokens,
-                             **sampling)
+                             calibration_chats=prompting.calibration_chats(task), **sampling)
 
-    def complete(self, chats: list[list[dict]], check, *, temperature: float = 0.0, num_samples: int = 1,
-                 seed: int = 0, max_new_tokens: int = 64, desc: str | None = None) -> list[list[str]]:
-        """``num_samples`` answers per chat, one request each (``n`` is not supported everywhere);
-        a greedy answer is asked once and repeated."""
+    def complete(self, chats: list[list[dict]], check, *, calibration_chats: list[list[dict]] = (),
+                 temperature: float = 0.0, num_samples: int = 1, seed: int = 0, max_new_tokens: int = 64,
+                 desc: str | None = None) -> list[list[str]]:
+        """``num_samples`` answers per chat in the form ``check`` asks for: a scored choice (calibrated by
+        ``calibration_chats``) where the teacher scores labels, else generated, one request per answer
+        (``n`` is not supported everywhere); a greedy answer is asked once and repeated."""
+        if check.type == "choice" and self.choice_method == LOG_LIKELIHOOD:
+            scores = self.choice_logprobs(chats, check.choices, desc=desc)
+            calibration = self.choice_logprobs(calibration_chats, check.choices) if calibration_chats else None
+            return decoding.pick(scores, check.choices, calibration, temperature=temperature,
+                                 num_samples=num_samples, seed=seed)
         per_chat = num_samples if temperature > 0 else 1
         requests = [(chat, seed + sample) for chat in chats for sample in range(per_chat)]
 
@@ -114,12 +192,90 @@ class HttpTeacher:
                     seed=sample_seed, **self._constraint(check))
             return (response.choices[0].message.content or "").strip()
 
-        pool = ThreadPoolExecutor(self.cfg.max_concurrency)
-        try:
-            texts = list(tqdm(pool.map(ask, requests), total=len(requests), desc=desc, disable=desc is None))
-        finally:
-            pool.shutdown(cancel_futures=True)  # after a failure, do not send the requests still queued
+        texts = self.each(ask, requests, desc)
         return [texts[i:i + per_chat] * (num_samples // per_chat) for i in range(0, len(texts), per_chat)]
+
+    def choice_logprobs(self, chats: list[list[dict]], choices: list[str], desc: str | None = None) -> torch.Tensor:
+        """``decoding.choice_logprobs`` through the server: the log-likelihood of each choice's tokens (to the
+        end of the turn) after each chat, from its prompt log-probs; one request per chat."""
+        choice_ids = decoding.choice_token_ids(self.tokenizer, choices)
+
+        def score(chat: list[dict]) -> list[float]:
+            prompt = self.tokenizer(data.render(self.tokenizer, chat), add_special_tokens=False).input_ids
+            answers = self.prompt_logprobs([prompt + ids for ids in choice_ids], top_k=0)
+            return [sum(positions[len(prompt) + i][token][0] for i, token in enumerate(ids))
+                    for positions, ids in zip(answers, choice_ids)]
+
+        return torch.tensor(self.each(score, chats, desc))
+
+    def prompt_logprobs(self, prompts: list[list[int]] | list[str], top_k: int) -> list[list[dict | None]]:
+        """vLLM's prompt log-probs of each prompt (token ids, or text the server tokenizes): per position,
+        token id -> (log-prob, rank) for the prompt's own token and the ``top_k`` most likely ones; None at
+        the first position, which nothing predicts. One request, one generated token."""
+        with self.explained_errors():
+            response = self.client.completions.create(model=self.cfg.model, prompt=prompts, max_tokens=1,
+                                                      temperature=0.0, extra_body={"prompt_logprobs": top_k})
+        answers = [(choice.model_extra or {}).get("prompt_logprobs")
+                   for choice in sorted(response.choices, key=lambda c: c.index)]
+        if any(positions is None for positions in answers):
+            raise DistilflowError(f"{self.key}: {self.cfg.base_url} stopped returning prompt log-probs "
+                                  "(vLLM's `prompt_logprobs` on /v1/completions); is it still the same server?")
+        return [[None if p is None else {int(t): (v["logprob"], v["rank"]) for t, v in p.items()} for p in positions]
+                for positions in answers]
+
+    def prompt_logprobs_problem(self, top_k: int) -> str | None:
+        """Why the server cannot give ``top_k`` prompt log-probs per position, or None if it can."""
+        import openai
+
+        with self.explained_errors():
+            try:
+                response = self.client.completions.create(model=self.cfg.model, prompt=TOKENIZER_PROBE,
+                                                          max_tokens=1, extra_body={"prompt_logprobs": top_k})
+            except openai.BadRequestError as err:
+                return f"it refused {top_k} prompt log-probs per position ({err.message})"
+        positions = (response.choices[0].model_extra or {}).get("prompt_logprobs")
+        if positions is None:
+            return "it returns no prompt log-probs (vLLM's `prompt_logprobs` on /v1/completions)"
+        given = min(sum(entry["rank"] <= top_k for entry in p.values()) for p in positions if p is not None)
+        return None if given >= top_k else f"it returns only {given} log-probs per position, not {top_k}"
+
+    def require_prompt_logprobs(self, top_k: int) -> None:
+        """Fail before training unless the server gives logit KD's top-k prompt log-probs."""
+        problem = self.prompt_logprobs_problem(top_k)
+        if problem:
+            raise DistilflowError(
+                f"distill.logit_kd.top_k is {top_k}, but {self.cfg.model} at {self.cfg.base_url} cannot give "
+                f"them: {problem}. Logit KD from a served teacher reads vLLM's prompt log-probs, at most "
+                f"--max-logprobs per position (20 unless the server was started with --max-logprobs {top_k}): "
+                "restart it so, or lower distill.logit_kd.top_k; or drop logit_kd from distill.phases (sft "
+                "works with any endpoint)")
+
+    def tokenizer_mismatch(self, tokenizer) -> str | None:
+        """How ``tokenizer`` splits text differently from the served model (its /tokenize), or None where it
+        splits the probe text and a chat in its own template into the same token ids."""
+        chat = [{"role": "user", "content": TOKENIZER_PROBE}, {"role": "assistant", "content": "ok"}]
+        texts = [TOKENIZER_PROBE] + ([tokenizer.apply_chat_template(chat, tokenize=False)]
+                                     if tokenizer.chat_template else [])
+        for text in texts:
+            ours, theirs = tokenizer(text, add_special_tokens=False).input_ids, self.tokenize(text)
+            if ours != theirs:
+                where = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+                return (f"{text!r} is {len(ours)} tokens here and {len(theirs)} there, first differing at token "
+                        f"{where} ({ours[where:where + 4]} here, {theirs[where:where + 4]} there)")
+        return None
+
+    def tokenize(self, text: str) -> list[int]:
+        """The served model's token ids of ``text`` (vLLM's /tokenize, beside /v1), no special tokens added."""
+        import openai
+
+        url = self.cfg.base_url.rstrip("/").removesuffix("/v1") + "/tokenize"
+        with self.explained_errors():
+            try:
+                return self.client.post(url, cast_to=object, body={"model": self.cfg.model, "prompt": text,
+                                                                    "add_special_tokens": False})["tokens"]
+            except openai.NotFoundError:
+                raise DistilflowError(f"{self.key}: {url} does not exist, so the token ids of this side cannot be "
+                                      f"checked against the served model's (vLLM serves /tokenize)") from None
 
     def evaluate(self, rows: list[dict], task: TaskConfig, cfg: EvalConfig, prompting: Prompting,
                  desc: str = "teacher baseline") -> Evaluation:
@@ -140,6 +296,14 @@ class HttpTeacher:
         tokens = response.usage.completion_tokens if response.usage else 0
         return tokens / elapsed if tokens else None
 
+    def each(self, ask: Callable, items: list, desc: str | None = None) -> list:
+        """``ask(item)`` for every item, ``max_concurrency`` requests at a time, in order."""
+        pool = ThreadPoolExecutor(self.cfg.max_concurrency)
+        try:
+            return list(tqdm(pool.map(ask, items), total=len(items), desc=desc, disable=desc is None))
+        finally:
+            pool.shutdown(cancel_futures=True)  # after a failure, do not send the requests still queued
+
     def _constraint(self, check) -> dict:
         """Request fields that make the server answer in the check's form (vLLM's structured outputs)."""
         if not self.cfg.structured_outputs:
@@ -155,24 +319,25 @@ class HttpTeacher:
 
     @contextmanager
     def explained_errors(self) -> Iterator[None]:
-        """The client's errors (raised after its retries) as errors that say what to fix."""
+        """The client's errors (raised after its retries) as errors that say what to fix. A failure that
+        waiting may fix is a ServiceError raised from the client's error, so a stage retry can tell."""
         import openai
 
         try:
             yield
-        except openai.APITimeoutError:
-            raise DistilflowError(f"{self.key}.timeout_s: {self.cfg.base_url} did not answer within "
-                                  f"{self.cfg.timeout_s:g} s ({self.cfg.max_retries} retries); raise timeout_s "
-                                  "or lower max_concurrency") from None
+        except openai.APITimeoutError as err:
+            raise ServiceError(f"{self.key}.timeout_s: {self.cfg.base_url} did not answer within "
+                               f"{self.cfg.timeout_s:g} s ({self.cfg.max_retries} retries); raise timeout_s "
+                               "or lower max_concurrency") from err
         except openai.APIConnectionError as err:
-            raise DistilflowError(f"{self.key}.base_url: cannot reach {self.cfg.base_url} "
-                                  f"({type(err).__name__}: {err}) after {self.cfg.max_retries} retries; "
-                                  "is the server running?") from None
+            raise ServiceError(f"{self.key}.base_url: cannot reach {self.cfg.base_url} "
+                               f"({type(err).__name__}: {err}) after {self.cfg.max_retries} retries; "
+                               "is the server running?") from err
         except openai.AuthenticationError:
             raise DistilflowError(f"{self.key}.api_key_env: {self.cfg.base_url} rejected the API key "
                                   f"(from ${self.cfg.api_key_env})" if self.cfg.api_key_env else
                                   f"{self.key}.api_key_env: {self.cfg.base_url} needs an API key; name the "
                                   "environment variable that holds it") from None
         except openai.APIStatusError as err:
-            raise DistilflowError(f"{self.key}: {self.cfg.base_url} answered {err.status_code}: "
-                                  f"{err.message}") from None
+            raise ServiceError(f"{self.key}: {self.cfg.base_url} answered {err.status_code}: "
+                               f"{err.message}") from err

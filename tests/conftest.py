@@ -4,6 +4,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,22 +77,32 @@ SERVER_API_KEY = "test-key-not-a-secret"
 @pytest.fixture(scope="session")
 def openai_server(tmp_path_factory):
     """tests/openai_server.py serving the tiny teacher on 127.0.0.1 (real generation), stopped by its PID."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
+    with serving(tmp_path_factory.mktemp("server")) as (server, _):
+        yield server
+
+
+@contextmanager
+def serving(log_dir: Path, *flags: str, model: Path = TINY_TEACHER, name: str = "tiny-teacher", port: int | None = None,
+            wait: bool = True):
+    """tests/openai_server.py serving ``model`` as ``name`` on 127.0.0.1 (``flags`` as on its command line) until
+    the block ends; yields the server and its process, stopped by its PID."""
+    port = port or free_port()
+    log = log_dir / f"server-{port}-{time.monotonic_ns()}.log"
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "openai_server.py"), "--model", str(TINY_TEACHER),
-             "--port", str(port), "--api-key", SERVER_API_KEY], stdout=out, stderr=subprocess.STDOUT)
+            [sys.executable, str(REPO / "tests" / "openai_server.py"), "--model", str(model), "--port", str(port),
+             "--served-model-name", name, "--api-key", SERVER_API_KEY, *flags], stdout=out, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
-        _wait_until_serving(base_url, process, log)
-        yield Server(base_url=base_url, model="tiny-teacher", api_key=SERVER_API_KEY)
+        if wait:
+            wait_until_serving(base_url, process, log)
+        yield Server(base_url=base_url, model=name, api_key=SERVER_API_KEY), process
     finally:
         process.terminate()
         process.wait(timeout=30)
 
 
-def _wait_until_serving(base_url: str, process: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
+def wait_until_serving(base_url: str, process: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -5,6 +5,8 @@ import sys
 from pathlib import Path
 
 import httpx
+import httpx2
+import openai
 import pytest
 import requests
 from prefect.client.schemas.objects import ConcurrencyLimitStrategy
@@ -14,7 +16,7 @@ from distilflow.configs.loader import load_config
 from distilflow.flows.cli import main
 from distilflow.flows.deployments import pipeline_deployment
 from distilflow.flows.retries import is_transient
-from distilflow.tasks.errors import DistilflowError
+from distilflow.tasks.errors import DistilflowError, ServiceError
 from tests.conftest import REPO, TINY_CONFIG
 
 NOWHERE = "http://127.0.0.1:9/api"  # a Prefect API URL nothing answers: these commands fail before using it
@@ -98,6 +100,17 @@ def http_status_error(status: int) -> httpx.HTTPStatusError:
     return httpx.HTTPStatusError("status", request=request, response=httpx.Response(status, request=request))
 
 
+def served_teacher_error(status: int | None) -> ServiceError:
+    """What the HTTP teacher raises once its client gives up: on a dropped connection (None) or an HTTP status."""
+    request = httpx2.Request("POST", "http://teacher/v1/completions")
+    cause = openai.APIConnectionError(request=request) if status is None else \
+        openai.APIStatusError("status", response=httpx2.Response(status, request=request), body=None)
+    try:
+        raise ServiceError("prototype.teacher: failed") from cause
+    except ServiceError as error:
+        return error
+
+
 @pytest.mark.parametrize("error", [
     ConnectionRefusedError(111, "Connection refused"),
     TimeoutError("timed out"),
@@ -106,7 +119,9 @@ def http_status_error(status: int) -> httpx.HTTPStatusError:
     http_status_error(503),
     http_status_error(429),
     raised_from(ConnectionResetError(104, "Connection reset by peer")),
-], ids=["refused", "timeout", "requests", "httpx", "http-503", "http-429", "cause"])
+    served_teacher_error(None),
+    served_teacher_error(503),
+], ids=["refused", "timeout", "requests", "httpx", "http-503", "http-429", "cause", "teacher-dropped", "teacher-503"])
 def test_transient_failures_are_retried(error):
     assert is_transient(error)
 
@@ -117,7 +132,8 @@ def test_transient_failures_are_retried(error):
     FileNotFoundError("model.safetensors"),
     http_status_error(400),
     http_status_error(404),
-], ids=["config-error", "bug", "missing-file", "http-400", "http-404"])
+    served_teacher_error(400),
+], ids=["config-error", "bug", "missing-file", "http-400", "http-404", "teacher-400"])
 def test_other_failures_are_not_retried(error):
     assert not is_transient(error)
 

@@ -191,11 +191,13 @@ def test_qlora_on_a_cpu_is_refused_before_training(tiny_cfg):
         distill.check_can_train(cfg, TINY_TEACHER, torch.device("cpu"))
 
 
-def test_logit_kd_from_a_black_box_teacher_is_refused(tiny_cfg):
+def test_online_logit_kd_from_a_black_box_teacher_is_refused(tiny_cfg):
     cfg = tiny_cfg.distill.model_copy(update={"phases": ["sft", "logit_kd"],
+                                              "logit_kd": tiny_cfg.distill.logit_kd.model_copy(
+                                                  update={"teacher_logits": "online"}),
                                               "student": tiny_cfg.distill.student.model_copy(
                                                   update={"teacher_layers": None, "path": str(TINY_TEACHER)})})
-    with pytest.raises(DistilflowError, match="logit_kd.*black box"):
+    with pytest.raises(DistilflowError, match="teacher_logits: online .* black box"):
         distill.check_can_train(cfg, None, torch.device("cpu"))
 
 

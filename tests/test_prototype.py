@@ -18,7 +18,7 @@ from distilflow.configs.loader import load_config
 from distilflow.configs.schema import JudgeConfig, PythonCheck
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.evaluate import JOURNEY_FIELDS
-from distilflow.tasks.judge import SCORES, judge_filter, judge_scores, parse_score
+from distilflow.tasks.judge import SCORES, judge_filter, judge_scores, parse_score, require_discerning_judge
 from distilflow.tasks.prototype import data_card, rejection_sample
 from distilflow.tasks.stages import run_stage
 from distilflow.tasks.teachers import LocalTeacher
@@ -59,6 +59,28 @@ def test_judge_filter_drops_low_and_unreadable_scores():
     passed, rejected = judge_filter(kept, [5, 3, None, 4], threshold=4)
     assert [(p["answer"], p["judge_score"]) for p in passed] == [("a", 5), ("d", 4)]
     assert rejected == Counter(judge_low_score=1, judge_unparsed=1)
+
+
+def right_answers(count: int) -> list[dict]:
+    """Kept answers that match their data labels."""
+    return [{"row": {"text": f"ticket {i}", "label": "bug"}, "answer": "bug", "score": 1.0} for i in range(count)]
+
+
+def test_a_judge_that_rejects_the_answers_matching_their_labels_is_an_error(tiny_cfg):
+    with pytest.raises(DistilflowError, match=r"prototype.judge: the judge rejected 9 of the 10 kept answers that "
+                                              r"match their labels .* would leave 1 of 10 answers. Use a stronger "
+                                              r"judge than the teacher \(prototype.judge.teacher\)"):
+        require_discerning_judge(right_answers(10), [1] * 8 + [None, 5], tiny_cfg.task, threshold=4)
+
+
+def test_a_judge_that_keeps_most_right_answers_passes(tiny_cfg):
+    require_discerning_judge(right_answers(10), [1] * 5 + [5] * 5, tiny_cfg.task, threshold=4)
+
+
+def test_a_judge_that_rejects_nearly_every_unlabelled_answer_is_a_warning(tiny_cfg, caplog):
+    unlabelled = [{"row": {"text": f"ticket {i}"}, "answer": "bug", "score": 1.0} for i in range(10)]
+    require_discerning_judge(unlabelled, [1] * 10, tiny_cfg.task, threshold=4)
+    assert "prototype.judge rejected 10 of 10 kept answers" in caplog.text
 
 
 def test_local_judge_scores_every_answer_by_constrained_choice(tiny_cfg, tiny_teacher):
@@ -129,7 +151,8 @@ def test_black_box_stage_writes_dataset_card_and_baseline(black_box):
 def test_black_box_stage_says_it_has_no_teacher_weights(black_box):
     result, _ = black_box
     assert "teacher" not in result.files and result.metrics["teacher.black_box"] == 1.0
-    assert "black-box" in result.summary and "no logit distillation" in result.summary
+    assert "black-box" in result.summary and "no student pruned from it" in result.summary
+    assert "Labels chosen by the server's guided choice" in result.summary
     entry = result.journey[0]
     assert set(JOURNEY_FIELDS) <= entry.keys() and entry["size_bytes"] is None and entry["task_score"] >= 0
 
