@@ -227,7 +227,7 @@ def _smoke_main(request_path: str, answer_path: str) -> None:
     Path(answer_path).write_text(json.dumps({
         "gguf_smoke_pass_rate": sum(checks.is_valid(a, task) for a in answers) / len(rows),
         "gguf_smoke_latency_s": latency,
-        "answers": [{"input": task.template.format(**row), "answer": a, "label": data.label(row, task)}
+        "answers": [{"input": task.template.format(**row), "answer": a, "label": checks.label(row, task)}
                     for row, a in zip(rows, answers)]}))
 
 

@@ -11,7 +11,7 @@ import torch
 
 from distilflow.configs.loader import load_config
 from distilflow.configs.schema import DeployConfig
-from distilflow.tasks import data, gguf_export, package
+from distilflow.tasks import checks, data, gguf_export, package
 from distilflow.tasks.models import load_model, load_teacher, save_model
 from tests.conftest import REPO, TINY_CONFIG, TINY_TEACHER
 
@@ -96,7 +96,7 @@ def test_smoke_test_in_a_fresh_process_reports_pass_rate_latency_and_answers(tin
     cfg = tiny["cfg"]
     result = gguf_export.smoke_in_fresh_process(tiny["files"]["q8_0"], tiny["rows"][:3], cfg.task, max_new_tokens=4)
     assert 0 <= result["gguf_smoke_pass_rate"] <= 1 and result["gguf_smoke_latency_s"] > 0
-    assert [a["label"] for a in result["answers"]] == [data.label(row, cfg.task) for row in tiny["rows"][:3]]
+    assert [a["label"] for a in result["answers"]] == [checks.label(row, cfg.task) for row in tiny["rows"][:3]]
 
 
 @pytest.fixture(scope="module")
