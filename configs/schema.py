@@ -316,11 +316,12 @@ class TrainingPhase(LibrarySettings):
     }
     checked_with: ClassVar[dict] = {"use_cpu": True, "bf16": False}
 
-    num_train_epochs: float = Field(1.0, gt=0)
+    num_train_epochs: float = Field(1.0, gt=0, description="Passes over the training set.")
     max_steps: int = Field(-1, description="Overrides num_train_epochs when > 0.")
-    learning_rate: float = Field(2e-4, gt=0)
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (LoRA adapters take a larger one "
+                                                         "than TRL's full fine-tuning default).")
     per_device_train_batch_size: int = Field(8, ge=1, description="Sequences per device per step.")
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Steps whose gradients add up to one update.")
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, slower steps (TRL turns it on "
                            "by default; distilflow off, for small students).")
@@ -333,7 +334,7 @@ class TrainingPhase(LibrarySettings):
 class SFTPhase(TrainingPhase):
     library: ClassVar[str] = "trl.SFTConfig"
 
-    num_train_epochs: float = Field(2.0, gt=0)
+    num_train_epochs: float = Field(2.0, gt=0, description="Passes over the teacher's kept answers.")
     max_length: int = Field(256, ge=8, description="Tokens per training example (prompt + answer).")
 
 
@@ -367,7 +368,7 @@ class LogitKDPhase(TrainingPhase):
     top_k: int = Field(64, ge=1, description="Teacher log-probs kept per token in offline mode; the rest of the "
                                              "vocabulary is one tail bucket.")
     max_length: int = Field(256, ge=8, description="Tokens per training example (prompt + answer).")
-    learning_rate: float = Field(1e-4, gt=0)
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
 
     def settings_class(self) -> str:
         return self.library if self.teacher_logits == "online" else "transformers.TrainingArguments"
@@ -396,7 +397,7 @@ class GRPOPhase(TrainingPhase):
         0.0, ge=0.0, description="Extra reward for giving the teacher's own answer (added to the task's check).")
     per_device_train_batch_size: int = Field(8, ge=1, description="Sampled answers per device per step (a multiple "
                                                                   "of num_generations).")
-    learning_rate: float = Field(2e-5, gt=0)
+    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate (RL moves a trained student: small).")
 
     @model_validator(mode="after")
     def _whole_groups(self):
@@ -501,7 +502,7 @@ class HealKDPhase(LogitKDPhase):
     teacher_logits: Literal["online"] = Field(
         "online", description="Always online: the teacher is the model before pruning, already in memory.")
     max_steps: int = Field(20, ge=1, description="Heal is short: a fixed number of steps.")
-    max_length: int = Field(128, ge=8)
+    max_length: int = Field(128, ge=8, description="Tokens per training example (prompt + answer).")
 
 
 class HealConfig(Section):

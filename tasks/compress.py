@@ -10,7 +10,6 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
 from datasets import Dataset, load_from_disk
 
 from distilflow.configs.schema import BudgetConfig, CandidateConfig, CompressConfig, HealConfig, PruneConfig
