@@ -4,15 +4,20 @@ import datetime
 import difflib
 import os
 import re
+import logging
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from distilflow.configs.library_settings import DeprecatedKey
 from distilflow.configs.schema import PipelineConfig
 from distilflow.tasks.errors import DistilflowError
+
+log = logging.getLogger("distilflow")
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
@@ -23,9 +28,17 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Pi
         _set_dotted(raw, key, value, path)
     raw.setdefault("run", {})  # validated with the file's directory, so a default workdir resolves there
     try:
-        return PipelineConfig.model_validate(raw, context={"base_dir": path.parent})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DeprecatedKey)
+            cfg = PipelineConfig.model_validate(raw, context={"base_dir": path.parent})
     except ValidationError as err:
         raise DistilflowError(_describe(err, path)) from None
+    for warning in caught:  # a deprecated key is logged with the file that has it; other warnings as they were
+        if issubclass(warning.category, DeprecatedKey):
+            log.warning("%s: %s", path, warning.message)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return cfg
 
 
 def parse_overrides(assignments: list[str]) -> dict[str, Any]:
@@ -131,6 +144,9 @@ def _describe(err: ValidationError, path: Path) -> str:
         key = ".".join(str(part) for part in loc)
         if problem["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key{_did_you_mean(problem['loc'])}")
+        elif problem["type"] == "library_settings":  # a section passed to TRL or PEFT: a line per key
+            lines += [f"  {'.'.join(filter(None, (key, setting)))}: {text}"
+                      for setting, text in problem["ctx"]["problems"]]
         elif problem["type"] == "missing":
             lines.append(f"  {key}: required key is missing")
         else:

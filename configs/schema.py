@@ -4,14 +4,20 @@ A section's fields are what its stage reads; `distill.lora.r` is declared here a
 tasks/distill.py. Relative paths resolve against the directory of the YAML file that names them.
 """
 
+import functools
+import importlib
+import importlib.util
 import os
 import re
 import string
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo,
                       field_validator, model_validator)
+
+from distilflow.configs.library_settings import OWNED_BY_DISTILFLOW, LibrarySettings
 
 
 def expand(text: str) -> str:
@@ -187,8 +193,6 @@ class PythonCheck(Section):
     @field_validator("function")
     @classmethod
     def _importable(cls, ref: str, info: ValidationInfo) -> str:
-        from distilflow.tasks.checks import import_function
-
         module, sep, name = ref.rpartition(":")
         if not sep or not module or not name:
             raise ValueError("expected module:function or path/to/file.py:function")
@@ -197,6 +201,28 @@ class PythonCheck(Section):
             ref = f"{module}:{name}"
         import_function(ref)
         return ref
+
+
+@functools.lru_cache(maxsize=16)
+def import_function(ref: str) -> Callable[[str, dict], float]:
+    """The function named by ``module:function`` or ``/path/to/file.py:function`` (a python check's)."""
+    module_name, _, name = ref.rpartition(":")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            spec = importlib.util.spec_from_file_location(f"distilflow_check_{path.stem}", path)
+            if spec is None or not path.is_file():
+                raise ImportError(f"no such file {path}")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except Exception as err:  # the user's module: any error while importing it is theirs to fix
+        raise ValueError(f"cannot import {module_name} ({type(err).__name__}: {err})") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ValueError(f"{module_name} has no function {name!r}")
+    return function
 
 
 Check = Annotated[ChoiceCheck | RegexCheck | JsonSchemaCheck | PythonCheck, Field(discriminator="type")]
@@ -363,31 +389,68 @@ class StudentConfig(ModelTrust):
         return self
 
 
-class LoraConfig(Section):
+class LoraAdapters(LibrarySettings):
+    """LoRA adapters: any field of PEFT's LoraConfig, under its name (use_rslora, use_dora, bias, ...)."""
+
+    library: ClassVar[str] = "peft.LoraConfig"
+    refused: ClassVar[dict[str, str]] = {"task_type": "distilflow trains causal LMs (CAUSAL_LM)"}
+    renamed: ClassVar[dict[str, tuple[str, str]]] = {"alpha": ("lora_alpha", "PEFT's name"),
+                                                     "dropout": ("lora_dropout", "PEFT's name")}
+    checked_with: ClassVar[dict] = {"task_type": "CAUSAL_LM"}
+
     r: int = Field(16, ge=1, description="LoRA rank.")
-    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: str | list[str] = Field("all-linear", description="PEFT target modules.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = lora_alpha / r).")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapters' input.")
+    target_modules: str | list[str] = Field("all-linear", description="Modules that get adapters: names, a regex, "
+                                                                      "or all-linear.")
 
 
-class TrainingConfig(Section):
-    """What every training phase sets: length, step size, batch and checkpoints."""
+class TrainingPhase(LibrarySettings):
+    """A training phase: any field of its TRL (or transformers) trainer's config, under its name (warmup_steps,
+    lr_scheduler_type, weight_decay, max_grad_norm, optim, ...), passed to it unchanged. Declared here:
+    distilflow's own knobs, and the fields whose default distilflow chooses."""
 
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1, description="Overrides epochs when > 0.")
-    learning_rate: float = Field(2e-4, gt=0)
-    batch_size: int = Field(8, ge=1, description="Sequences per device per step.")
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    refused: ClassVar[dict[str, str]] = OWNED_BY_DISTILFLOW
+    renamed: ClassVar[dict[str, tuple[str, str]]] = {
+        "epochs": ("num_train_epochs", "TRL's name"),
+        "batch_size": ("per_device_train_batch_size", "TRL's name"),
+        "warmup_ratio": ("warmup_steps", "transformers 5 reads a warmup_steps below 1 as a fraction of the steps"),
+    }
+    checked_with: ClassVar[dict] = {"use_cpu": True, "bf16": False}
+
+    num_train_epochs: float = Field(1.0, gt=0, description="Passes over the training set.")
+    max_steps: int = Field(-1, description="Overrides num_train_epochs when > 0.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (LoRA adapters take a larger one "
+                                                         "than TRL's full fine-tuning default).")
+    per_device_train_batch_size: int = Field(8, ge=1, description="Sequences per device per step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Steps whose gradients add up to one update.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, slower steps (TRL turns it on "
+                           "by default; distilflow off, for small students).")
     save_steps: int = Field(50, ge=1, description="Checkpoint interval; a re-run resumes from the last one.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept, the newest (a re-run resumes from the "
+                                                       "last complete one).")
     logging_steps: int = Field(5, ge=1, description="Interval of the curves logged to MLflow.")
 
 
-class SFTConfig(TrainingConfig):
-    epochs: float = Field(2.0, gt=0)
+class SFTPhase(TrainingPhase):
+    library: ClassVar[str] = "trl.SFTConfig"
+
+    num_train_epochs: float = Field(2.0, gt=0, description="Passes over the teacher's kept answers.")
     max_length: int = Field(256, ge=8, description="Tokens per training example (prompt + answer).")
 
 
-class LogitKDConfig(TrainingConfig):
+class LogitKDPhase(TrainingPhase):
+    """Any field of TRL's GKDConfig (teacher_logits: online) or of transformers' TrainingArguments (offline, which
+    trains with transformers' Trainer), under its name."""
+
+    library: ClassVar[str] = "trl.experimental.gkd.GKDConfig"
+    own: ClassVar[frozenset[str]] = frozenset({"divergence", "beta", "temperature", "ce_weight", "on_policy_fraction",
+                                               "max_new_tokens", "teacher_logits", "top_k", "max_length"})
+    refused: ClassVar[dict[str, str]] = {
+        **OWNED_BY_DISTILFLOW, "lmbda": "set on_policy_fraction (GKD's lmbda)",
+        "remove_unused_columns": "offline KD reads the cached teacher log-probs from the batch's own columns"}
+
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
         "forward_kl", description="forward_kl (mean-seeking), reverse_kl (mode-seeking), or jsd: the generalized "
                                   "Jensen-Shannon divergence with `beta`.")
@@ -407,7 +470,10 @@ class LogitKDConfig(TrainingConfig):
     top_k: int = Field(64, ge=1, description="Teacher log-probs kept per token in offline mode; the rest of the "
                                              "vocabulary is one tail bucket.")
     max_length: int = Field(256, ge=8, description="Tokens per training example (prompt + answer).")
-    learning_rate: float = Field(1e-4, gt=0)
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
+
+    def settings_class(self) -> str:
+        return self.library if self.teacher_logits == "online" else "transformers.TrainingArguments"
 
     @model_validator(mode="after")
     def _on_policy_needs_the_teacher(self):
@@ -417,7 +483,13 @@ class LogitKDConfig(TrainingConfig):
         return self
 
 
-class GRPOConfig(TrainingConfig):
+class GRPOPhase(TrainingPhase):
+    library: ClassVar[str] = "trl.GRPOConfig"
+    own: ClassVar[frozenset[str]] = frozenset({"teacher_agreement_bonus"})
+    refused: ClassVar[dict[str, str]] = {
+        **OWNED_BY_DISTILFLOW,
+        "reward_weights": "the task's check weighs 1; set teacher_agreement_bonus for the teacher's answer"}
+
     num_generations: int = Field(4, ge=2, description="Group size: answers sampled per prompt, rewarded against "
                                                       "each other.")
     beta: float = Field(0.04, ge=0.0, description="Weight of the KL penalty to the phase's starting model.")
@@ -425,16 +497,16 @@ class GRPOConfig(TrainingConfig):
     max_completion_length: int = Field(16, ge=1, description="Tokens per sampled answer.")
     teacher_agreement_bonus: float = Field(
         0.0, ge=0.0, description="Extra reward for giving the teacher's own answer (added to the task's check).")
-    batch_size: int = Field(8, ge=1, description="Sampled answers per device per step (a multiple of "
-                                                 "num_generations).")
-    learning_rate: float = Field(2e-5, gt=0)
+    per_device_train_batch_size: int = Field(8, ge=1, description="Sampled answers per device per step (a multiple "
+                                                                  "of num_generations).")
+    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate (RL moves a trained student: small).")
 
     @model_validator(mode="after")
     def _whole_groups(self):
-        if (self.batch_size * self.gradient_accumulation_steps) % self.num_generations:
-            raise ValueError(f"batch_size x gradient_accumulation_steps ({self.batch_size} x "
-                             f"{self.gradient_accumulation_steps}) must be a multiple of num_generations "
-                             f"({self.num_generations})")
+        if (self.per_device_train_batch_size * self.gradient_accumulation_steps) % self.num_generations:
+            raise ValueError(f"per_device_train_batch_size x gradient_accumulation_steps "
+                             f"({self.per_device_train_batch_size} x {self.gradient_accumulation_steps}) must be a "
+                             f"multiple of num_generations ({self.num_generations})")
         return self
 
 
@@ -447,13 +519,13 @@ class DistillConfig(Section):
         ["sft"], min_length=1, description="Training phases in order, each starting from the previous one's "
                                            "model: sft (teacher's answers), logit_kd (teacher's distribution), "
                                            "grpo (RL on the task's check).")
-    lora: LoraConfig | None = Field(LoraConfig(), description="LoRA adapters, merged into the student after "
-                                                              "each phase; null trains every weight instead.")
+    lora: LoraAdapters | None = Field(LoraAdapters(), description="LoRA adapters, merged into the student after "
+                                                                  "each phase; null trains every weight instead.")
     qlora: bool = Field(False, description="QLoRA: train the adapters on a 4-bit NF4 copy of the student "
                                            "(bitsandbytes; GPU only), then merge them into its full weights.")
-    sft: SFTConfig = SFTConfig()
-    logit_kd: LogitKDConfig = LogitKDConfig()
-    grpo: GRPOConfig = GRPOConfig()
+    sft: SFTPhase = SFTPhase()
+    logit_kd: LogitKDPhase = LogitKDPhase()
+    grpo: GRPOPhase = GRPOPhase()
     processes: int = Field(1, ge=1, description="GPUs to train on; > 1 launches each phase with `accelerate "
                                                 "launch` (DDP).")
     fsdp: bool = Field(False, description="With processes > 1: shard the student across GPUs (FSDP) instead of "
@@ -535,17 +607,17 @@ class WidthPruneConfig(Section):
         return self
 
 
-class HealKDConfig(LogitKDConfig):
+class HealKDPhase(LogitKDPhase):
     teacher_logits: Literal["online"] = Field(
         "online", description="Always online: the teacher is the model before pruning, already in memory.")
     max_steps: int = Field(20, ge=1, description="Heal is short: a fixed number of steps.")
-    max_length: int = Field(128, ge=8)
+    max_length: int = Field(128, ge=8, description="Tokens per training example (prompt + answer).")
 
 
 class HealConfig(Section):
     """A short logit-KD run of the pruned model against the model before pruning (distill's KD phase)."""
-    lora: LoraConfig | None = LoraConfig()
-    logit_kd: HealKDConfig = HealKDConfig()
+    lora: LoraAdapters | None = LoraAdapters()
+    logit_kd: HealKDPhase = HealKDPhase()
 
 
 class PruneConfig(Section):
@@ -579,7 +651,8 @@ class CandidateConfig(Section):
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
                              description="Name in the table and directory; default: from its settings.")
     prune: PruneConfig | None = Field(None, description="true: compress.prune; a mapping: a pruning of its own; "
-                                                        "false or absent: no pruning.")
+                                                        "false or absent: no pruning.",
+                                      json_schema_extra=lambda schema: schema["anyOf"].append({"type": "boolean"}))
     quantize: QuantizeConfig = Field(description="compress.quantize with this candidate's keys on top.")
 
     @property
@@ -594,6 +667,9 @@ class BudgetConfig(Section):
 
 
 class CompressConfig(Section):
+    # In a config file candidates may be left out (see _resolve_candidates), which the JSON schema must allow.
+    model_config = ConfigDict(**Section.model_config, json_schema_extra=lambda schema: schema.pop("required"))
+
     prune: PruneConfig | None = Field(None, description="The pruning that candidates with `prune: true` use.")
     quantize: QuantizeConfig = Field(QuantizeConfig(), description="Quantization settings every candidate "
                                                                    "starts from.")

@@ -106,6 +106,19 @@ def serve(args) -> int:
     return 0
 
 
+def schema(args) -> int:
+    from distilflow.configs.schema import PipelineConfig
+
+    text = json.dumps({"$schema": "https://json-schema.org/draft/2020-12/schema",
+                       **PipelineConfig.model_json_schema()}, indent=1)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+        print(f"{args.output}: the config's JSON schema")
+    else:
+        print(text)
+    return 0
+
+
 REPORT_FIELDS = ("run_id", "mlflow_run_id", "mlflow_tracking_uri", "bundle", "journey", "release")
 
 
@@ -372,6 +385,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("verify", parents=[common], help="check a bundle's files against its manifest.json (exit 2 if any differ)")
     sub.add_argument("bundle", help="bundle directory, e.g. the `bundle:` path `distilflow run` prints")
     sub.set_defaults(command=verify)
+
+    sub = commands.add_parser("schema", help="print the config's JSON schema, for editors to complete and check keys",
+                              description="print the config's JSON schema, for editors to complete and check keys "
+                                          "(every TRL and PEFT field of the training sections included)")
+    sub.add_argument("-o", "--output", metavar="FILE", help="write it to FILE instead")
+    sub.set_defaults(command=schema)
 
     sub = commands.add_parser("report", parents=[common], help="print the journey of a finished run")
     sub.add_argument("--latest", action="store_true", required=True, help="the most recently finished run")

@@ -165,25 +165,18 @@ def cached_or_run(stage: str, key: str, workdir: Path, produce: Callable[[Path],
     final = workdir / "artifacts" / stage / key
     final.parent.mkdir(parents=True, exist_ok=True)
     with exclusive(final.parent / f"{key}.lock"):
-        for leftover in final.parent.glob(f".{key}.partial-*"):  # a crashed run's; we hold the key's lock
-            shutil.rmtree(leftover, ignore_errors=True)
         if final.exists():
             problems = manifest_problems(final)
             if not problems:
                 return _load(final, cached=True)
             log.warning("%s: artifact %s no longer matches its manifest (%s); recomputing",
                         stage, final, "; ".join(problems[:3]))
-            shutil.rmtree(final)
-        partial = final.parent / f".{key}.partial-{uuid.uuid4().hex[:8]}"
-        partial.mkdir()
-        try:
+        with published(final) as partial:
+            partial.mkdir()
             result = produce(partial)
             (partial / RESULT).write_text(json.dumps(_to_json(result), indent=1))
             write_manifest(partial)
             make_world_readable(partial)
-            os.rename(partial, final)
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
     return _load(final, cached=False)
 
 
@@ -203,6 +196,31 @@ def _load(directory: Path, cached: bool) -> StageResult:
     result = StageResult(**json.loads((directory / RESULT).read_text()))
     result.directory, result.digest, result.cached = directory, manifest_digest(directory), cached
     return result
+
+
+@contextmanager
+def published(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write a file or directory into; when the block ends without an error,
+    it replaces ``path`` by a rename, so a reader never sees half of it. A crash leaves only the temporary path,
+    which the next write of ``path`` removes: one writer of ``path`` at a time (callers hold a lock, or own it).
+    """
+    for leftover in path.parent.glob(f".{path.name}.partial-*"):
+        _remove(leftover)
+    partial = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
+    try:
+        yield partial
+        if path.is_dir():
+            shutil.rmtree(path)
+        os.replace(partial, path)
+    finally:
+        _remove(partial)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -7,16 +7,12 @@ the reward in RL, so every stage agrees on what a good answer is. The check kind
 """
 
 import functools
-import importlib
-import importlib.util
 import json
 import numbers
 import re
 from collections.abc import Callable
-from pathlib import Path
 
-from distilflow.configs.schema import TaskConfig
-from distilflow.tasks import data
+from distilflow.configs.schema import TaskConfig, import_function
 from distilflow.tasks.errors import DistilflowError
 
 
@@ -52,10 +48,19 @@ def score(answer: str, row: dict, task: TaskConfig) -> float:
         return _python_score(check.function, answer, row)
     if not is_valid(answer, task):
         return 0.0
-    reference = data.label(row, task)
+    reference = label(row, task)
     if reference is None:
         return 1.0
     return METRICS[check.metric](answer, reference)
+
+
+def label(row: dict, task: TaskConfig) -> str | None:
+    """The reference answer of ``row`` as the text a model should write (JSON values as compact JSON),
+    or None when it is unlabelled (no label field, null, or an empty CSV cell)."""
+    value = row.get(task.label_field) if task.label_field else None
+    if value is None or value == "":
+        return None
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
 def describe(task: TaskConfig) -> str:
@@ -140,28 +145,6 @@ def _schema_validator(schema_json: str):
 
 
 # ---- python checks ----------------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=16)
-def import_function(ref: str) -> Callable[[str, dict], float]:
-    """The function named by ``module:function`` or ``/path/to/file.py:function``."""
-    module_name, _, name = ref.rpartition(":")
-    try:
-        if module_name.endswith(".py"):
-            path = Path(module_name)
-            spec = importlib.util.spec_from_file_location(f"distilflow_check_{path.stem}", path)
-            if spec is None or not path.is_file():
-                raise ImportError(f"no such file {path}")
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except Exception as err:  # the user's module: any error while importing it is theirs to fix
-        raise ValueError(f"cannot import {module_name} ({type(err).__name__}: {err})") from None
-    function = getattr(module, name, None)
-    if not callable(function):
-        raise ValueError(f"{module_name} has no function {name!r}")
-    return function
-
 
 def _python_score(ref: str, answer: str, row: dict) -> float:
     try:

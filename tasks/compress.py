@@ -10,11 +10,10 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
 from datasets import Dataset, load_from_disk
 
 from distilflow.configs.schema import BudgetConfig, CandidateConfig, CompressConfig, HealConfig, PruneConfig
-from distilflow.tasks import distill, prune, quantize
+from distilflow.tasks import data, distill, prune, quantize
 from distilflow.tasks.artifacts import StageResult
 from distilflow.tasks.context import StageContext
 from distilflow.tasks.errors import DistilflowError
@@ -77,8 +76,8 @@ def prune_student(cfg: PruneConfig, student_dir: Path, dataset: Dataset, out_dir
     """
     start = time.perf_counter()
     student, tokenizer = load_model(student_dir, ctx.device)
-    batches = calibration_batches(tokenizer, calibration_texts(tokenizer, dataset, cfg.calibration_samples),
-                                  ctx.device)
+    batches = data.token_batches(tokenizer, data.calibration_texts(tokenizer, dataset, cfg.calibration_samples),
+                                 ctx.device)
     pruned, scores = prune.prune(student, batches, cfg)  # a copy: the student stays, the heal's teacher
     if cfg.heal:
         pruned = heal(pruned, student, tokenizer, dataset, cfg.heal, ctx, name=out_dir.name)
@@ -126,7 +125,7 @@ def make_candidate(candidate: CandidateConfig, source_dir: Path, dataset: Datase
             shutil.copytree(source_dir, out_dir)
         else:
             model, tokenizer = load_model(source_dir, ctx.device)
-            texts = calibration_texts(tokenizer, dataset, cfg.calibration_samples)
+            texts = data.calibration_texts(tokenizer, dataset, cfg.calibration_samples)
             quantize.quantize(model, tokenizer, cfg, texts, out_dir)
             del model
         seconds = time.perf_counter() - start
@@ -256,15 +255,3 @@ def pareto_front(rows: list[dict]) -> list[dict]:
             front.append(row)
             best = row["task_score"]
     return front
-
-
-def calibration_texts(tokenizer, dataset: Dataset, samples: int) -> list[str]:
-    """Calibration from the task's own prompts and answers, in the chat format the model serves."""
-    rows = dataset.shuffle(seed=0).select(range(min(samples, len(dataset))))
-    return [tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=False) for r in rows]
-
-
-def calibration_batches(tokenizer, texts: list[str], device: torch.device, batch_size: int = 8) -> list[dict]:
-    tokenizer.padding_side = "right"
-    return [tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            for i in range(0, len(texts), batch_size)]

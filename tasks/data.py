@@ -31,7 +31,7 @@ def load_task_data(cfg: TaskConfig, seed: int) -> TaskData:
     rows = [_map_fields(row, number, cfg) for number, row in enumerate(read_rows(cfg.data, cfg.data_split), start=1)]
     _check_rows(rows, cfg)
     rows = random.Random(seed).sample(rows, len(rows))
-    labelled = [row for row in rows if label(row, cfg) is not None]
+    labelled = [row for row in rows if checks.label(row, cfg) is not None]
     if len(labelled) <= cfg.eval_size:
         raise DistilflowError(
             f"{cfg.data}: {len(labelled)} labelled examples, but task.eval_size is {cfg.eval_size}; "
@@ -164,7 +164,7 @@ def _check_rows(rows: list[dict], cfg: TaskConfig) -> None:
                 raise DistilflowError(
                     f"{cfg.data}: example {number}: field {name} is {row[name]!r} ({type(row[name]).__name__}), which "
                     "cannot go into a prompt (task.template names it); give it text, a number, a list or an object")
-        answer = label(row, cfg)
+        answer = checks.label(row, cfg)
         problem = None if answer is None else checks.problem(answer, cfg)
         if answer is not None and cfg.check.type == "python":
             try:  # the user's function meets the answers of the run later: fail on what breaks it now
@@ -195,22 +195,13 @@ def _template_fields(template: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(template) if name}
 
 
-def label(row: dict, cfg: TaskConfig) -> str | None:
-    """The reference answer of ``row`` as the text a model should write (JSON values as compact JSON),
-    or None when it is unlabelled (no label field, null, or an empty CSV cell)."""
-    value = row.get(cfg.label_field) if cfg.label_field else None
-    if value is None or value == "":
-        return None
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-
-
 def few_shot_examples(train: list[dict], cfg: TaskConfig, k: int, seed: int) -> list[dict]:
     """k labelled training examples (seeded); for a choice task, cycling through the labels so each is shown."""
     rng = random.Random(seed)
-    labelled = [r for r in train if label(r, cfg) is not None]
+    labelled = [r for r in train if checks.label(r, cfg) is not None]
     if cfg.check.type != "choice":
         return rng.sample(labelled, min(k, len(labelled)))
-    pools = [[r for r in labelled if label(r, cfg) == choice] for choice in cfg.check.choices]
+    pools = [[r for r in labelled if checks.label(r, cfg) == choice] for choice in cfg.check.choices]
     shuffled = [rng.sample(pool, len(pool)) for pool in pools]
     shots = [shot for turn in zip_longest(*shuffled) for shot in turn if shot is not None][:k]
     return rng.sample(shots, len(shots))
@@ -225,13 +216,33 @@ def messages(row: dict, cfg: TaskConfig, shots: list[dict] = ()) -> list[dict]:
     chat = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
     for shot in shots:
         chat += [{"role": "user", "content": user_message(shot, cfg)},
-                 {"role": "assistant", "content": label(shot, cfg)}]
+                 {"role": "assistant", "content": checks.label(shot, cfg)}]
     return chat + [{"role": "user", "content": user_message(row, cfg)}]
 
 
 def render(tokenizer, chat: list[dict]) -> str:
     """A chat as the model's own chat template writes it, ready for the assistant's answer."""
     return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+
+
+def tokenized(tokenizer, texts: list[str], **options):
+    """Text a chat template wrote, as token ids. The template already wrote any BOS the model expects, so the
+    tokenizer adds none (one that adds its own, e.g. Llama 3's, would double it). ``options`` go to the
+    tokenizer: padding, padding_side, truncation, max_length, return_tensors."""
+    return tokenizer(texts, add_special_tokens=False, **options)
+
+
+def calibration_texts(tokenizer, dataset, samples: int) -> list[str]:
+    """A seeded sample of the task's prompts with their kept answers (the prototype's dataset), in the chat
+    format the model serves: what scores layers, channels and heads for pruning and calibrates quantization."""
+    rows = dataset.shuffle(seed=0).select(range(min(samples, len(dataset))))
+    return [tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False) for row in rows]
+
+
+def token_batches(tokenizer, texts: list[str], device, batch_size: int = 8) -> list:
+    """``texts``, ``tokenized``, in right-padded batches of tensors on ``device``."""
+    return [tokenized(tokenizer, texts[i:i + batch_size], padding=True, padding_side="right",
+                      return_tensors="pt").to(device) for i in range(0, len(texts), batch_size)]
 
 
 # Content-free inputs for contextual calibration (Zhao et al. 2021, "Calibrate Before Use").

@@ -127,7 +127,6 @@ def answer(model, tokenizer, prompts: list[str], check, *, calibration_prompts: 
 def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float = 0.0,
            num_samples: int = 1, seed: int = 0, batch_size: int = 8, desc: str | None = None) -> list[list[str]]:
     """Free-form answers, ``num_samples`` per prompt (greedy at temperature 0), batched with left padding."""
-    tokenizer.padding_side = "left"
     # Greedy answers are all alike: generate one and repeat it, as `choose` does.
     per_prompt = num_samples if temperature > 0 else 1
     sampling = {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": None} if temperature > 0 \
@@ -135,7 +134,7 @@ def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempera
     torch.manual_seed(seed)
     answers = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None):
-        batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+        batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True, padding_side="left",
                           add_special_tokens=False).to(model.device)
         out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                              num_return_sequences=per_prompt, **sampling)

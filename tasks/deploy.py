@@ -124,7 +124,7 @@ def served_journey(journey: list[dict], upstream: dict[str, StageResult], bundle
                 entry["serving"] = serving.measure(artifact, engine, workload, ctx.eval.serving)
                 answers = entry["serving"].pop("answers")
                 report.setdefault("engine_answers", {})[entry["state"]] = [
-                    {"input": data.user_message(row, ctx.task), "answer": a, "label": data.label(row, ctx.task)}
+                    {"input": data.user_message(row, ctx.task), "answer": a, "label": checks.label(row, ctx.task)}
                     for row, a in zip(ctx.examples.eval, answers)]
             entry["cost_usd_per_mtok"] = serving.cost_entry(entry["serving"])
     if cfg.cost.teacher_usd_per_mtok and "teacher" not in upstream["prototype"].files:
@@ -194,7 +194,7 @@ def smoke_gguf(gguf_file: Path, rows: list[dict], cfg: DeployConfig, ctx: StageC
     validator (what a client that sends no grammar gets)."""
     answers = serving.smoke(gguf_file, rows, ctx.task, cfg.max_new_tokens, ctx.eval.serving)
     deployed["gguf_smoke_pass_rate"] = sum(checks.is_valid(a, ctx.task) for a in answers) / len(rows)
-    report["gguf_smoke"] = [{"input": data.user_message(row, ctx.task), "answer": a, "label": data.label(row, ctx.task)}
+    report["gguf_smoke"] = [{"input": data.user_message(row, ctx.task), "answer": a, "label": checks.label(row, ctx.task)}
                             for row, a in zip(rows, answers)]
     return (f"GGUF {cfg.gguf} through llama.cpp (CPU, free generation): pass rate "
             f"{deployed['gguf_smoke_pass_rate']:.2f} on {len(rows)} prompts")

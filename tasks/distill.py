@@ -33,10 +33,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 from trl.experimental.gkd import GKDConfig
 
-from distilflow.configs.schema import (DistillConfig, EvalConfig, HttpTeacherConfig, LoraConfig, ModelTrust,
-                                      StudentConfig, TaskConfig, TrainingConfig)
-from distilflow.tasks import checks, decoding, kd, prune, teacher_logits
-from distilflow.tasks.artifacts import StageResult
+from distilflow.configs.schema import (DistillConfig, EvalConfig, HttpTeacherConfig, LoraAdapters, ModelTrust,
+                                      StudentConfig, TaskConfig, TrainingPhase)
+from distilflow.tasks import checks, data, decoding, fresh_process, kd, prune, teacher_logits
+from distilflow.tasks.artifacts import StageResult, published
 from distilflow.tasks.context import StageContext
 from distilflow.tasks.data import TaskData
 from distilflow.tasks.errors import DistilflowError
@@ -130,21 +130,16 @@ def initial_student(cfg: StudentConfig, teacher_dir: Path | None, dataset: Datas
     origin_file = ctx.checkpoint_dir / "student-init.json"
     if not origin_file.is_file():
         teacher, tokenizer = load_model(teacher_dir, ctx.device)
-        influence = prune.block_influence(teacher, _batches(tokenizer, dataset, ctx))
+        batches = data.token_batches(tokenizer, data.calibration_texts(tokenizer, dataset, INFLUENCE_SAMPLES),
+                                     ctx.device)
+        influence = prune.block_influence(teacher, batches)
         keep = prune.most_influential(influence, cfg.teacher_layers, key="distill.student.teacher_layers")
         ctx.tracker.log_metrics({f"block_influence.layer_{i:02d}": v for i, v in enumerate(influence)})
         log.info("student keeps teacher layers %s", keep)
-        _save_atomically(prune.keep_layers(teacher, keep), tokenizer, directory)
+        with published(directory) as partial:
+            save_model(prune.keep_layers(teacher, keep), tokenizer, partial)
         origin_file.write_text(json.dumps(f"teacher layers {keep}"))
     return directory, json.loads(origin_file.read_text())
-
-
-def _batches(tokenizer, dataset: Dataset, ctx: StageContext, batch_size: int = 8) -> list[dict]:
-    rows = dataset.select(range(min(INFLUENCE_SAMPLES, len(dataset))))
-    texts = [tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=False) for r in rows]
-    tokenizer.padding_side = "right"
-    return [tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True).to(ctx.device)
-            for i in range(0, len(texts), batch_size)]
 
 
 def trained(phase: str, start: str | Path, dataset_dir: Path, dataset: Dataset, teacher_dir: Path | None,
@@ -157,13 +152,11 @@ def trained(phase: str, start: str | Path, dataset_dir: Path, dataset: Dataset, 
         return done
     ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     sources = teacher_sources(phase, start, dataset, teacher_dir, cfg, ctx, served)
-    partial = ctx.checkpoint_dir / "model.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    if cfg.processes > 1 or (ctx.device.type == "cuda" and torch.cuda.device_count() > cfg.processes):
-        launch(phase, start, partial, dataset_dir, sources, cfg, ctx)
-    else:
-        train_phase(phase, start, partial, dataset, sources, cfg, ctx)
-    os.rename(partial, done)
+    with published(done) as partial:
+        if cfg.processes > 1 or (ctx.device.type == "cuda" and torch.cuda.device_count() > cfg.processes):
+            launch(phase, start, partial, dataset_dir, sources, cfg, ctx)
+        else:
+            train_phase(phase, start, partial, dataset, sources, cfg, ctx)
     return done
 
 
@@ -214,26 +207,22 @@ def load_student(path: str | Path, qlora: bool, device: torch.device, trust: Mod
     return peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False), tokenizer
 
 
-def with_adapters(student, lora: LoraConfig | None):
+def with_adapters(student, lora: LoraAdapters | None):
     """LoRA adapters on the student (QLoRA: on its 4-bit base), or the student itself for full fine-tuning."""
     if lora is None:
         return student
-    return peft.get_peft_model(student, peft.LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-        task_type="CAUSAL_LM"))
+    return peft.get_peft_model(student, peft.LoraConfig(**lora.library_settings(), task_type="CAUSAL_LM"))
 
 
-def training_args(args_class, phase: TrainingConfig, ctx: StageContext, **extra):
-    """One phase's trainer arguments: its schedule, checkpoints in its own dir, the device's precision.
+def training_args(args_class, phase: TrainingPhase, ctx: StageContext, **extra):
+    """One phase's trainer arguments: its settings as given, and what distilflow sets itself (the arguments
+    ``TrainingPhase.refused`` names): checkpoints in the phase's own dir, the device's precision, the run's seed.
 
     Several GPUs (DDP, FSDP) come from the launcher's environment (``accelerate launch``), not from here.
     """
     return args_class(
-        output_dir=str(ctx.checkpoint_dir), num_train_epochs=phase.epochs, max_steps=phase.max_steps,
-        per_device_train_batch_size=phase.batch_size, gradient_accumulation_steps=phase.gradient_accumulation_steps,
-        learning_rate=phase.learning_rate, seed=ctx.seed, logging_steps=phase.logging_steps,
-        save_steps=phase.save_steps, save_total_limit=2, report_to="none", use_cpu=ctx.device.type == "cpu",
-        bf16=ctx.device.type == "cuda", gradient_checkpointing=False, **extra)
+        **phase.library_settings(), output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, report_to="none",
+        use_cpu=ctx.device.type == "cpu", bf16=ctx.device.type == "cuda", **extra)
 
 
 def train(trainer, ctx: StageContext) -> None:
@@ -260,7 +249,7 @@ def last_checkpoint(directory: Path) -> str | None:
     return str(max(complete, key=lambda p: int(p.name.rsplit("-", 1)[1]))) if complete else None
 
 
-def merged(trainer, lora: LoraConfig | None):
+def merged(trainer, lora: LoraAdapters | None):
     """The trained student as a plain model: adapters merged into the weights.
 
     A 4-bit (QLoRA) or sharded (FSDP) base cannot take the adapters in place: the trainer saves
@@ -286,7 +275,7 @@ def sft(student, tokenizer, dataset: Dataset, cfg: DistillConfig, ctx: StageCont
 
     Checkpoints go to ``ctx.checkpoint_dir``, so a killed run resumes where it stopped.
     """
-    args = training_args(SFTConfig, cfg.sft, ctx, max_length=cfg.sft.max_length, **COUNT_TOKENS)
+    args = training_args(SFTConfig, cfg.sft, ctx, **COUNT_TOKENS)
     trainer = SFTTrainer(model=with_adapters(student, cfg.lora), args=args, processing_class=tokenizer,
                          train_dataset=whole_examples(tokenizer, dataset.select_columns(["prompt", "completion"]),
                                                       cfg.sft.max_length),
@@ -350,9 +339,7 @@ def grpo(student, tokenizer, dataset: Dataset, cfg: DistillConfig, ctx: StageCon
     rewards = [task_check_reward(ctx.task)]
     if settings.teacher_agreement_bonus:
         rewards.append(teacher_agreement)
-    args = training_args(GRPOConfig, settings, ctx, num_generations=settings.num_generations,
-                         beta=settings.beta, temperature=settings.temperature,
-                         max_completion_length=settings.max_completion_length,
+    args = training_args(GRPOConfig, settings, ctx,
                          reward_weights=[1.0, settings.teacher_agreement_bonus][:len(rewards)])
     trainer = GRPOTrainer(model=with_adapters(student, cfg.lora), reward_funcs=rewards, args=args,
                           train_dataset=dataset.select_columns(["prompt", "label", "answer"]),
@@ -401,45 +388,39 @@ def evaluated(model_dir: Path, ctx: StageContext, desc: str) -> Evaluation:
     return evaluation
 
 
-def _save_atomically(model, tokenizer, directory: Path) -> None:
-    partial = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    save_model(model, tokenizer, partial)
-    shutil.rmtree(directory, ignore_errors=True)
-    os.rename(partial, directory)
-
-
 def launch(phase: str, start: str | Path, out_dir: Path, dataset_dir: Path, sources: dict[str, str],
            cfg: DistillConfig, ctx: StageContext) -> None:
     """Run ``train_phase`` on ``cfg.processes`` GPUs: ``accelerate launch`` of this module's worker.
 
     The workers log to a file that is replayed into this stage's tracker when they finish.
     """
-    request, metrics = ctx.checkpoint_dir / "launch.json", ctx.checkpoint_dir / "worker-metrics.jsonl"
+    metrics = ctx.checkpoint_dir / "worker-metrics.jsonl"
     metrics.unlink(missing_ok=True)
-    request.write_text(json.dumps({
+    request = {
         "phase": phase, "start": str(start), "out_dir": str(out_dir), "dataset_dir": str(dataset_dir),
         "sources": sources, "distill": cfg.model_dump(mode="json"), "task": ctx.task.model_dump(mode="json"),
         "seed": ctx.seed, "device": ctx.device.type, "checkpoint_dir": str(ctx.checkpoint_dir),
-        "workdir": str(ctx.workdir), "metrics": str(metrics)}))
-    command = launch_command(cfg, ctx.device, request)
-    log.info("%s: launching %s", phase, " ".join(command))
-    done = subprocess.run(command, capture_output=True, text=True, env=launch_env(cfg, ctx.device, os.environ))
-    FileTracker.replay(metrics, ctx.tracker)
-    if done.returncode != 0:
-        raise RuntimeError(f"distill phase {phase} failed in its workers ({' '.join(command)}):\n"
-                           f"{done.stderr[-4000:]}")
+        "workdir": str(ctx.workdir), "metrics": str(metrics)}
+    launcher = accelerate_launch(cfg, ctx.device)
+    log.info("%s: launching %s", phase, " ".join(launcher))
+    try:
+        fresh_process.call("distilflow.tasks.distill", request, launcher=launcher,
+                           env=launch_env(cfg, ctx.device, os.environ))
+    except subprocess.CalledProcessError as err:
+        raise RuntimeError(f"distill phase {phase} failed in its workers ({' '.join(err.cmd)}):\n"
+                           f"{err.stderr[-4000:]}") from None
+    finally:
+        FileTracker.replay(metrics, ctx.tracker)
 
 
-def launch_command(cfg: DistillConfig, device: torch.device, request: Path) -> list[str]:
+def accelerate_launch(cfg: DistillConfig, device: torch.device) -> list[str]:
     """``accelerate launch`` on one machine: DDP, or FSDP2 sharding whole decoder layers (``cfg.fsdp``)."""
     layout = (["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
                "--fsdp_state_dict_type", "FULL_STATE_DICT"] if cfg.fsdp
               else ["--multi_gpu"] if cfg.processes > 1 else [])
     precision = ["--mixed_precision", "bf16"] if device.type == "cuda" else []
     return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(cfg.processes),
-            "--num_machines", "1", "--main_process_port", "0", *layout, *precision,
-            "-m", "distilflow.tasks.distill", str(request)]
+            "--num_machines", "1", "--main_process_port", "0", *layout, *precision]
 
 
 def launch_env(cfg: DistillConfig, device: torch.device, environ) -> dict[str, str]:
@@ -451,12 +432,11 @@ def launch_env(cfg: DistillConfig, device: torch.device, environ) -> dict[str, s
     return {**environ, "CUDA_VISIBLE_DEVICES": ",".join(visible.split(",")[:cfg.processes])}
 
 
-def _worker(request_path: str) -> None:
+def _worker(request: dict) -> None:
     """One ``accelerate launch`` worker: ``train_phase`` on this process's GPU (or the CPU), as ``launch`` asked.
 
     Rank 0 saves the model; every rank logs through the trainer, which sends only rank 0's curves.
     """
-    request = json.loads(Path(request_path).read_text())
     # The launcher's contract: each worker finds its GPU in LOCAL_RANK.
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if request["device"] == "cuda" \
         else torch.device("cpu")
@@ -472,4 +452,4 @@ def _worker(request_path: str) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    _worker(sys.argv[1])
+    fresh_process.main(_worker)

@@ -1,10 +1,7 @@
 """The one evaluator every stage uses: task score, perplexity, size, bits per parameter, speed."""
 
-import json
 import math
 import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,7 +9,7 @@ from pathlib import Path
 import torch
 
 from distilflow.configs.schema import EvalConfig, TaskConfig
-from distilflow.tasks import checks, data, decoding
+from distilflow.tasks import checks, data, decoding, fresh_process
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.models import load_model, parameter_count, resolve_device, size_on_disk
 
@@ -87,7 +84,7 @@ def evaluate(model, tokenizer, rows: list[dict], task: TaskConfig, cfg: EvalConf
 def score_answers(answers: list[str], rows: list[dict], task: TaskConfig, prompts: list[str]) -> Evaluation:
     """The task-score part of an evaluation: the metric over ``rows``, per class for a choice task, and
     every prediction. Black-box models (text only) are measured by this alone."""
-    labels = [data.label(row, task) for row in rows]
+    labels = [checks.label(row, task) for row in rows]
     per_class = {} if task.check.type != "choice" else {
         choice: task_score([a for a, label in zip(answers, labels) if label == choice],
                            [r for r, label in zip(rows, labels) if label == choice], task)
@@ -113,7 +110,7 @@ def evaluate_saved(model_dir: Path, rows: list[dict], task: TaskConfig, cfg: Eva
                                     max_new_tokens=max_new_tokens, batch_size=1)
         evaluation.metrics["smoke_latency_s"] = (time.perf_counter() - start) / len(sample)
         evaluation.metrics["smoke_pass_rate"] = sum(checks.is_valid(a, task) for a in answers) / len(sample)
-        evaluation.smoke = [{"input": task.template.format(**row), "answer": a, "label": data.label(row, task)}
+        evaluation.smoke = [{"input": task.template.format(**row), "answer": a, "label": checks.label(row, task)}
                             for row, a in zip(sample, answers)]
     return evaluation
 
@@ -122,25 +119,22 @@ def evaluate_in_fresh_process(model_dir: Path, rows: list[dict], task: TaskConfi
                               smoke_prompts: int = 0, max_new_tokens: int = 16,
                               timeout_s: int = 1800) -> Evaluation:
     """``evaluate_saved`` in a new Python process: proves the files on disk, not objects in memory."""
-    with tempfile.TemporaryDirectory() as scratch:
-        request, answer = Path(scratch) / "request.json", Path(scratch) / "evaluation.json"
-        request.write_text(json.dumps({
-            "model_dir": str(model_dir), "device": str(device), "rows": rows, "task": task.model_dump(mode="json"),
-            "eval": cfg.model_dump(mode="json"), "smoke_prompts": smoke_prompts, "max_new_tokens": max_new_tokens}))
-        done = subprocess.run([sys.executable, "-m", "distilflow.tasks.evaluate", str(request), str(answer)],
-                              capture_output=True, text=True, timeout=timeout_s)
-        if done.returncode != 0:
-            raise DistilflowError(f"{model_dir}: failed to load or answer in a fresh process:\n{done.stderr[-3000:]}")
-        return Evaluation(**json.loads(answer.read_text()))
+    request = {"model_dir": str(model_dir), "device": str(device), "rows": rows, "task": task.model_dump(mode="json"),
+               "eval": cfg.model_dump(mode="json"), "smoke_prompts": smoke_prompts, "max_new_tokens": max_new_tokens}
+    try:
+        answer = fresh_process.call("distilflow.tasks.evaluate", request, timeout_s=timeout_s)
+    except subprocess.CalledProcessError as err:
+        raise DistilflowError(f"{model_dir}: failed to load or answer in a fresh process:\n"
+                              f"{err.stderr[-3000:]}") from None
+    return Evaluation(**answer)
 
 
-def _fresh_process_main(request_path: str, answer_path: str) -> None:
-    request = json.loads(Path(request_path).read_text())
+def _evaluate_request(request: dict) -> dict:
     evaluation = evaluate_saved(
         Path(request["model_dir"]), request["rows"], TaskConfig.model_validate(request["task"]),
         EvalConfig.model_validate(request["eval"]), resolve_device(request["device"].split(":")[0]),
         smoke_prompts=request["smoke_prompts"], max_new_tokens=request["max_new_tokens"])
-    Path(answer_path).write_text(json.dumps(asdict(evaluation)))
+    return asdict(evaluation)
 
 
 def task_score(answers: list[str], rows: list[dict], task: TaskConfig) -> float:
@@ -149,17 +143,15 @@ def task_score(answers: list[str], rows: list[dict], task: TaskConfig) -> float:
 
 
 def _reference_chats(rows: list[dict], task: TaskConfig) -> list[list[dict]]:
-    return [data.messages(row, task) + [{"role": "assistant", "content": data.label(row, task)}] for row in rows]
+    return [data.messages(row, task) + [{"role": "assistant", "content": checks.label(row, task)}] for row in rows]
 
 
 @torch.no_grad()
 def perplexity(model, tokenizer, chats: list[list[dict]], batch_size: int = 8) -> float:
     """exp(mean next-token loss) over the held-out chats (prompt and reference answer)."""
     total_loss, total_tokens = 0.0, 0
-    tokenizer.padding_side = "right"
-    for start in range(0, len(chats), batch_size):
-        texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in chats[start:start + batch_size]]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    texts = [tokenizer.apply_chat_template(chat, tokenize=False) for chat in chats]
+    for batch in data.token_batches(tokenizer, texts, model.device, batch_size):
         logits = model(**batch).logits[:, :-1].float()
         targets = batch.input_ids[:, 1:]
         mask = batch.attention_mask[:, 1:].bool()
@@ -246,4 +238,4 @@ def _cell(value, spec: str, scale: float = 1.0) -> str:
 
 
 if __name__ == "__main__":
-    _fresh_process_main(*sys.argv[1:3])
+    fresh_process.main(_evaluate_request)

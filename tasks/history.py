@@ -5,7 +5,7 @@ import logging
 import os
 from pathlib import Path
 
-from distilflow.tasks.artifacts import check_writable
+from distilflow.tasks.artifacts import check_writable, published
 from distilflow.tasks.errors import DistilflowError
 
 log = logging.getLogger("distilflow")
@@ -32,9 +32,8 @@ def record_run(workdir: Path, record: dict, home: Path) -> Path:
     """Write the run's record to WORKDIR/runs/RUN_ID.json and append it to the index in ``home``."""
     path = workdir / "runs" / f"{record['run_id']}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(record, indent=1))
-    partial.rename(path)
+    with published(path) as partial:
+        partial.write_text(json.dumps(record, indent=1))
     home.mkdir(parents=True, exist_ok=True)
     line = json.dumps({"run_id": record["run_id"], "record": str(path.resolve())}) + "\n"
     with open(home / INDEX, "a+b") as index:

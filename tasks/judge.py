@@ -10,7 +10,7 @@ import re
 from collections import Counter
 
 from distilflow.configs.schema import ChoiceCheck, JudgeConfig, TaskConfig
-from distilflow.tasks import data
+from distilflow.tasks import checks, data
 from distilflow.tasks.errors import DistilflowError
 
 log = logging.getLogger("distilflow")
@@ -55,7 +55,7 @@ def require_discerning_judge(kept: list[dict], scores: list[int | None], task: T
     """Fail when the judge rejects nearly every answer that matches its label (a judge as small as the teacher
     often scores everything "1"); warn when it rejects nearly everything and no label can tell who is wrong."""
     dropped = [score is None or score < threshold for score in scores]
-    right = [d for k, d in zip(kept, dropped) if data.label(k["row"], task) is not None and k["score"] == 1.0]
+    right = [d for k, d in zip(kept, dropped) if checks.label(k["row"], task) is not None and k["score"] == 1.0]
     if len(right) >= MIN_EVIDENCE and sum(right) >= UNDISCERNING * len(right):
         raise DistilflowError(
             f"prototype.judge: the judge rejected {sum(right)} of the {len(right)} kept answers that match their "

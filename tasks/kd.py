@@ -13,13 +13,13 @@ import torch.nn.functional as F
 from transformers import Trainer
 from trl.experimental.gkd import GKDTrainer
 
-from distilflow.configs.schema import LogitKDConfig
+from distilflow.configs.schema import LogitKDPhase
 
 # exp(-50) is zero in fp32: an empty tail bucket (top-k covering the whole vocabulary) costs nothing.
 TAIL_FLOOR = -50.0
 
 
-def trl_beta(cfg: LogitKDConfig) -> float:
+def trl_beta(cfg: LogitKDPhase) -> float:
     """The configured divergence as TRL's generalized-JSD beta."""
     return {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": cfg.beta}[cfg.divergence]
 
@@ -47,7 +47,7 @@ def mixed(kd: torch.Tensor, ce: torch.Tensor | None, ce_weight: float) -> torch.
 class OfflineKD(Trainer):
     """Logit KD against the teacher's cached top-k log-probs (batches from ``collate_cached``)."""
 
-    def __init__(self, *args, kd: LogitKDConfig, **kwargs):
+    def __init__(self, *args, kd: LogitKDPhase, **kwargs):
         super().__init__(*args, **kwargs)
         self.kd = kd
 
@@ -101,7 +101,7 @@ class OnlineKD(GKDTrainer):
     out on steps where the student wrote the continuation (on-policy).
     """
 
-    def __init__(self, *args, kd: LogitKDConfig, **kwargs):
+    def __init__(self, *args, kd: LogitKDPhase, **kwargs):
         super().__init__(*args, **kwargs)
         self.kd, self.student_wrote = kd, False
 

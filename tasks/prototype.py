@@ -93,7 +93,7 @@ def choose_prompting(teacher, cfg: PrototypeConfig, ctx: StageContext) -> tuple[
                   for i in range(cfg.shot_candidates)]
     if len(candidates) == 1:
         return candidates[0], {}
-    labelled = [row for row in train if data.label(row, task) is not None]
+    labelled = [row for row in train if checks.label(row, task) is not None]
     scores = {}
     for i, candidate in enumerate(tqdm(candidates, desc="choosing few-shot examples")):
         dev = [row for row in labelled if row not in candidate.shots][:cfg.shot_dev_size]
@@ -115,7 +115,7 @@ def rejection_sample(rows: list[dict], answers: list[list[str]], task: TaskConfi
             if not checks.is_valid(answer, task):
                 rejected["invalid"] += 1
             elif score < min_score:
-                rejected["wrong_label" if data.label(row, task) is not None else "low_score"] += 1
+                rejected["wrong_label" if checks.label(row, task) is not None else "low_score"] += 1
             elif key in seen:
                 rejected["duplicate"] += 1
             else:
@@ -129,8 +129,8 @@ def write_dataset(kept: list[dict], task: TaskConfig, teacher: str, cfg: Prototy
     """The distillation set, as a `datasets` Arrow dir plus JSONL, in TRL's prompt-completion chat form,
     with each answer's score and provenance (teacher, input, sample, temperature, label source)."""
     records = [{"prompt": data.messages(k["row"], task), "completion": [{"role": "assistant", "content": k["answer"]}],
-                "answer": k["answer"], "label": data.label(k["row"], task) or "",
-                "label_source": "data" if data.label(k["row"], task) is not None else "teacher",
+                "answer": k["answer"], "label": checks.label(k["row"], task) or "",
+                "label_source": "data" if checks.label(k["row"], task) is not None else "teacher",
                 "score": k["score"], **({"judge_score": k["judge_score"]} if cfg.judge else {}),
                 "source": "teacher", "teacher": teacher, "input_index": k["input_index"], "sample": k["sample"],
                 "temperature": cfg.temperature}
@@ -151,7 +151,7 @@ def data_card(kept: list[dict], rejected: Counter, pool: list[dict], cfg: Protot
               teacher) -> str:
     """What the distillation set holds and what was thrown away, as markdown (MLflow, Prefect, model card)."""
     total = len(pool) * cfg.num_samples
-    labelled = sum(data.label(row, task) is not None for row in pool)
+    labelled = sum(checks.label(row, task) is not None for row in pool)
     access = "black-box (served: no weights, so no student pruned from it)" \
         if teacher.black_box else "white-box (weights saved with this stage)"
     lines = ["## Data card", "",

@@ -17,6 +17,7 @@ from datasets import Dataset
 from torch import nn
 
 from distilflow.configs.schema import QuantizeConfig
+from distilflow.tasks import data
 from distilflow.tasks.errors import DistilflowError
 
 log = logging.getLogger("distilflow")
@@ -95,8 +96,8 @@ def quantize(model, tokenizer, cfg: QuantizeConfig, calibration_texts: list[str]
     group_size = group_size_for(model, cfg)
     calibration = None
     if needs_calibration(cfg):
-        tokenized = tokenizer(calibration_texts, truncation=True, max_length=cfg.calibration_max_length,
-                              add_special_tokens=False)
+        tokenized = data.tokenized(tokenizer, calibration_texts, truncation=True,
+                                   max_length=cfg.calibration_max_length)
         calibration = Dataset.from_dict(dict(tokenized))
     log.info("quantizing: %s, group size %d, %d calibration samples", cfg.label, group_size,
              len(calibration) if calibration else 0)

@@ -107,7 +107,8 @@ def length_warnings(cfg: PipelineConfig, examples: TaskData) -> list[str]:
         return []
     from transformers import AutoConfig, AutoTokenizer
 
-    from distilflow.tasks.data import label, messages
+    from distilflow.tasks.checks import label
+    from distilflow.tasks.data import messages
 
     source, gguf_file = teacher_source(teacher, "prototype.teacher")
     tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))

@@ -192,3 +192,25 @@ def test_verify_never_reads_outside_the_bundle_for_a_manifest_entry_that_points_
     manifest["files"]["../secret.txt"] = artifacts.file_sha256(tmp_path / "secret.txt")
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     assert "missing: ../secret.txt" in verify_error(bundle, capsys)
+def test_a_file_is_replaced_only_when_its_new_content_is_complete(tmp_path):
+    record = tmp_path / "run.json"
+    record.write_text("old")
+    with pytest.raises(RuntimeError), artifacts.published(record) as partial:
+        partial.write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert record.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["run.json"]
+    with artifacts.published(record) as partial:
+        partial.write_text("new")
+    assert record.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["run.json"]
+
+
+def test_a_directory_is_replaced_whole_and_a_crashed_writes_leftover_cleared(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "old.bin").write_text("old")
+    (tmp_path / ".model.partial-deadbeef").mkdir()  # a crashed writer's
+    with artifacts.published(model) as partial:
+        partial.mkdir()
+        (partial / "new.bin").write_text("new")
+    assert [p.name for p in model.iterdir()] == ["new.bin"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]

@@ -13,7 +13,7 @@ from distilflow.tasks.stages import run_stage
 from tests.conftest import REPO, TINY_CONFIG
 
 PRUNE = {"depth": {"keep_layers": 1}, "width": {"mlp_ratio": 0.5}, "calibration_samples": 8,
-         "heal": {"logit_kd": {"max_steps": 1, "batch_size": 4, "max_length": 96}}}
+         "heal": {"logit_kd": {"max_steps": 1, "per_device_train_batch_size": 4, "max_length": 96}}}
 CANDIDATES = [{"quantize": {"method": "rtn"}}, {"quantize": {"scheme": "nf4"}},
               {"prune": True, "quantize": {"method": "rtn"}}]
 

@@ -1,5 +1,9 @@
 """The config: validated up front, with errors that name the file, the key and the fix."""
 
+import functools
+import json
+
+import jsonschema
 import pytest
 import yaml
 
@@ -50,10 +54,10 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path, monkeypatch):
 
 def test_unknown_key_is_named_with_a_suggestion(tmp_path):
     raw = tiny_yaml()
-    raw["distill"]["lora"]["alpah"] = 8
+    raw["compress"]["quantize"]["shceme"] = "fp8"
     message = error_of(write(tmp_path, raw))
     assert "config.yaml" in message
-    assert "distill.lora.alpah: unknown key; did you mean 'alpha'?" in message
+    assert "compress.quantize.shceme: unknown key; did you mean 'scheme'?" in message
 
 
 def test_out_of_range_value_names_key_and_value(tmp_path):
@@ -134,8 +138,8 @@ def test_cli_run_rejects_a_bad_config_before_starting(tmp_path, capsys):
 
 def test_unknown_key_without_a_close_match_lists_the_allowed_keys(tmp_path):
     raw = tiny_yaml()
-    raw["distill"]["lora"]["rank"] = 8
-    assert "distill.lora.rank: unknown key; allowed: r, alpha, dropout, target_modules" in error_of(write(tmp_path, raw))
+    raw["compress"]["budget"] = {"limit": 8}
+    assert "compress.budget.limit: unknown key; allowed: max_size_bytes, min_retention" in error_of(write(tmp_path, raw))
 
 
 def test_unwritable_workdir_fails_before_any_stage(tmp_path, capsys):
@@ -392,3 +396,93 @@ def test_a_key_inside_a_teacher_or_check_is_named_as_written_without_pydantics_u
     assert "  prototype.teacher.pth: unknown key; did you mean 'path'?" in error_of(
         TINY_CONFIG, {"prototype.teacher.pth": "x"})
     assert "  task.check.patern: unknown key" in error_of(TINY_CONFIG, {"task.check": {"type": "regex", "patern": "a"}})
+# --- training settings in TRL's and PEFT's own words -----------------------------------------------------
+
+def test_trl_training_arguments_on_the_command_line_pass_validation(capsys):
+    code = main(["validate", str(TINY_CONFIG), "--set", "distill.sft.warmup_ratio=0.1",
+                 "--set", "distill.sft.lr_scheduler_type=cosine"])
+    assert code == 0, capsys.readouterr().err
+    assert "valid" in capsys.readouterr().out
+
+
+def test_unknown_trainer_argument_is_named_with_the_closest_trl_field():
+    message = error_of(TINY_CONFIG, {"distill.sft.lr_sheduler_type": "cosine"})
+    assert "distill.sft.lr_sheduler_type: unknown key; did you mean 'lr_scheduler_type'?" in message
+
+
+def test_trainer_argument_distilflow_sets_itself_is_refused_with_the_reason():
+    message = error_of(TINY_CONFIG, {"distill.grpo.output_dir": "/tmp/x", "distill.sft.bf16": True})
+    assert "distill.grpo.output_dir: set by distilflow, not the config: distilflow checkpoints" in message
+    assert "distill.sft.bf16: set by distilflow, not the config: distilflow sets the precision by device" in message
+
+
+def test_a_value_trl_refuses_fails_validation_with_trls_message():
+    message = error_of(TINY_CONFIG, {"distill.sft.lr_scheduler_type": "cosin"})
+    assert "distill.sft: trl.SFTConfig refuses these settings: cosin is not a valid SchedulerType" in message
+
+
+def test_offline_logit_kd_takes_the_arguments_of_transformers_trainer_and_online_those_of_gkd():
+    assert "distill.logit_kd.seq_kd: unknown key" in error_of(TINY_CONFIG, {"distill.logit_kd.seq_kd": True})
+    cfg = load_config(TINY_CONFIG, {"distill.logit_kd.seq_kd": True, "distill.logit_kd.teacher_logits": "online"})
+    assert cfg.distill.logit_kd.library_settings()["seq_kd"] is True
+
+
+def test_peft_lora_fields_are_accepted_and_misspelled_ones_named():
+    assert load_config(TINY_CONFIG, {"distill.lora.use_rslora": True}).distill.lora.library_settings()["use_rslora"]
+    message = error_of(TINY_CONFIG, {"distill.lora.lora_alpah": 8})
+    assert "distill.lora.lora_alpah: unknown key; did you mean 'lora_alpha'?" in message
+
+
+@pytest.mark.parametrize("section, old, new, value", [
+    (("distill", "sft"), "epochs", "num_train_epochs", 3.0),
+    (("distill", "grpo"), "batch_size", "per_device_train_batch_size", 6),
+    (("distill", "sft"), "warmup_ratio", "warmup_steps", 0.1),
+    (("distill", "lora"), "alpha", "lora_alpha", 16),
+])
+def test_an_old_key_name_still_works_with_a_deprecation_warning(section, old, new, value, tmp_path, caplog):
+    raw = tiny_yaml()
+    settings = functools.reduce(dict.__getitem__, section, raw)
+    settings.pop(new, None)
+    settings[old] = value
+    cfg = load_config(write(tmp_path, raw))
+    assert getattr(functools.reduce(getattr, section, cfg), new) == value
+    assert f"config.yaml: {old} is deprecated: it is {new} now" in caplog.text
+
+
+def test_an_old_and_a_new_name_of_one_setting_together_are_refused(tmp_path):
+    raw = tiny_yaml()
+    raw["distill"]["lora"]["alpha"] = 16  # tiny.yaml sets lora_alpha
+    assert "distill.lora: alpha and lora_alpha are the same setting" in error_of(write(tmp_path, raw))
+
+
+# --- the JSON schema, for editors ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def json_schema(tmp_path_factory) -> dict:
+    path = tmp_path_factory.mktemp("schema") / "distilflow.schema.json"
+    assert main(["schema", "-o", str(path)]) == 0
+    return json.loads(path.read_text())
+
+
+def test_the_json_schema_lists_trls_and_pefts_fields_with_their_help(json_schema):
+    sections = json_schema["$defs"]
+    assert "learning rate scheduler" in sections["SFTPhase"]["properties"]["lr_scheduler_type"]["description"]
+    assert "use_rslora" in sections["LoraAdapters"]["properties"]
+    assert "output_dir" not in sections["GRPOPhase"]["properties"]  # distilflow's, refused
+    assert sections["SFTPhase"]["additionalProperties"] is False
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "tiny.yaml", "http-teacher.yaml", "distill-study.yaml",
+                                  "compression-study.yaml"])
+def test_every_shipped_config_is_valid_by_the_json_schema(json_schema, name):
+    validator = jsonschema.validators.validator_for(json_schema)(json_schema)
+    problems = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+                for e in validator.iter_errors(yaml.safe_load((REPO / "configs" / name).read_text()))]
+    assert not problems
+
+
+def test_the_json_schema_flags_a_misspelled_trainer_argument(json_schema):
+    raw = tiny_yaml()
+    raw["distill"]["sft"]["lr_sheduler_type"] = "cosine"
+    validator = jsonschema.validators.validator_for(json_schema)(json_schema)
+    assert any("lr_sheduler_type" in e.message for e in validator.iter_errors(raw))

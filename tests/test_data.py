@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from distilflow.tasks import data
+from distilflow.tasks import checks, data
 from distilflow.tasks.errors import DistilflowError
 
 
@@ -24,7 +24,7 @@ def test_split_is_deterministic_and_held_out_is_labelled(tiny_cfg):
     second = data.load_task_data(tiny_cfg.task, seed=0)
     assert first == second
     assert len(first.eval) == tiny_cfg.task.eval_size
-    assert all(data.label(r, tiny_cfg.task) for r in first.eval)
+    assert all(checks.label(r, tiny_cfg.task) for r in first.eval)
     assert not {r["id"] for r in first.eval} & {r["id"] for r in first.train}
 
 
@@ -161,11 +161,11 @@ def test_mapped_column_missing_is_named(tiny_cfg, tmp_path):
 
 
 def test_empty_csv_label_means_unlabelled(tiny_cfg):
-    assert data.label({"text": "x", "label": ""}, tiny_cfg.task) is None
+    assert checks.label({"text": "x", "label": ""}, tiny_cfg.task) is None
 
 
 def test_json_labels_are_written_as_compact_json(tiny_cfg):
-    assert data.label({"label": {"name": "Ada"}}, tiny_cfg.task) == '{"name": "Ada"}'
+    assert checks.label({"label": {"name": "Ada"}}, tiny_cfg.task) == '{"name": "Ada"}'
 
 
 def test_label_failing_a_regex_check_is_named(tiny_cfg, tmp_path):
@@ -299,3 +299,33 @@ def test_a_pipe_named_like_a_data_file_is_refused_not_read_for_ever(tmp_path):
     os.mkfifo(tmp_path / "tickets.jsonl")
     with pytest.raises(DistilflowError, match="is not a regular file"):
         data.read_rows(tmp_path / "tickets.jsonl")
+# --- the calibration set: the task's prompts and answers as the model reads them ---------------------------
+
+def chat_dataset():
+    from datasets import Dataset
+
+    return Dataset.from_list([{"prompt": [{"role": "user", "content": f"ticket {i}"}],
+                               "completion": [{"role": "assistant", "content": "bug"}]} for i in range(3)])
+
+
+def test_calibration_batches_start_with_one_bos_when_the_tokenizer_adds_one():
+    from transformers import AutoTokenizer
+
+    from tests.conftest import TINY_TEACHER
+
+    # Like Llama 3's: the tokenizer adds a BOS, and the chat template already writes it (here <|im_start|>).
+    tokenizer = AutoTokenizer.from_pretrained(TINY_TEACHER, add_bos_token=True)
+    assert tokenizer("x").input_ids[0] == tokenizer.bos_token_id
+    texts = data.calibration_texts(tokenizer, chat_dataset(), samples=3)
+    assert all(text.startswith(tokenizer.bos_token) for text in texts)
+    (batch,) = data.token_batches(tokenizer, texts, "cpu")
+    assert batch.input_ids[:, 0].eq(tokenizer.bos_token_id).all()
+    assert batch.input_ids[:, 1].ne(tokenizer.bos_token_id).all()
+
+
+def test_token_batches_pad_on_the_right_without_changing_the_tokenizer(tiny_teacher):
+    _, tokenizer = tiny_teacher
+    side = tokenizer.padding_side
+    (batch,) = data.token_batches(tokenizer, ["a", "a much longer text than the first"], "cpu")
+    assert batch.attention_mask[0, 0] == 1 and batch.attention_mask[0, -1] == 0
+    assert tokenizer.padding_side == side

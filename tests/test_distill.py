@@ -1,5 +1,6 @@
 """Knowledge transfer: the KD losses, the teacher-logit cache, the phases, their tracking and resume."""
 
+import functools
 import json
 import os
 import signal
@@ -11,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import load_from_disk
-from trl.experimental.gkd import GKDTrainer
+from transformers import AutoModelForCausalLM, TrainingArguments
+from trl import GRPOConfig, SFTConfig
+from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-from distilflow.configs.loader import load_config
+from distilflow.configs.loader import load_config, parse_overrides
 from distilflow.tasks import distill, kd, teacher_logits
 from distilflow.tasks.context import StageContext
 from distilflow.tasks.data import load_task_data
@@ -217,6 +220,42 @@ def test_bad_distill_settings_name_the_key(overrides, message):
         load_config(TINY_CONFIG, overrides)
 
 
+# --- training settings in TRL's and PEFT's own words -----------------------------------------------------
+
+TRAINER_SETTINGS = {"lr_scheduler_type": "cosine", "warmup_steps": 0.1, "weight_decay": 0.01, "max_grad_norm": 0.5}
+
+
+def test_the_sft_settings_on_the_command_line_reach_trls_sft_config(tmp_path):
+    overrides = parse_overrides(["distill.sft.warmup_ratio=0.1", "distill.sft.lr_scheduler_type=cosine"])
+    cfg = load_config(TINY_CONFIG, overrides)
+    args = distill.training_args(SFTConfig, cfg.distill.sft, context(cfg, tmp_path))
+    assert isinstance(args, SFTConfig)
+    assert (args.warmup_steps, args.lr_scheduler_type) == (0.1, "cosine")
+    assert (args.max_steps, args.per_device_train_batch_size, args.max_length) == (4, 4, 96)  # tiny.yaml's
+
+
+@pytest.mark.parametrize("section, overrides, args_class", [
+    ("distill.sft", {}, SFTConfig),
+    ("distill.logit_kd", {}, TrainingArguments),
+    ("distill.logit_kd", {"distill.logit_kd.teacher_logits": "online"}, GKDConfig),
+    ("distill.grpo", {}, GRPOConfig),
+    ("compress.prune.heal.logit_kd", {"compress.prune.depth.keep_layers": 1}, GKDConfig),
+])
+def test_every_phases_trainer_arguments_reach_its_trainers_config_unchanged(section, overrides, args_class, tmp_path):
+    cfg = load_config(TINY_CONFIG, {**overrides, **{f"{section}.{k}": v for k, v in TRAINER_SETTINGS.items()}})
+    settings = functools.reduce(getattr, section.split("."), cfg)
+    args = distill.training_args(args_class, settings, context(cfg, tmp_path))
+    assert {key: getattr(args, key) for key in TRAINER_SETTINGS} == TRAINER_SETTINGS
+
+
+def test_peft_lora_settings_reach_the_adapters_unchanged():
+    cfg = load_config(TINY_CONFIG, {"distill.lora.use_rslora": True, "distill.lora.lora_dropout": 0.1,
+                                    "distill.lora.bias": "lora_only"})
+    adapted = distill.with_adapters(AutoModelForCausalLM.from_pretrained(TINY_TEACHER), cfg.distill.lora)
+    lora = adapted.peft_config["default"]
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.use_rslora, lora.bias) == (4, 8, 0.1, True, "lora_only")
+
+
 # --- GRPO's reward ----------------------------------------------------------------------------------------
 
 def test_task_check_reward_scores_sampled_answers_like_the_evaluator(tiny_cfg):
@@ -258,7 +297,9 @@ def test_online_logit_kd_with_on_policy_steps_changes_the_student(tiny, tmp_path
 def three_phases(tmp_path_factory):
     """The distill stage with sft -> logit_kd (offline) -> grpo on the tiny config, tracked in MLflow."""
     work = tmp_path_factory.mktemp("phases")
-    cfg = load_config(TINY_CONFIG, {"run.workdir": str(work), "distill.phases": ["sft", "logit_kd", "grpo"]})
+    cfg = load_config(TINY_CONFIG, {"run.workdir": str(work), "distill.phases": ["sft", "logit_kd", "grpo"],
+                                    **{f"distill.{phase}.{key}": value for phase in ("sft", "logit_kd", "grpo")
+                                       for key, value in TRAINER_SETTINGS.items()}})
     tracker = MlflowTracker.start(f"sqlite:///{work / 'mlflow.db'}", "tiny", work / "mlartifacts", "test", {})
     prototype = run_stage("prototype", cfg, {}, tracker)
     result = run_stage("distill", cfg, {"prototype": prototype}, tracker)
@@ -296,6 +337,16 @@ def test_each_phase_logs_its_effective_training_settings(three_phases):
     for run in phase_runs(tracker).values():
         assert run.data.metrics["effective.world_size"] == 1 and run.data.metrics["effective.bf16"] == 0
         assert 0 < run.data.metrics["effective.trainable_params"] < run.data.metrics["effective.total_params"]
+
+
+def test_each_phases_trainer_ran_with_the_configs_trainer_arguments(three_phases, tmp_path):
+    _, tracker, _ = three_phases
+    for phase, run in phase_runs(tracker).items():
+        logged = Path(tracker.client.download_artifacts(run.info.run_id, "effective_training_args.json", tmp_path))
+        args = json.loads(logged.read_text())
+        assert {key: args[key] for key in TRAINER_SETTINGS} == TRAINER_SETTINGS, phase
+        assert (args["max_steps"], args["logging_steps"], args["gradient_checkpointing"]) == (
+            {"sft": 4, "logit_kd": 4, "grpo": 2}[phase], 1, False)
 
 
 def test_offline_logit_kd_reuses_the_cached_teacher_logits_in_the_workdir(three_phases):

@@ -1,7 +1,6 @@
 """The index of finished runs that `distilflow report --latest` reads: damage to it is skipped or named,
 never a traceback; the report never presents a bundle the gate rejected as the one to ship."""
 
-import json
 
 import pytest
 

@@ -2,10 +2,7 @@
 run history's home, and the MLflow store (made whole or not at all; a damaged one named; runs a killed process
 left RUNNING closed by the next run)."""
 
-import json
-import os
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys

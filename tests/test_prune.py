@@ -14,8 +14,8 @@ from distilflow.tasks.errors import DistilflowError
 
 
 def batches(tokenizer):
-    tokenizer.padding_side = "right"
-    return [tokenizer(["my parcel is late", "the app crashes when I log in"], return_tensors="pt", padding=True)]
+    return [tokenizer(["my parcel is late", "the app crashes when I log in"], return_tensors="pt", padding=True,
+                      padding_side="right")]
 
 
 def test_block_influence_scores_every_layer(tiny_teacher):

@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from distilflow.configs.loader import load_config
 from distilflow.configs.schema import HttpTeacherConfig
-from distilflow.tasks import data, prune, teacher_logits
+from distilflow.tasks import checks, data, prune, teacher_logits
 from distilflow.tasks.evaluate import Prompting
 from distilflow.tasks.models import load_teacher, save_model
 from distilflow.tasks.stages import run_stage
@@ -64,7 +64,7 @@ def test_served_choices_equal_local_choices_on_the_demos_held_out_split(demo_tea
 def test_the_logit_cache_built_through_the_server_equals_the_local_one(demo_teacher, served_teacher):
     cfg, model, tokenizer, _ = demo_teacher
     rows = [{"prompt": data.messages(row, cfg.task), "completion": [{"role": "assistant",
-                                                                     "content": data.label(row, cfg.task)}]}
+                                                                     "content": checks.label(row, cfg.task)}]}
             for row in data.load_task_data(cfg.task, cfg.run.seed).train[:16]]
     examples = teacher_logits.tokenize(tokenizer, rows, max_length=128)
     local = teacher_logits.compute(model, examples, TOP_K, temperature=1.0)
@@ -84,7 +84,7 @@ def test_logit_kd_runs_end_to_end_from_the_served_teacher(demo_teacher, served_t
                              "prototype.teacher": served_teacher.model_dump(mode="json", exclude_defaults=True),
                              "prototype.shot_candidates": 1, "distill.student": {"path": str(student)},
                              "distill.phases": ["logit_kd"], "distill.logit_kd.top_k": TOP_K,
-                             "distill.logit_kd.max_steps": 4, "distill.logit_kd.batch_size": 4,
+                             "distill.logit_kd.max_steps": 4, "distill.logit_kd.per_device_train_batch_size": 4,
                              "distill.logit_kd.max_length": 128, "eval.perplexity_examples": 4,
                              "eval.speed_new_tokens": 4})
     prototype = run_stage("prototype", cfg, {})

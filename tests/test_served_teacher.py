@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 from distilflow.configs.loader import load_config
 from distilflow.configs.schema import HttpTeacherConfig
 from distilflow.flows.cli import main
-from distilflow.tasks import data, decoding, teacher_logits
+from distilflow.tasks import checks, data, decoding, teacher_logits
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.evaluate import Prompting
 from distilflow.tasks.prototype import data_card
@@ -122,8 +122,8 @@ def test_a_teacher_tokenizer_that_is_not_the_served_models_is_refused(openai_ser
 def test_the_logit_cache_built_through_the_server_equals_the_local_one(tiny_cfg, tiny_teacher, openai_server, key):
     model, tokenizer = tiny_teacher
     task = tiny_cfg.task
-    rows = [{"prompt": data.messages(row, task), "completion": [{"role": "assistant", "content": data.label(row, task)}]}
-            for row in data.load_task_data(task, 0).train[:16] if data.label(row, task)]
+    rows = [{"prompt": data.messages(row, task), "completion": [{"role": "assistant", "content": checks.label(row, task)}]}
+            for row in data.load_task_data(task, 0).train[:16] if checks.label(row, task)]
     examples = teacher_logits.tokenize(tokenizer, rows, max_length=96)
     local = teacher_logits.compute(model, examples, top_k=16, temperature=1.0)
     remote = teacher_logits.compute_from_endpoint(open_teacher(served(openai_server), CPU), examples, top_k=16)

@@ -8,7 +8,7 @@ import pytest
 
 from distilflow.configs.loader import load_config
 from distilflow.configs.schema import CostConfig, GateConfig, ServingConfig
-from distilflow.tasks import data, deploy, gguf_export, registry, serving
+from distilflow.tasks import checks, data, deploy, gguf_export, registry, serving
 from distilflow.tasks.artifacts import StageResult
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.evaluate import journey_table
@@ -47,7 +47,7 @@ def test_engine_measures_every_journey_field_of_the_served_gguf(measured, tiny_g
 def test_engine_answers_every_held_out_request_within_the_grammar_and_scores_them(measured, workload):
     assert len(measured["answers"]) == measured["task_requests"] == len(workload.rows)
     assert set(measured["answers"]) <= set(workload.task.check.choices)
-    expected = sum(a == data.label(r, workload.task) for a, r in zip(measured["answers"], workload.rows))
+    expected = sum(a == checks.label(r, workload.task) for a, r in zip(measured["answers"], workload.rows))
     assert measured["task_score"] == expected / len(workload.rows)
 
 

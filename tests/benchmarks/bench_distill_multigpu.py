@@ -27,7 +27,7 @@ def run_layout(name: str, processes: int, fsdp: bool, args, student_dir: Path, d
     cfg = benchmark_config({
         "run.device": "cpu" if args.cpu else "cuda", "distill.processes": processes, "distill.fsdp": fsdp,
         "distill.lora": {} if args.finetune == "lora" else None, "distill.sft": {
-            "max_steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
+            "max_steps": args.steps, "per_device_train_batch_size": args.batch_size, "max_length": args.max_length,
             "save_steps": 10_000, "logging_steps": args.steps, "learning_rate": 1e-4}})
     records = work / f"{name}.jsonl"
     ctx = context(cfg, work / name, torch.device(cfg.run.device), FileTracker(records))

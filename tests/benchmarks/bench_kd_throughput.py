@@ -88,8 +88,8 @@ def main() -> None:
     work = args.out
     work.mkdir(parents=True, exist_ok=True)
     cfg = benchmark_config({"run.device": "auto", "distill.logit_kd": {
-        "max_steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length, "top_k": args.top_k,
-        "save_steps": 10_000, "logging_steps": 1, "learning_rate": 1e-4}})
+        "max_steps": args.steps, "per_device_train_batch_size": args.batch_size, "max_length": args.max_length,
+        "top_k": args.top_k, "save_steps": 10_000, "logging_steps": 1, "learning_rate": 1e-4}})
     device = resolve_device("auto")
     dataset = task_dataset(cfg, work / "dataset", args.context_tickets)
     teacher_dir = random_model(args.teacher, work / "teacher", seed=1)

@@ -31,7 +31,7 @@ import torch
 
 from distilflow.configs.loader import load_config
 from distilflow.configs.schema import LocalTeacherConfig, QuantizeConfig, TaskConfig
-from distilflow.tasks import data, quantize
+from distilflow.tasks import checks, data, quantize
 from distilflow.tasks.evaluate import Prompting, perplexity, task_score
 from distilflow.tasks.models import load_model, load_teacher, resolve_device, save_model, size_on_disk
 
@@ -85,7 +85,7 @@ class Text:
     calibration: list[dict]
 
     def chats(self) -> list[list[dict]]:
-        return [data.messages(row, self.task) + [{"role": "assistant", "content": data.label(row, self.task)}]
+        return [data.messages(row, self.task) + [{"role": "assistant", "content": checks.label(row, self.task)}]
                 for row in self.held_out]
 
     def task_score(self, model, tokenizer) -> float:
@@ -96,10 +96,10 @@ class Text:
 def text(config: Path, eval_examples: int, calibration_samples: int) -> Text:
     task = load_config(config).task
     split = data.load_task_data(task, seed=0)
-    labelled = [row for row in split.train if data.label(row, task) is not None]
+    labelled = [row for row in split.train if checks.label(row, task) is not None]
     answered = [{"prompt": data.messages(row, task),
-                 "completion": [{"role": "assistant", "content": data.label(row, task)}]} for row in labelled]
-    shots = tuple({data.label(row, task): row for row in reversed(labelled)}.values())
+                 "completion": [{"role": "assistant", "content": checks.label(row, task)}]} for row in labelled]
+    shots = tuple({checks.label(row, task): row for row in reversed(labelled)}.values())
     return Text(task, split.eval[:eval_examples], Prompting(shots, calibrate=True), answered[:calibration_samples])
 
 

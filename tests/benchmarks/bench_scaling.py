@@ -34,8 +34,8 @@ SCHEMES = {"w4a16-gptq": QuantizeConfig(scheme="w4a16", method="gptq"), "fp8": Q
 def distill_run(student_dir: Path, dataset, examples: int, device, work: Path, max_steps: int = -1) -> dict:
     """One SFT epoch over the first ``examples`` tickets (or ``max_steps``): wall time and tokens/s."""
     cfg = benchmark_config({"run.device": device.type, "distill.lora": {}, "distill.sft": {
-        "epochs": 1, "max_steps": max_steps, "batch_size": 16, "max_length": 256, "save_steps": 10_000,
-        "logging_steps": 1, "learning_rate": 1e-4}})
+        "num_train_epochs": 1, "max_steps": max_steps, "per_device_train_batch_size": 16, "max_length": 256,
+        "save_steps": 10_000, "logging_steps": 1, "learning_rate": 1e-4}})
     records = work / "records.jsonl"
     ctx = context(cfg, work, device, FileTracker(records))
     student, tokenizer = load_model(student_dir, device)

@@ -28,7 +28,7 @@ import torch
 
 from distilflow.configs.loader import load_config
 from distilflow.configs.schema import HttpTeacherConfig, RegexCheck
-from distilflow.tasks import data, decoding, teacher_logits
+from distilflow.tasks import checks, data, decoding, teacher_logits
 from distilflow.tasks.evaluate import Prompting
 from distilflow.tasks.models import load_model
 from distilflow.tasks.teachers import HttpTeacher, LocalTeacher
@@ -53,8 +53,8 @@ def timed(work, count: int, device: torch.device) -> tuple[dict, object]:
 
 def kd_examples(tokenizer, rows: list[dict], task) -> list[teacher_logits.Example]:
     """The rows with their labels as answers, as logit KD tokenizes them."""
-    chats = [{"prompt": data.messages(row, task), "completion": [{"role": "assistant", "content": data.label(row, task)}]}
-             for row in rows if data.label(row, task)]
+    chats = [{"prompt": data.messages(row, task), "completion": [{"role": "assistant", "content": checks.label(row, task)}]}
+             for row in rows if checks.label(row, task)]
     return teacher_logits.tokenize(tokenizer, chats, max_length=512)
 
 

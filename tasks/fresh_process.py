@@ -1,0 +1,35 @@
+"""A module's work in a new Python process, asked with a JSON request and answered with JSON.
+
+A fresh process proves what is on disk (a saved model loads and answers without this process's
+objects in memory), and ``accelerate launch`` starts one per GPU to train on several.
+"""
+
+import json
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+
+def call(module: str, request: dict, *, launcher: Sequence[str] = (sys.executable,),
+         env: Mapping[str, str] | None = None, timeout_s: float | None = None) -> dict | None:
+    """Run ``LAUNCHER -m MODULE REQUEST.json ANSWER.json`` and return the answer ``module`` wrote (None if none).
+
+    ``module`` ends with ``fresh_process.main(function)``. A failed process raises
+    ``subprocess.CalledProcessError``, its ``stderr`` the process's; one past ``timeout_s``, ``TimeoutExpired``.
+    """
+    with tempfile.TemporaryDirectory() as scratch:
+        request_file, answer_file = Path(scratch) / "request.json", Path(scratch) / "answer.json"
+        request_file.write_text(json.dumps(request))
+        subprocess.run([*launcher, "-m", module, str(request_file), str(answer_file)], capture_output=True,
+                       text=True, env=env, timeout=timeout_s, check=True)
+        return json.loads(answer_file.read_text()) if answer_file.is_file() else None
+
+
+def main(function: Callable[[dict], dict | None]) -> None:
+    """The worker's side of ``call``: ``function(request)``, its answer written where ``call`` reads it."""
+    request_file, answer_file = sys.argv[1:3]
+    answer = function(json.loads(Path(request_file).read_text()))
+    if answer is not None:
+        Path(answer_file).write_text(json.dumps(answer))

@@ -1,0 +1,38 @@
+"""How distilflow's modules depend on each other: no circle, and the config stands without the tasks."""
+
+import ast
+import graphlib
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+PACKAGES = ("configs", "tasks", "flows")
+
+
+def imports_of(module: str) -> set[str]:
+    """The distilflow modules ``module`` imports, at its top or inside a function."""
+    package, name = module.split(".")[1:]
+    imported = set()
+    for node in ast.walk(ast.parse((REPO / package / f"{name}.py").read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("distilflow."):
+            imported |= {f"{node.module}.{alias.name}" for alias in node.names} | {node.module}
+        elif isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+    return imported
+
+
+def test_no_module_imports_itself_through_others():
+    modules = {f"distilflow.{package}.{path.stem}" for package in PACKAGES for path in (REPO / package).glob("*.py")}
+    graph = {module: (imports_of(module) & modules) - {module} for module in modules}
+    graphlib.TopologicalSorter(graph).prepare()  # raises CycleError naming the circle
+
+
+def test_a_config_with_a_python_check_validates_without_the_tasks_package():
+    script = ("import sys\n"
+              "from distilflow.configs.schema import TaskConfig\n"
+              "TaskConfig.model_validate({'data': 'configs/data/support_tickets.jsonl', 'check': {'type': 'python',"
+              " 'function': 'json:loads'}}, context={'base_dir': '.'})\n"
+              "print(sorted(m for m in sys.modules if m.startswith('distilflow.tasks')))")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
