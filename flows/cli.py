@@ -386,7 +386,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("bundle", help="bundle directory, e.g. the `bundle:` path `distilflow run` prints")
     sub.set_defaults(command=verify)
 
-    sub = commands.add_parser("schema", help="print the config's JSON schema, for editors to complete and check keys",
+    sub = commands.add_parser("schema", parents=[common], help="print the config's JSON schema, for editors to complete and check keys",
                               description="print the config's JSON schema, for editors to complete and check keys "
                                           "(every TRL and PEFT field of the training sections included)")
     sub.add_argument("-o", "--output", metavar="FILE", help="write it to FILE instead")

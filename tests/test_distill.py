@@ -231,7 +231,7 @@ def test_the_sft_settings_on_the_command_line_reach_trls_sft_config(tmp_path):
     args = distill.training_args(SFTConfig, cfg.distill.sft, context(cfg, tmp_path))
     assert isinstance(args, SFTConfig)
     assert (args.warmup_steps, args.lr_scheduler_type) == (0.1, "cosine")
-    assert (args.max_steps, args.per_device_train_batch_size, args.max_length) == (4, 4, 96)  # tiny.yaml's
+    assert (args.max_steps, args.per_device_train_batch_size, args.max_length) == (4, 4, 128)  # tiny.yaml's
 
 
 @pytest.mark.parametrize("section, overrides, args_class", [
