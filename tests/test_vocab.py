@@ -14,7 +14,7 @@ from distilflow.configs.loader import load_config
 from distilflow.tasks import data, distill, gguf_export, kd, teacher_logits, vocab
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.models import save_model
-from tests.conftest import TINY_CONFIG, TINY_TEACHER
+from tests.conftest import REPO, TINY_CONFIG, TINY_TEACHER
 
 TEXTS = ["Ticket: My card was charged twice for one order.", "Ticket: The parcel never arrived.",
          "Ticket: The app crashes when I open settings."]
@@ -250,3 +250,35 @@ def test_logit_kd_trains_a_trimmed_student_against_the_full_teacher(trimmed_stud
     trained = distill.trained("logit_kd", start, tmp_path / "dataset", dataset, TINY_TEACHER, cfg.distill, ctx)
     assert AutoModelForCausalLM.from_pretrained(trained).config.vocab_size == 320
     assert changed(start, trained)
+
+
+# --- the embedded teacher ---------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_the_real_teacher_trimmed_to_the_demo_task_answers_as_before_in_transformers_and_llama_cpp(tmp_path):
+    from distilflow.tasks.models import load_teacher
+
+    xllamacpp = pytest.importorskip("xllamacpp", reason="pip install xllamacpp (a prebuilt llama.cpp)")
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    teacher, tokenizer = load_teacher(cfg.prototype.teacher, torch.device("cpu"))
+    split = data.load_task_data(cfg.task, cfg.run.seed)
+    chat = [data.render(tokenizer, data.messages(row, cfg.task)) + row["label"] + "<|im_end|>\n" for row in split.train]
+    model, small, kept = vocab.trim(copy.deepcopy(teacher), tokenizer, chat, vocab.required_texts(tokenizer, cfg.task))
+    assert len(kept) < 2_000 < 49_152 == len(tokenizer)
+
+    prompt = data.render(tokenizer, data.messages(split.eval[0], cfg.task))
+    ids = small(prompt, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        expected = teacher(torch.tensor([[kept[i] for i in ids]])).logits[..., kept]
+        torch.testing.assert_close(model(torch.tensor([ids])).logits, expected, atol=1e-4, rtol=1e-4)
+
+    bundle = save_model(model, small, tmp_path / "trimmed")
+    params = xllamacpp.CommonParams()
+    params.model.path = str(gguf_export.export(bundle, tmp_path / "m.gguf", "f16", name="trimmed"))
+    params.n_ctx = 512
+    server = xllamacpp.Server(params)
+    reloaded = AutoModelForCausalLM.from_pretrained(bundle, dtype=torch.float32).eval()
+    generated = reloaded.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False,
+                                  pad_token_id=small.pad_token_id)[0, len(ids):]
+    answer = server.handle_completions({"prompt": prompt, "max_tokens": 4, "temperature": 0})
+    assert answer["choices"][0]["text"] == small.decode(generated, skip_special_tokens=True)
