@@ -259,7 +259,7 @@ class StudentConfig(ModelTrust):
                             "byte-level and special token so any text still encodes (in smaller pieces where its "
                             "tokens were dropped); the embedding and LM head keep those rows, so training, "
                             "evaluation and the deployed model get smaller and cheaper (SmolLM2 on the demo task: "
-                            "49,152 -> 957 tokens). Byte-level BPE tokenizers only. Logit KD maps the teacher's "
+                            "49,152 -> 947 tokens). Byte-level BPE tokenizers only. Logit KD maps the teacher's "
                             "tokens to the student's by their text.")
     vocabulary_size: int | None = Field(
         None, ge=1, description="With vocabulary: trim, keep at most this many tokens, the task's most frequent "

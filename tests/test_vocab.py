@@ -282,3 +282,12 @@ def test_the_real_teacher_trimmed_to_the_demo_task_answers_as_before_in_transfor
                                   pad_token_id=small.pad_token_id)[0, len(ids):]
     answer = server.handle_completions({"prompt": prompt, "max_tokens": 4, "temperature": 0})
     assert answer["choices"][0]["text"] == small.decode(generated, skip_special_tokens=True)
+
+
+def test_the_student_size_study_shares_the_demos_teacher_data_and_distillation_budget():
+    demo = load_config(REPO / "configs" / "demo.yaml")
+    study = load_config(REPO / "configs" / "student-size-study.yaml")
+    assert all(getattr(demo, part) == getattr(study, part) for part in ("task", "prototype", "eval"))
+    assert (demo.run.workdir, demo.run.seed, demo.run.device) == (study.run.workdir, study.run.seed, study.run.device)
+    assert study.distill.model_copy(update={"student": demo.distill.student}) == demo.distill
+    assert study.distill.student.vocabulary == "trim"

@@ -92,7 +92,7 @@ def table(rows: list[dict], teacher: dict) -> str:
     lines = [f"| student | candidate | layers | MLP | vocabulary | params (M) | safetensors (MB) |{gguf} task score | "
              "retention vs teacher | distill (s) | quantize (s) |",
              "|---|---|---|---|---|---|---|" + "---|" * len(GGUF_TYPES) + "---|---|---|---|",
-             f"| teacher | – | 30 | 1536 | 49152 | {teacher['params'] / 1e6:.1f} | {teacher['size_bytes'] / 1e6:.1f} |"
+             f"| teacher | – | – | – | – | {teacher['params'] / 1e6:.1f} | {teacher['size_bytes'] / 1e6:.1f} |"
              + " – |" * len(GGUF_TYPES) + f" {teacher['task_score']:.3f} | 1.00 | – | – |"]
     for r in rows:
         sizes = "".join(f" {r[f'gguf_{kind}_bytes'] / 1e6:.1f} |" for kind in GGUF_TYPES)
