@@ -1,8 +1,8 @@
 """Vocabulary trimming: a student that keeps only the tokens its task uses.
 
-SmolLM2's embedding is 49,152 × 576: 28M parameters, more than eight of its decoder layers, and its
-LM head (the same matrix, tied) costs as much compute per token. A support-ticket router writes a few
-thousand distinct tokens. Trimming keeps
+SmolLM2's embedding is 49,152 × 576: 28M parameters, as many as eight of its decoder layers, and its
+LM head (the same matrix, tied) costs as much compute per token. The demo's support-ticket task uses
+947 distinct tokens. Trimming keeps
 
 - every token the task's texts encode to (training inputs, the teacher's answers, the chat template
   with the system prompt and template, the labels);
@@ -29,8 +29,6 @@ from transformers import AutoTokenizer
 from distilflow.configs.schema import TaskConfig
 from distilflow.tasks import data, decoding
 from distilflow.tasks.errors import DistilflowError
-
-MAP_FILE = "vocabulary_map.json"
 
 
 def trim(model, tokenizer, texts: list[str], required: dict[str, str], max_size: int | None = None):
@@ -215,10 +213,3 @@ def required_texts(tokenizer, task: TaskConfig) -> dict[str, str]:
         end = decoding.turn_end(tokenizer)
         texts.update({f"the label {choice!r}": choice + end for choice in task.check.choices})
     return texts
-
-
-def save_map(kept: list[int], original_vocab_size: int, directory: Path) -> Path:
-    """The new id -> original id map beside the trimmed model (``MAP_FILE``)."""
-    path = directory / MAP_FILE
-    path.write_text(json.dumps({"original_vocab_size": original_vocab_size, "original_ids": kept}))
-    return path

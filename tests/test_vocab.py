@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from distilflow.configs.loader import load_config
-from distilflow.tasks import data, distill, gguf_export, kd, teacher_logits, vocab
+from distilflow.tasks import data, decoding, distill, gguf_export, kd, teacher_logits, vocab
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.models import save_model
 from tests.conftest import REPO, TINY_CONFIG, TINY_TEACHER
@@ -262,9 +262,11 @@ def test_the_real_teacher_trimmed_to_the_demo_task_answers_as_before_in_transfor
     cfg = load_config(REPO / "configs" / "demo.yaml")
     teacher, tokenizer = load_teacher(cfg.prototype.teacher, torch.device("cpu"))
     split = data.load_task_data(cfg.task, cfg.run.seed)
-    chat = [data.render(tokenizer, data.messages(row, cfg.task)) + row["label"] + "<|im_end|>\n" for row in split.train]
-    model, small, kept = vocab.trim(copy.deepcopy(teacher), tokenizer, chat, vocab.required_texts(tokenizer, cfg.task))
-    assert len(kept) < 2_000 < 49_152 == len(tokenizer)
+    end = decoding.turn_end(tokenizer)
+    chat = [data.render(tokenizer, data.messages(row, cfg.task)) + row["label"] + end for row in split.train]
+    required = vocab.required_texts(tokenizer, cfg.task)
+    model, small, kept = vocab.trim(copy.deepcopy(teacher), tokenizer, chat, required)
+    assert len(kept) == model.config.vocab_size < teacher.config.vocab_size / 20
 
     prompt = data.render(tokenizer, data.messages(split.eval[0], cfg.task))
     ids = small(prompt, add_special_tokens=False).input_ids
