@@ -381,11 +381,27 @@ class StudentConfig(ModelTrust):
     teacher_layers: int | None = Field(
         None, ge=1, description="Derive the student from the teacher: keep this many decoder layers, "
                                 "chosen by block influence on the training prompts.")
+    vocabulary: Literal["full", "trim"] = Field(
+        "full", description="trim: the student keeps only the tokens the task uses (those of the distillation "
+                            "set's chats, the chat template, system prompt, template and labels), plus every "
+                            "byte-level and special token so any text still encodes (in smaller pieces where its "
+                            "tokens were dropped); the embedding and LM head keep those rows, so training, "
+                            "evaluation and the deployed model get smaller and cheaper (SmolLM2 on the demo task: "
+                            "49,152 -> 947 tokens). Byte-level BPE tokenizers only. Logit KD maps the teacher's "
+                            "tokens to the student's by their text.")
+    vocabulary_size: int | None = Field(
+        None, ge=1, description="With vocabulary: trim, keep at most this many tokens, the task's most frequent "
+                                "first; the byte-level alphabet, special tokens, chat template and labels always "
+                                "stay (an error names a token they need that does not fit). Unset: every token "
+                                "the task uses.")
 
     @model_validator(mode="after")
     def _one_source(self):
         if (self.path is None) == (self.teacher_layers is None):
             raise ValueError("set exactly one of distill.student.path or distill.student.teacher_layers")
+        if self.vocabulary_size is not None and self.vocabulary != "trim":
+            raise ValueError("distill.student.vocabulary_size caps a trimmed vocabulary: set "
+                             "distill.student.vocabulary: trim too")
         return self
 
 

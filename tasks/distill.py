@@ -29,13 +29,14 @@ import peft
 import torch
 from accelerate import PartialState
 from datasets import Dataset, load_from_disk
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainingArguments, set_seed
 from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 from trl.experimental.gkd import GKDConfig
 
 from distilflow.configs.schema import (DistillConfig, EvalConfig, HttpTeacherConfig, LoraAdapters, ModelTrust,
                                       StudentConfig, TaskConfig, TrainingPhase)
-from distilflow.tasks import checks, data, decoding, fresh_process, kd, prune, teacher_logits
+from distilflow.tasks import checks, data, decoding, fresh_process, kd, prune, teacher_logits, vocab
 from distilflow.tasks.artifacts import StageResult, published
 from distilflow.tasks.context import StageContext
 from distilflow.tasks.data import TaskData
@@ -65,7 +66,7 @@ def run(cfg: DistillConfig, upstream: dict[str, StageResult], ctx: StageContext)
         served = served_teacher(prototype.path("teacher_endpoint"), cfg.logit_kd.top_k)
         teacher_logits.require_served_vocabulary(served, model_dir)
     elif "logit_kd" in cfg.phases:
-        teacher_logits.require_shared_vocabulary(teacher_dir, model_dir)
+        teacher_logits.teacher_ids(teacher_dir, model_dir)  # refuses a student whose tokens are not the teacher's
     ctx.tracker.log_params({"student.origin": origin, "student.allow_pickle": cfg.student.allow_pickle,
                             "student.trust_remote_code": cfg.student.trust_remote_code,
                             "effective.device": ctx.device.type,
@@ -121,25 +122,47 @@ def served_teacher(endpoint_file: Path, top_k: int) -> HttpTeacher:
 def initial_student(cfg: StudentConfig, teacher_dir: Path | None, dataset: Dataset,
                     ctx: StageContext) -> tuple[str | Path, str]:
     """Where the student starts, and how it was made: a given model, or the teacher's most influential
-    layers (kept under the checkpoint dir, so a resumed run does not derive it again)."""
+    layers, its vocabulary trimmed to the task's tokens if ``cfg.vocabulary`` says so (a made student is
+    kept under the checkpoint dir, so a resumed run does not make it again)."""
     if cfg.path:
         loading_safeguards(cfg.path, cfg, "distill.student")  # refuse a pickle-only student before any work
         log.info("student %s (%s)", cfg.path, trust_summary(cfg))
-        return cfg.path, cfg.path
+        if cfg.vocabulary == "full":
+            return cfg.path, cfg.path
     directory = ctx.checkpoint_dir / "student-init"
     origin_file = ctx.checkpoint_dir / "student-init.json"
     if not origin_file.is_file():
-        teacher, tokenizer = load_model(teacher_dir, ctx.device)
-        batches = data.token_batches(tokenizer, data.calibration_texts(tokenizer, dataset, INFLUENCE_SAMPLES),
-                                     ctx.device)
-        influence = prune.block_influence(teacher, batches)
-        keep = prune.most_influential(influence, cfg.teacher_layers, key="distill.student.teacher_layers")
-        ctx.tracker.log_metrics({f"block_influence.layer_{i:02d}": v for i, v in enumerate(influence)})
-        log.info("student keeps teacher layers %s", keep)
+        if cfg.path:
+            (model, tokenizer), origin = load_model(cfg.path, ctx.device, trust=cfg, key="distill.student"), cfg.path
+        else:
+            model, tokenizer, origin = teacher_layers(cfg.teacher_layers, teacher_dir, dataset, ctx)
+        if cfg.vocabulary == "trim":
+            model, tokenizer, origin = trimmed(model, tokenizer, origin, dataset, cfg, ctx)
         with published(directory) as partial:
-            save_model(prune.keep_layers(teacher, keep), tokenizer, partial)
-        origin_file.write_text(json.dumps(f"teacher layers {keep}"))
+            save_model(model, tokenizer, partial)
+        origin_file.write_text(json.dumps(origin))
     return directory, json.loads(origin_file.read_text())
+
+
+def teacher_layers(count: int, teacher_dir: Path, dataset: Dataset, ctx: StageContext):
+    """The teacher's ``count`` most influential layers (block influence on the training chats) as a model."""
+    teacher, tokenizer = load_model(teacher_dir, ctx.device)
+    batches = data.token_batches(tokenizer, data.calibration_texts(tokenizer, dataset, INFLUENCE_SAMPLES), ctx.device)
+    influence = prune.block_influence(teacher, batches)
+    keep = prune.most_influential(influence, count, key="distill.student.teacher_layers")
+    ctx.tracker.log_metrics({f"block_influence.layer_{i:02d}": v for i, v in enumerate(influence)})
+    log.info("student keeps teacher layers %s", keep)
+    return prune.keep_layers(teacher, keep), tokenizer, f"teacher layers {keep}"
+
+
+def trimmed(model, tokenizer, origin: str, dataset: Dataset, cfg: StudentConfig, ctx: StageContext):
+    """The student with only the tokens of the distillation set, the chat template and the labels."""
+    full_size = model.config.get_text_config().vocab_size
+    model, tokenizer, kept = vocab.trim(model, tokenizer, vocab.task_texts(tokenizer, dataset),
+                                        vocab.required_texts(tokenizer, ctx.task), cfg.vocabulary_size)
+    ctx.tracker.log_metrics({"student.vocabulary_size": len(kept), "student.vocabulary_size_before": full_size})
+    log.info("student vocabulary trimmed to %d of %d tokens", len(kept), full_size)
+    return model, tokenizer, f"{origin}, vocabulary trimmed to {len(kept)} of {full_size} tokens"
 
 
 def trained(phase: str, start: str | Path, dataset_dir: Path, dataset: Dataset, teacher_dir: Path | None,
@@ -173,11 +196,20 @@ def teacher_sources(phase: str, start: str | Path, dataset: Dataset, teacher_dir
     if served is not None:
         cache = teacher_logits.cached_from_endpoint(served, examples, cfg.logit_kd.top_k, ctx.workdir)
     else:
+        ids = teacher_logits.teacher_ids(teacher_dir, start)  # None, or a trimmed student's tokens as the teacher's
+        if ids is not None:
+            examples = teacher_logits.in_teacher_ids(examples, ids)
         cache = teacher_logits.cached(teacher_dir, examples, cfg.logit_kd.top_k, cfg.logit_kd.temperature,
                                       ctx.workdir, load_teacher=lambda: load_model(teacher_dir, ctx.device)[0])
     ctx.tracker.log_metrics(cache.metrics)
     ctx.tracker.set_tags({"distilflow.teacher_logits": str(cache.directory)})
-    return {"logits_file": str(cache.path("logits"))}
+    if ids is None:
+        return {"logits_file": str(cache.path("logits"))}
+    # A trimmed student: the teacher's cache (shared with any student of the same tokenization) in its ids.
+    ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    in_student_ids = ctx.checkpoint_dir / teacher_logits.FILE
+    save_file(teacher_logits.in_student_ids(load_file(cache.path("logits")), ids), in_student_ids)
+    return {"logits_file": str(in_student_ids)}
 
 
 def train_phase(phase: str, start: str | Path, out_dir: Path, dataset: Dataset, sources: dict[str, str],
@@ -185,11 +217,21 @@ def train_phase(phase: str, start: str | Path, out_dir: Path, dataset: Dataset, 
     """Load the student from ``start``, train ``phase`` and save the merged result to ``out_dir``."""
     set_seed(ctx.seed)
     student, tokenizer = load_student(start, cfg.qlora, ctx.device, cfg.student)
-    teacher_inputs = {"teacher": load_model(Path(sources["teacher"]), ctx.device)[0]} if "teacher" in sources else \
-        {name: Path(path) for name, path in sources.items()}
+    teacher_inputs = {"teacher": teacher_on_student_tokens(Path(sources["teacher"]), start, ctx.device)} \
+        if "teacher" in sources else {name: Path(path) for name, path in sources.items()}
     trained_model = PHASES[phase](student, tokenizer, dataset, cfg, ctx, **teacher_inputs)
     if PartialState().is_main_process:
         save_model(trained_model, tokenizer, out_dir)
+
+
+def teacher_on_student_tokens(teacher_dir: Path, student_dir: str | Path, device: torch.device):
+    """The teacher for online logit KD. For a trimmed student, only its tokens' rows of the teacher's embedding
+    and LM head are kept: the logits are the teacher's at the student's tokens, indexed as the student's."""
+    teacher = load_model(teacher_dir, device)[0]
+    ids = teacher_logits.teacher_ids(teacher_dir, student_dir)
+    if ids is not None:
+        vocab.keep_rows(teacher, ids.tolist())
+    return teacher
 
 
 def load_student(path: str | Path, qlora: bool, device: torch.device, trust: ModelTrust = ModelTrust()):
@@ -305,8 +347,8 @@ def logit_kd(student, tokenizer, dataset: Dataset, cfg: DistillConfig, ctx: Stag
     """Match the teacher's next-token distribution on the dataset's answers; returns the merged model.
 
     Give the ``teacher`` model (online: it runs at every step, and on-policy steps are possible) or
-    the ``logits_file`` of ``tasks.teacher_logits.cached`` (offline: no teacher in memory).
-    The two must share a vocabulary (``teacher_logits.require_shared_vocabulary``).
+    the ``logits_file`` of ``tasks.teacher_logits.cached`` (offline: no teacher in memory), both in the
+    student's token ids (``teacher_on_student_tokens``, ``teacher_logits.in_student_ids``).
     """
     settings, model = cfg.logit_kd, with_adapters(student, cfg.lora)
     callbacks = [TrackerCallback(ctx.tracker, "logit_kd")]

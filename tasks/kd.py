@@ -33,11 +33,13 @@ def top_k_buckets(logits: torch.Tensor, top_k_ids: torch.Tensor, temperature: fl
     """The student's log-probs on the teacher's top-k tokens, plus one bucket for every other token.
 
     The divergence on these k + 1 buckets is exact for the coarsened distributions and equals the
-    full-vocabulary one when k covers the vocabulary.
+    full-vocabulary one when k covers the vocabulary. An id of -1 is a teacher token the student lacks
+    (a trimmed vocabulary): its bucket is empty on both sides (``teacher_logits.in_student_ids``).
     """
-    logprobs = (logits.float() / temperature).log_softmax(-1)
-    tail = logprobs.scatter(-1, top_k_ids, float("-inf")).logsumexp(-1, keepdim=True)
-    return torch.cat([logprobs.gather(-1, top_k_ids), tail.clamp_min(TAIL_FLOOR)], dim=-1)
+    logprobs = F.pad((logits.float() / temperature).log_softmax(-1), (0, 1), value=float("-inf"))
+    ids = top_k_ids.where(top_k_ids >= 0, logprobs.size(-1) - 1)  # -1: the padded, always-empty column
+    tail = logprobs.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
+    return torch.cat([logprobs.gather(-1, ids).clamp_min(TAIL_FLOOR), tail.clamp_min(TAIL_FLOOR)], dim=-1)
 
 
 def mixed(kd: torch.Tensor, ce: torch.Tensor | None, ce_weight: float) -> torch.Tensor:

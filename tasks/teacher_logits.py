@@ -29,6 +29,7 @@ from transformers import AutoConfig, AutoTokenizer
 from distilflow.tasks import artifacts
 from distilflow.tasks.artifacts import StageResult
 from distilflow.tasks.errors import DistilflowError
+from distilflow.tasks.kd import TAIL_FLOOR
 
 log = logging.getLogger("distilflow")
 
@@ -74,19 +75,48 @@ def tokenize(tokenizer, rows, max_length: int) -> list[Example]:
     return examples
 
 
-def require_shared_vocabulary(teacher_dir: Path, student_dir: str | Path) -> None:
-    """Logit KD compares distributions token by token: both models must use the same ids for the same tokens."""
-    teacher_tokenizer, student_tokenizer = AutoTokenizer.from_pretrained(teacher_dir), \
-        AutoTokenizer.from_pretrained(student_dir)
+def teacher_ids(teacher_dir: Path, student_dir: str | Path) -> torch.Tensor | None:
+    """The teacher's id of each of the student's tokens, or None where both use the same ids.
+
+    Logit KD compares distributions token by token: the student's tokens must be the teacher's, all of
+    them (the same vocabulary) or some (a trimmed one, ``distill.student.vocabulary: trim``), matched by
+    their text.
+    """
+    teacher_vocab, student_vocab = (AutoTokenizer.from_pretrained(d).get_vocab() for d in (teacher_dir, student_dir))
     teacher_size = AutoConfig.from_pretrained(teacher_dir).get_text_config().vocab_size
     student_size = AutoConfig.from_pretrained(student_dir).get_text_config().vocab_size
-    if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab() or teacher_size != student_size:
-        raise DistilflowError(
-            f"distill.phases has logit_kd, but the teacher's tokenizer ({teacher_dir}: "
-            f"{type(teacher_tokenizer).__name__}, {len(teacher_tokenizer)} tokens, vocab_size {teacher_size}) and "
-            f"the student's ({student_dir}: {type(student_tokenizer).__name__}, {len(student_tokenizer)} tokens, "
-            f"vocab_size {student_size}) do not share a vocabulary, so their token distributions cannot be "
-            "compared. Use the sft phase (sequence-level KD on the teacher's answers) instead.")
+    if teacher_vocab == student_vocab and teacher_size == student_size:
+        return None
+    if student_vocab.keys() <= teacher_vocab.keys() and sorted(student_vocab.values()) == list(range(student_size)):
+        ids = torch.empty(student_size, dtype=torch.long)
+        ids[list(student_vocab.values())] = torch.tensor([teacher_vocab[token] for token in student_vocab])
+        return ids
+    raise DistilflowError(
+        f"distill.phases has logit_kd, but the teacher's tokenizer ({teacher_dir}: "
+        f"{len(teacher_vocab)} tokens, vocab_size {teacher_size}) and the student's ({student_dir}: "
+        f"{len(student_vocab)} tokens, vocab_size {student_size}) do not share a vocabulary (nor is the student's "
+        "a part of the teacher's), so their token distributions cannot be compared. Use the sft phase "
+        "(sequence-level KD on the teacher's answers) instead.")
+
+
+def in_teacher_ids(examples: list[Example], teacher_ids: torch.Tensor) -> list[Example]:
+    """The student's tokenized examples in the teacher's ids, for the teacher to score."""
+    return [Example(input_ids=teacher_ids[e.input_ids].tolist(), completion_mask=e.completion_mask) for e in examples]
+
+
+def in_student_ids(tensors: dict[str, torch.Tensor], teacher_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Cached teacher log-probs (``compute``'s, in the teacher's ids) in the student's ids: a top-k token the
+    student lacks becomes id -1 at ``TAIL_FLOOR``, its probability moved into the tail (the tail holds every
+    token the student cannot tell apart)."""
+    size = max(int(teacher_ids.max()), int(tensors["topk_ids"].max()), int(tensors["input_ids"].max())) + 1
+    student_id = torch.full((size,), -1, dtype=torch.long)
+    student_id[teacher_ids] = torch.arange(len(teacher_ids))
+    topk_ids = student_id[tensors["topk_ids"].long()]
+    absent, logprobs = topk_ids < 0, tensors["topk_logprobs"].float()
+    tail = torch.logaddexp(tensors["tail_logprob"], logprobs.masked_fill(~absent, float("-inf")).logsumexp(-1))
+    return {**tensors, "input_ids": student_id[tensors["input_ids"].long()].to(torch.int32),
+            "topk_ids": topk_ids.to(torch.int32), "tail_logprob": tail,
+            "topk_logprobs": logprobs.masked_fill(absent, TAIL_FLOOR).to(torch.float16)}
 
 
 def require_served_vocabulary(teacher, student_dir: str | Path) -> None:

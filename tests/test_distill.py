@@ -181,7 +181,7 @@ def test_a_student_with_another_vocabulary_is_refused_naming_both_tokenizers(tmp
     tokenizer.save_pretrained(other)
     AutoConfig.from_pretrained(TINY_TEACHER).save_pretrained(other)
     with pytest.raises(DistilflowError) as caught:
-        teacher_logits.require_shared_vocabulary(TINY_TEACHER, other)
+        teacher_logits.teacher_ids(TINY_TEACHER, other)
     message = str(caught.value)
     assert str(TINY_TEACHER) in message and str(other) in message and "sft" in message
 
