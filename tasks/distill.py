@@ -193,12 +193,12 @@ def teacher_sources(phase: str, start: str | Path, dataset: Dataset, teacher_dir
     if cfg.logit_kd.teacher_logits == "online":
         return {"teacher": str(teacher_dir)}
     examples = teacher_logits.tokenize(AutoTokenizer.from_pretrained(start), dataset, cfg.logit_kd.max_length)
+    ids = None if served else teacher_logits.teacher_ids(teacher_dir, start)  # a trimmed student's, else None
+    if ids is not None:
+        examples = teacher_logits.in_teacher_ids(examples, ids)
     if served is not None:
         cache = teacher_logits.cached_from_endpoint(served, examples, cfg.logit_kd.top_k, ctx.workdir)
     else:
-        ids = teacher_logits.teacher_ids(teacher_dir, start)  # None, or a trimmed student's tokens as the teacher's
-        if ids is not None:
-            examples = teacher_logits.in_teacher_ids(examples, ids)
         cache = teacher_logits.cached(teacher_dir, examples, cfg.logit_kd.top_k, cfg.logit_kd.temperature,
                                       ctx.workdir, load_teacher=lambda: load_model(teacher_dir, ctx.device)[0])
     ctx.tracker.log_metrics(cache.metrics)
