@@ -353,6 +353,12 @@ class LogitKDConfig(TrainingConfig):
                                 "token, the first one included (the label of a choice task); observed (TRL's default): "
                                 "those at the answer tokens, which predict the token after each, so the first "
                                 "answer token's distribution is never compared.")
+    uld_teacher_prompt: Literal["student", "few_shot"] = Field(
+        "student", description="use_uld_loss: the prompt the teacher reads before each answer. student (TRL GOLD's "
+                               "way): the student's prompt as the student's chat template renders it; few_shot: the "
+                               "chat the teacher answered in the prototype stage, with its few-shot examples, in "
+                               "its own chat template (for a base-model teacher, whose answers mean something only "
+                               "after its examples). Off-policy steps only: needs on_policy_fraction 0.")
 
     @model_validator(mode="after")
     def _on_policy_needs_the_teacher(self):
@@ -362,6 +368,10 @@ class LogitKDConfig(TrainingConfig):
         if self.use_uld_loss and self.teacher_logits == "offline":
             raise ValueError("use_uld_loss needs teacher_logits: online (the teacher reads each example in its own "
                              "tokens beside the student; the offline cache assumes one tokenization for both)")
+        if self.uld_teacher_prompt == "few_shot" and self.on_policy_fraction > 0:
+            raise ValueError("uld_teacher_prompt: few_shot applies to the teacher's answers in the dataset; "
+                             "on-policy continuations (on_policy_fraction > 0) have only the student's prompt: set "
+                             "one of them back (uld_teacher_prompt: student, or on_policy_fraction: 0)")
         return self
 
 

@@ -37,7 +37,7 @@ from trl.experimental.gold import GOLDConfig, GOLDTrainer
 
 from distilflow.configs.schema import (DistillConfig, EvalConfig, LogitKDConfig, LoraConfig, ModelTrust,
                                       StudentConfig, TaskConfig, TrainingConfig)
-from distilflow.tasks import checks, decoding, kd, prune, teacher_logits
+from distilflow.tasks import checks, data, decoding, kd, prune, teacher_logits
 from distilflow.tasks.artifacts import StageResult
 from distilflow.tasks.context import StageContext
 from distilflow.tasks.data import TaskData
@@ -346,6 +346,8 @@ def uld_trainer(student, tokenizer, teacher, dataset: Dataset, settings: LogitKD
     loss compares sorted probability vectors at answer positions paired by position (ULD) or by the answer's
     bytes (``use_extended_uld``), with matched tokens compared directly under ``uld_use_hybrid_loss``.
     ``ce_weight`` splits the loss between cross-entropy on the answers and distillation, as in plain KD.
+    With ``uld_teacher_prompt: few_shot`` the teacher reads, before each answer, the chat it answered in the
+    prototype stage (its few-shot examples, its own chat template) instead of the student's prompt.
     """
     args = training_args(
         GOLDConfig, settings, ctx, use_uld_loss=True, use_extended_uld=settings.use_extended_uld,
@@ -355,8 +357,27 @@ def uld_trainer(student, tokenizer, teacher, dataset: Dataset, settings: LogitKD
         teacher_tokenizer_name_or_path=teacher.name_or_path, beta=kd.trl_beta(settings),
         lmbda=settings.on_policy_fraction, temperature=settings.temperature,
         max_completion_length=settings.max_new_tokens, max_length=settings.max_length, **COUNT_TOKENS)
-    return GOLDTrainer(model=student, teacher_model=teacher, args=args, processing_class=tokenizer,
-                       train_dataset=dataset.select_columns(["prompt", "completion"]), callbacks=callbacks)
+    trainer = GOLDTrainer(model=student, teacher_model=teacher, args=args, processing_class=tokenizer,
+                          train_dataset=dataset.select_columns(["prompt", "completion"]), callbacks=callbacks)
+    if settings.uld_teacher_prompt == "few_shot":
+        # GOLD re-tokenizes each example's original_prompt_text with the teacher's tokenizer (the teacher's
+        # input); the student's tokens, prepared from its own prompt, stay as they are.
+        prompts = teachers_own_prompts(trainer.teacher_tokenizer, dataset)
+        trainer.train_dataset = trainer.train_dataset.map(lambda _, i: {"original_prompt_text": prompts[i]},
+                                                          with_indices=True)
+    return trainer
+
+
+def teachers_own_prompts(teacher_tokenizer, dataset: Dataset) -> list[str]:
+    """Each example's prompt as the teacher answered it in the prototype stage (``teacher_prompt``: with its
+    few-shot examples), in the teacher's chat template, less a leading <bos> its tokenizer adds itself."""
+    if "teacher_prompt" not in dataset.column_names:
+        raise DistilflowError("distill.logit_kd.uld_teacher_prompt is few_shot, but the distillation set has no "
+                              "teacher_prompt column (written by the prototype stage since this option exists): "
+                              "run the prototype stage again, or set uld_teacher_prompt: student")
+    prompts = [data.render(teacher_tokenizer, chat) for chat in dataset["teacher_prompt"]]
+    bos = teacher_tokenizer.bos_token if getattr(teacher_tokenizer, "add_bos_token", False) else None
+    return [prompt.removeprefix(bos) for prompt in prompts] if bos else prompts
 
 
 def grpo(student, tokenizer, dataset: Dataset, cfg: DistillConfig, ctx: StageContext):

@@ -10,13 +10,16 @@ import sys
 
 import pytest
 import torch
+from datasets import Dataset, load_from_disk
 from safetensors.torch import load_file
 
 from distilflow.configs.loader import load_config
 from distilflow.configs.schema import LocalTeacherConfig
 from distilflow.tasks import distill, models, teacher_logits
+from distilflow.tasks.data import load_task_data
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.models import gguf_package_file, load_model, load_teacher, sentencepiece_bpe
+from distilflow.tasks.prototype import write_dataset
 from distilflow.tasks.tracking import FileTracker, LogTracker
 from tests.conftest import REPO, TINY_CONFIG, TINY_TEACHER, tiny_model_with_its_own_tokenizer
 from tests.test_distill import context, tiny_dataset
@@ -59,6 +62,33 @@ def test_uld_loss_trains_a_student_from_a_teacher_with_another_tokenizer_and_low
     assert any(not torch.equal(before[name], weight) for name, weight in trained.state_dict().items())
 
 
+def test_with_uld_teacher_prompt_few_shot_the_teacher_reads_the_chat_it_answered_with_its_examples(
+        other_teacher, tmp_path):
+    cfg = load_config(TINY_CONFIG, {"run.workdir": str(tmp_path / "work"), **ULD,
+                                    "distill.logit_kd.uld_teacher_prompt": "few_shot"})
+    rows = load_task_data(cfg.task, cfg.run.seed).train[:6]
+    shots = tuple(rows[4:])
+    kept = [{"row": row, "answer": row["label"], "score": 1.0, "input_index": i, "sample": 0}
+            for i, row in enumerate(rows[:4])]
+    write_dataset(kept, cfg.task, "reference labels", cfg.prototype, tmp_path / "data", tmp_path / "d.jsonl",
+                  shots=shots)
+    teacher, _ = load_model(other_teacher, CPU)
+    student, tokenizer = load_model(TINY_TEACHER, CPU)
+    trainer = distill.uld_trainer(student, tokenizer, teacher, load_from_disk(tmp_path / "data"), cfg.distill.logit_kd,
+                                  context(cfg, tmp_path), callbacks=[])
+
+    batch = next(iter(trainer.get_train_dataloader()))
+    for prompt, ids in zip(batch["original_prompt_text"], batch["input_ids"]):
+        assert all(shot["text"] in prompt for shot in shots)  # the teacher reads its examples ...
+        assert not any(shot["text"] in tokenizer.decode(ids) for shot in shots)  # ... the student does not
+
+
+def test_uld_teacher_prompt_few_shot_over_a_dataset_without_teacher_prompts_names_the_fix(tiny_teacher):
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": "q"}]}])
+    with pytest.raises(DistilflowError, match="no teacher_prompt column.*run the prototype stage again"):
+        distill.teachers_own_prompts(tiny_teacher[1], dataset)
+
+
 def test_uld_loss_asked_for_with_a_shared_vocabulary_says_so_and_uses_plain_logit_kd(tmp_path, caplog):
     cfg = load_config(TINY_CONFIG, {"run.workdir": str(tmp_path / "work"), **ULD})
     metrics = tmp_path / "metrics.jsonl"
@@ -83,9 +113,14 @@ def test_logit_kd_across_vocabularies_uses_uld_when_asked_and_is_refused_without
         distill.with_logit_kd_loss_for_the_vocabularies(plain.distill, other_teacher, TINY_TEACHER, ctx)
 
 
-def test_uld_loss_with_offline_teacher_logits_is_refused_naming_both_keys():
-    with pytest.raises(DistilflowError, match="use_uld_loss needs teacher_logits: online"):
-        load_config(TINY_CONFIG, {"distill.logit_kd.use_uld_loss": True})
+@pytest.mark.parametrize("overrides, message", [
+    ({"distill.logit_kd.use_uld_loss": True}, "use_uld_loss needs teacher_logits: online"),
+    ({**ULD, "distill.logit_kd.uld_teacher_prompt": "few_shot", "distill.logit_kd.on_policy_fraction": 0.5},
+     "uld_teacher_prompt: few_shot applies to the teacher's answers in the dataset"),
+])
+def test_uld_settings_the_teacher_cannot_serve_are_refused_naming_the_keys(overrides, message):
+    with pytest.raises(DistilflowError, match=message):
+        load_config(TINY_CONFIG, overrides)
 
 
 # --- a student from the layers of a given model -------------------------------------------------------------
