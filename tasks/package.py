@@ -5,7 +5,6 @@ llama.cpp (gguf/); the model card (README.md) with the journey chart; the teache
 """
 
 import importlib.metadata
-import importlib.util
 import json
 import re
 from importlib.resources import files
@@ -17,6 +16,7 @@ import yaml
 from distilflow.configs.schema import DeployConfig, HttpTeacherConfig, ServingConfig, TaskConfig, TeacherConfig
 from distilflow.tasks import data
 from distilflow.tasks.evaluate import journey_table
+from distilflow.tasks.models import gguf_package_file
 
 LLAMA_CPP_PORT = 8080  # llama-server's default
 HOST_COMMENT = "# this machine's clients only; 0.0.0.0 inside a container (the Dockerfile passes --host 0.0.0.0)"
@@ -158,8 +158,7 @@ def teacher_card(cfg: TeacherConfig) -> dict:
     if isinstance(cfg, HttpTeacherConfig):
         return {"source": f"{cfg.model} at {cfg.base_url} (OpenAI-compatible endpoint)", "base_model": cfg.model}
     if cfg.gguf_package:
-        spec = importlib.util.find_spec(cfg.gguf_package)
-        gguf_file = Path(spec.origin).parent / cfg.gguf_file
+        gguf_file = gguf_package_file(cfg.gguf_package, cfg.gguf_file, "prototype.teacher")
         fields = _gguf_license(gguf_file)
         if not fields.get("license"):
             fields["license"] = _package_license(cfg.gguf_package)

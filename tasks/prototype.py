@@ -38,7 +38,7 @@ def run(cfg: PrototypeConfig, upstream: dict[str, StageResult], ctx: StageContex
             f"{len(pool) * cfg.num_samples}); nothing to distill. Check task.check against the teacher's "
             "answers, or lower prototype.min_score / prototype.judge.threshold, or sample more "
             "(prototype.num_samples, prototype.temperature)")
-    write_dataset(kept, task, teacher.name, cfg, out / "dataset", out / "dataset.jsonl")
+    write_dataset(kept, task, teacher.name, cfg, out / "dataset", out / "dataset.jsonl", shots=prompting.shots)
 
     baseline = teacher.evaluate(ctx.examples.eval, task, ctx.eval, prompting)
     files = {"dataset": "dataset", "dataset_jsonl": "dataset.jsonl", "data_card": "data_card.md",
@@ -125,10 +125,12 @@ def rejection_sample(rows: list[dict], answers: list[list[str]], task: TaskConfi
 
 
 def write_dataset(kept: list[dict], task: TaskConfig, teacher: str, cfg: PrototypeConfig,
-                  directory: Path, jsonl: Path) -> None:
+                  directory: Path, jsonl: Path, shots: tuple[dict, ...] = ()) -> None:
     """The distillation set, as a `datasets` Arrow dir plus JSONL, in TRL's prompt-completion chat form,
-    with each answer's score and provenance (teacher, input, sample, temperature, label source)."""
+    with each answer's score and provenance (teacher, the chat it answered with its few-shot ``shots``,
+    input, sample, temperature, label source)."""
     records = [{"prompt": data.messages(k["row"], task), "completion": [{"role": "assistant", "content": k["answer"]}],
+                "teacher_prompt": data.messages(k["row"], task, shots),
                 "answer": k["answer"], "label": checks.label(k["row"], task) or "",
                 "label_source": "data" if checks.label(k["row"], task) is not None else "teacher",
                 "score": k["score"], **({"judge_score": k["judge_score"]} if cfg.judge else {}),

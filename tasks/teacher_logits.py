@@ -96,7 +96,8 @@ def teacher_ids(teacher_dir: Path, student_dir: str | Path) -> torch.Tensor | No
         f"{len(teacher_vocab)} tokens, vocab_size {teacher_size}) and the student's ({student_dir}: "
         f"{len(student_vocab)} tokens, vocab_size {student_size}) do not share a vocabulary (nor is the student's "
         "a part of the teacher's), so their token distributions cannot be compared. Use the sft phase "
-        "(sequence-level KD on the teacher's answers) instead.")
+        "(sequence-level KD on the teacher's answers) instead, or distil across vocabularies with "
+        "distill.logit_kd.use_uld_loss: true (and teacher_logits: online).")
 
 
 def in_teacher_ids(examples: list[Example], teacher_ids: torch.Tensor) -> list[Example]:

@@ -51,6 +51,36 @@ def tiny_teacher():
     return model, tokenizer
 
 
+def tiny_model_with_its_own_tokenizer(directory: Path, vocab_size: int = 320) -> Path:
+    """A random 2-layer Llama whose byte-level BPE vocabulary is trained here on the support tickets, so it
+    tokenizes the same text differently from the tiny teacher (SmolLM2's tokenizer); chat template: the tiny
+    teacher's. Built offline in about a second."""
+    import json
+
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    texts = [json.loads(line)["text"] for line in (REPO / "configs/data/support_tickets.jsonl").open()]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|im_start|>", "<|im_end|>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                        pad_token="<pad>")
+    tokenizer.chat_template = AutoTokenizer.from_pretrained(TINY_TEACHER).chat_template
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 def write_config(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:
     """A config file in tmp_path whose relative paths point into the repo's configs/ and tests/assets/."""
     path = tmp_path / name

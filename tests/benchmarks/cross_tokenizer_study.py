@@ -1,0 +1,56 @@
+"""The cross-tokenizer study (configs/cross-tokenizer-study.yaml): Gemma 3 270M teaches the SmolLM2-derived
+student, once per variant of the knowledge-transfer recipe; prototype runs once and is shared.
+
+    python -m tests.benchmarks.cross_tokenizer_study [--variants gold-few-shot uld gold] --out RESULT.json
+
+Stages are called directly (no Prefect, no MLflow; tracking goes to the log), as stages_direct.py does.
+Each variant prints its journey rows; the JSON holds them all, for tests/benchmarks/RESULTS.md.
+"""
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from distilflow.configs.loader import load_config
+from distilflow.tasks.stages import run_stage
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "cross-tokenizer-study.yaml"
+
+# What each variant sets on top of the config (its own distill cache key, so each trains from the start; the
+# sft phase is the same in each, and its journey row is the study's SFT-only row).
+VARIANTS = {
+    "gold-few-shot": {"distill.logit_kd.use_extended_uld": True, "distill.logit_kd.uld_use_hybrid_loss": True,
+                      "distill.logit_kd.uld_teacher_prompt": "few_shot"},
+    "uld": {"distill.logit_kd.use_extended_uld": False, "distill.logit_kd.uld_use_hybrid_loss": False,
+            "distill.logit_kd.uld_teacher_prompt": "student"},
+    "gold": {"distill.logit_kd.use_extended_uld": True, "distill.logit_kd.uld_use_hybrid_loss": True,
+             "distill.logit_kd.uld_teacher_prompt": "student"},
+}
+
+
+def run_study(variants: list[str], overrides: dict) -> dict:
+    cfg = load_config(CONFIG, overrides)
+    start = time.perf_counter()
+    prototype = run_stage("prototype", cfg, {})
+    results = {"prototype": {"journey": prototype.journey, "metrics": prototype.metrics,
+                             "seconds": time.perf_counter() - start}}
+    for name in variants:
+        start = time.perf_counter()
+        distill = run_stage("distill", load_config(CONFIG, {**overrides, **VARIANTS[name]}), {"prototype": prototype})
+        results[name] = {"journey": distill.journey, "metrics": distill.metrics,
+                         "seconds": time.perf_counter() - start}
+        print(json.dumps({name: results[name]}, indent=1), flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--workdir", help="run.workdir (default: the config's)")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    overrides = {"run.workdir": args.workdir} if args.workdir else {}
+    args.out.write_text(json.dumps(run_study(args.variants, overrides), indent=1))
