@@ -46,7 +46,7 @@ def test_uld_loss_trains_a_student_from_a_teacher_with_another_tokenizer_and_low
                                     "distill.logit_kd.max_steps": 8, "distill.logit_kd.learning_rate": 5e-3,
                                     "distill.logit_kd.logging_steps": 1, "distill.logit_kd.save_steps": 100})
     with pytest.raises(DistilflowError):  # the premise: plain logit KD cannot compare these two
-        teacher_logits.require_shared_vocabulary(other_teacher, TINY_TEACHER)
+        teacher_logits.teacher_ids(other_teacher, TINY_TEACHER)
     teacher, _ = load_model(other_teacher, CPU)
     student, tokenizer = load_model(TINY_TEACHER, CPU)
     before = {name: weight.clone() for name, weight in student.state_dict().items()}
