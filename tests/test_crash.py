@@ -54,7 +54,8 @@ def stages_cached_in_newest_run(workdir: Path) -> dict:
     return {run.data.tags["distilflow.stage"]: run.data.tags["distilflow.cached"] for run in children}
 
 
-@pytest.mark.parametrize("stage", ["compress", "deploy"])
+# compress also runs in `make test-slow`: a kill mid-deploy covers the same publish path, and the suite stays fast
+@pytest.mark.parametrize("stage", [pytest.param("compress", marks=pytest.mark.slow), "deploy"])
 def test_killed_stage_leaves_nothing_finished_and_the_rerun_redoes_only_it(tmp_path, stage):
     workdir = tmp_path / "work"
     kill_when_partial(start_run(workdir), workdir / "artifacts" / stage)
