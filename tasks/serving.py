@@ -51,8 +51,8 @@ class Engine:
 def choose_engine(cfg: ServingConfig, device_type: str) -> Engine | None:
     """The engine the bundle targets on this run's device: vLLM on a GPU where vllm is importable, else
     llama.cpp on the CPU; None when eval.serving.engine is none."""
-    name = cfg.engine if cfg.engine != "auto" else \
-        VLLM if device_type == "cuda" and importlib.util.find_spec("vllm") is not None else LLAMA_CPP
+    vllm_installed = importlib.util.find_spec("vllm") is not None or "DISTILFLOW_VLLM_PYTHONPATH" in os.environ
+    name = cfg.engine if cfg.engine != "auto" else VLLM if device_type == "cuda" and vllm_installed else LLAMA_CPP
     if name == "none":
         return None
     if name == VLLM and device_type != "cuda":
@@ -321,7 +321,7 @@ def _vllm_server(model_dir: Path, engine: Engine, cfg: ServingConfig) -> Iterato
     free, total = torch.cuda.mem_get_info()
     used_before = total - free
     with tempfile.TemporaryFile("w+") as logs:
-        process = subprocess.Popen(command, stdout=logs, stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen(command, stdout=logs, stderr=subprocess.STDOUT, text=True, env=vllm_environment())
         try:
             _wait_for_health(f"http://127.0.0.1:{port}/health", process, logs, model_dir, cfg.startup_timeout_s)
             server = Server(f"http://127.0.0.1:{port}/v1", model_dir.name, process.pid)
@@ -332,6 +332,13 @@ def _vllm_server(model_dir: Path, engine: Engine, cfg: ServingConfig) -> Iterato
             process.wait(timeout=120)
         finally:
             _stop(process)
+
+
+def vllm_environment(environ=os.environ) -> dict[str, str]:
+    """The vLLM server's environment: this one, or with DISTILFLOW_VLLM_PYTHONPATH as its PYTHONPATH, for vLLM
+    installed in an environment of its own (its pins conflict with llm-compressor's)."""
+    own = environ.get("DISTILFLOW_VLLM_PYTHONPATH")
+    return {**environ, "PYTHONPATH": own} if own else dict(environ)
 
 
 def kv_bytes_per_token(model_dir: Path) -> int:
