@@ -95,6 +95,19 @@ def test_a_state_without_speed_or_price_has_no_cost():
     assert serving.cost_entry(serving.not_measured(CPU, "why")) == {"batch1": None, "throughput": None}
 
 
+def test_vllm_in_its_own_environment_gets_that_pythonpath_and_nothing_else_changes():
+    environ = {"PATH": "/bin", "PYTHONPATH": "/site", "DISTILFLOW_VLLM_PYTHONPATH": "/site-vllm:/site"}
+    assert serving.vllm_environment(environ) == {**environ, "PYTHONPATH": "/site-vllm:/site"}
+    assert serving.vllm_environment({"PATH": "/bin"}) == {"PATH": "/bin"}
+
+
+def test_a_separate_vllm_environment_makes_vllm_the_gpu_engine_and_never_the_cpu_one(monkeypatch):
+    monkeypatch.setenv("DISTILFLOW_VLLM_PYTHONPATH", "/site-vllm")
+    assert serving.choose_engine(ServingConfig(), "cpu").name == serving.LLAMA_CPP
+    monkeypatch.setattr("torch.cuda.get_device_name", lambda *_: "NVIDIA H200")
+    assert serving.choose_engine(ServingConfig(), "cuda").name == serving.VLLM
+
+
 def test_cpu_price_is_per_vcpu_times_the_engines_threads():
     engine = serving.priced(serving.Engine(serving.LLAMA_CPP, "cpu", "cpu", threads=4), CostConfig())
     assert engine.usd_per_hour == pytest.approx(4 * CostConfig().usd_per_hour["cpu"])
