@@ -60,7 +60,8 @@ def validate(args) -> int:
     cfg = load_config(args.config, parse_overrides(args.set))
     preflight(cfg, tracking_uri(cfg.run.mlflow_tracking_uri, cfg.run.workdir))
     examples = load_task_data(cfg.task, cfg.run.seed)
-    print(f"{args.config}: valid ({len(examples.train)} training inputs, {len(examples.eval)} held-out)")
+    print(f"{args.config}: valid ({len(examples.train)} training inputs, {len(examples.eval)} held-out, "
+          f"{len(examples.pool)} in the few-shot pool; {examples.duplicates} duplicate inputs removed)")
     return 0
 
 

@@ -29,6 +29,7 @@ import peft
 import torch
 from accelerate import PartialState
 from datasets import Dataset, load_from_disk
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainingArguments, set_seed
 from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 from trl.experimental.gkd import GKDConfig
@@ -59,7 +60,7 @@ def run(cfg: DistillConfig, upstream: dict[str, StageResult], ctx: StageContext)
     # In memory: datasets would otherwise write its map caches into the upstream artifact.
     dataset = load_from_disk(prototype.path("dataset"), keep_in_memory=True)
     model_dir, origin = initial_student(cfg.student, teacher_dir, dataset, ctx)
-    if "logit_kd" in cfg.phases:
+    if "logit_kd" in cfg.phases and cfg.logit_kd.teacher_logits != "choices":
         teacher_logits.require_shared_vocabulary(teacher_dir, model_dir)
     ctx.tracker.log_params({"student.origin": origin, "student.allow_pickle": cfg.student.allow_pickle,
                             "student.trust_remote_code": cfg.student.trust_remote_code,
@@ -101,6 +102,14 @@ def check_can_train(cfg: DistillConfig, teacher_dir: Path | None, device: torch.
     if teacher_dir is None and "logit_kd" in cfg.phases:
         raise DistilflowError("distill.phases has logit_kd, which needs the teacher's token distributions, but the "
                               "teacher is a black box (an HTTP endpoint) that gives answers only; use sft and grpo")
+
+
+def require_choice_probabilities(dataset: Dataset) -> None:
+    """``logit_kd.teacher_logits: choices`` learns the label probabilities prototype recorded per answer."""
+    if "choice_probs" not in dataset.column_names:
+        raise DistilflowError("distill.logit_kd.teacher_logits is choices, but the distillation set has no "
+                              "choice_probs (the teacher's probability of each label): they are recorded for a "
+                              "choice task on a white-box teacher; use teacher_logits: offline")
 
 
 def initial_student(cfg: StudentConfig, teacher_dir: Path | None, dataset: Dataset,
@@ -159,7 +168,14 @@ def teacher_sources(phase: str, start: str | Path, dataset: Dataset, teacher_dir
         return {}
     if cfg.logit_kd.teacher_logits == "online":
         return {"teacher": str(teacher_dir)}
-    examples = teacher_logits.tokenize(AutoTokenizer.from_pretrained(start), dataset, cfg.logit_kd.max_length)
+    tokenizer = AutoTokenizer.from_pretrained(start)
+    examples = teacher_logits.tokenize(tokenizer, dataset, cfg.logit_kd.max_length)
+    if cfg.logit_kd.teacher_logits == "choices":  # no teacher run: the soft labels are in the dataset
+        require_choice_probabilities(dataset)
+        targets = ctx.checkpoint_dir / teacher_logits.FILE
+        save_file(teacher_logits.from_choices(tokenizer, dataset, examples, cfg.logit_kd.top_k,
+                                              cfg.logit_kd.temperature), targets)
+        return {"logits_file": str(targets)}
     cache = teacher_logits.cached(teacher_dir, examples, cfg.logit_kd.top_k, cfg.logit_kd.temperature,
                                   ctx.workdir, load_teacher=lambda: load_model(teacher_dir, ctx.device)[0])
     ctx.tracker.log_metrics(cache.metrics)
@@ -304,7 +320,8 @@ def logit_kd(student, tokenizer, dataset: Dataset, cfg: DistillConfig, ctx: Stag
 
 
 def grpo(student, tokenizer, dataset: Dataset, cfg: DistillConfig, ctx: StageContext):
-    """RL on the task's own check (the reward), plus a bonus for the teacher's answer; returns the merged model.
+    """RL on the task's own check (the reward; against the teacher's answer where the data has no label),
+    plus a bonus for the teacher's answer; returns the merged model.
 
     The KL penalty's reference is the phase's starting model (with LoRA: the base, adapters off).
     """
@@ -325,10 +342,12 @@ def grpo(student, tokenizer, dataset: Dataset, cfg: DistillConfig, ctx: StageCon
 
 
 def task_check_reward(task: TaskConfig):
-    """The task's check as a TRL reward function: the same score the evaluator and the filter use."""
-    def task_check(completions, label, **_) -> list[float]:
-        return [checks.score(_answer(c), {task.label_field: reference or None}, task)
-                for c, reference in zip(completions, label)]
+    """The task's check as a TRL reward function: the same score the evaluator and the filter use, against
+    each prompt's reference: its label where the data has one, else the teacher's kept answer (its majority
+    answer under prototype.min_agreement). So the reward needs no gold label."""
+    def task_check(completions, label, answer, **_) -> list[float]:
+        return [checks.score(_answer(c), {task.label_field: reference or teacher}, task)
+                for c, reference, teacher in zip(completions, label, answer)]
     return task_check
 
 

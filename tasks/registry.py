@@ -88,9 +88,23 @@ def gate_checks(gate: GateConfig, journey: list[dict], champion_score: float | N
         checks.append(_at_most("deploy.gate.max_latency_s", "smoke-test latency (s)", deployed["smoke_latency_s"],
                                gate.max_latency_s))
     if gate.max_regression is not None and champion_score is not None:
-        checks.append(_at_least("deploy.gate.max_regression", f"task score vs champion's {champion_score:.3f}",
-                                score, champion_score - gate.max_regression))
+        checks.append(regression_check(deployed, champion_score, gate.max_regression))
     return checks
+
+
+def regression_check(deployed: dict, champion_score: float, max_regression: float) -> Check:
+    """Did the new model score below the champion by more than ``max_regression`` plus the held-out split's
+    noise? It fails only when even the top of its 95% confidence interval is below the champion's score minus
+    ``max_regression``: a drop the held-out split cannot tell from chance does not block."""
+    score, interval = deployed["task_score"], deployed.get("task_score_ci")
+    top = interval[1] if interval else score  # a journey from before intervals: the score alone
+    limit = champion_score - max_regression
+    passed = top >= limit
+    measured = f"task score {score:.3f} (95% CI {interval[0]:.3f}–{interval[1]:.3f}), top of its interval " \
+        f"{top:.3f}" if interval else f"task score {score:.3f}"
+    return Check("deploy.gate.max_regression", passed,
+                 f"{measured} {'>=' if passed else '<'} {limit:.3f} (champion's {champion_score:.3f} "
+                 f"- max_regression {max_regression:g})" + ("" if passed else ": a drop beyond the noise"))
 
 
 def _at_least(key: str, what: str, value: float, limit: float) -> Check:

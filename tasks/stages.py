@@ -14,7 +14,7 @@ from distilflow.configs.schema import HttpTeacherConfig, PipelineConfig
 from distilflow.tasks import artifacts
 from distilflow.tasks.artifacts import StageResult
 from distilflow.tasks.context import StageContext
-from distilflow.tasks.data import load_task_data
+from distilflow.tasks.data import check_few_shot_pool, load_task_data
 from distilflow.tasks.models import resolve_device
 from distilflow.tasks.teachers import api_key
 from distilflow.tasks.tracking import LogTracker, Tracker, check_tracking_store
@@ -37,12 +37,12 @@ STAGES = {
 
 
 def preflight(cfg: PipelineConfig, tracking_uri: str) -> None:
-    """Everything that can be checked before the first stage: task data, workdir, device, tracking store,
-    the API key of an HTTP teacher.
+    """Everything that can be checked before the first stage: task data (and its few-shot pool), workdir,
+    device, tracking store, the API key of an HTTP teacher.
 
     A run that would fail on its input fails here, in seconds, with nothing written.
     """
-    load_task_data(cfg.task, cfg.run.seed)
+    check_few_shot_pool(load_task_data(cfg.task, cfg.run.seed), cfg.task, cfg.prototype)
     artifacts.check_writable(cfg.run.workdir)
     resolve_device(cfg.run.device)
     check_tracking_store(tracking_uri)

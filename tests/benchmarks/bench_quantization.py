@@ -71,7 +71,7 @@ class Text:
 def text(config: Path, eval_examples: int, calibration_samples: int) -> Text:
     task = load_config(config).task
     split = data.load_task_data(task, seed=0)
-    labelled = [row for row in split.train if data.label(row, task) is not None]
+    labelled = split.pool
     answered = [{"prompt": data.messages(row, task),
                  "completion": [{"role": "assistant", "content": data.label(row, task)}]} for row in labelled]
     shots = tuple({data.label(row, task): row for row in reversed(labelled)}.values())
