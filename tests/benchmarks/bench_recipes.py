@@ -34,7 +34,7 @@ JUDGE_RUBRIC = ("The answer is the queue that should handle the ticket: payment 
 FILTERS = {
     "none": {},
     "confidence": {"prototype.min_confidence": 0.5},
-    "agreement": {"prototype.num_samples": 8, "prototype.temperature": 1.0, "prototype.min_agreement": 0.75},
+    "agreement": {"prototype.num_samples": 8, "prototype.temperature": 1.0, "prototype.min_agreement": 0.5},
     "judge": {"prototype.judge": {"rubric": JUDGE_RUBRIC, "threshold": 4}},
 }
 
