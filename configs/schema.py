@@ -266,6 +266,13 @@ class PrototypeConfig(Section):
                                           "if the teacher's calibrated probability of it (the softmax of its "
                                           "constrained-choice scores) is at least this. Choice tasks on a "
                                           "white-box teacher.")
+    keep_most_confident: float | None = Field(
+        None, gt=0.0, le=1.0, description="Teacher confidence, balanced across labels (needs no label): for each "
+                                          "label the teacher answered with, keep this share of those answers, the "
+                                          "ones it gave the highest calibrated probability. Unlike min_confidence, "
+                                          "a teacher sure of some labels and unsure of others does not leave the "
+                                          "student with few examples of the others. Choice tasks on a white-box "
+                                          "teacher.")
     judge: JudgeConfig | None = Field(None, description="Optional LLM-as-judge filter of the kept answers (needs "
                                                         "no label).")
 
@@ -274,9 +281,10 @@ class PrototypeConfig(Section):
         if self.min_agreement is not None and (self.num_samples < 2 or self.temperature == 0):
             raise ValueError("prototype.min_agreement compares several sampled answers per input: set "
                              "prototype.num_samples >= 2 and prototype.temperature > 0")
-        if self.min_confidence is not None and isinstance(self.teacher, HttpTeacherConfig):
-            raise ValueError("prototype.min_confidence needs the teacher's probabilities, but prototype.teacher is "
-                             "an HTTP endpoint (text only); use min_agreement or judge instead")
+        for key in ("min_confidence", "keep_most_confident"):
+            if getattr(self, key) is not None and isinstance(self.teacher, HttpTeacherConfig):
+                raise ValueError(f"prototype.{key} needs the teacher's probabilities, but prototype.teacher is an "
+                                 "HTTP endpoint (text only); use min_agreement or judge instead")
         return self
 
 
@@ -658,6 +666,7 @@ class PipelineConfig(Section):
     @model_validator(mode="after")
     def _choice_probabilities_need_a_choice_task(self):
         needs = {"prototype.min_confidence": self.prototype.min_confidence is not None,
+                 "prototype.keep_most_confident": self.prototype.keep_most_confident is not None,
                  "distill.logit_kd.teacher_logits: choices": "logit_kd" in self.distill.phases
                  and self.distill.logit_kd.teacher_logits == "choices"}
         for key, used in needs.items():

@@ -2,6 +2,7 @@
 and its score on the held-out split becomes the bar every later model is measured against."""
 
 import json
+import math
 import statistics
 from collections import Counter
 from pathlib import Path
@@ -29,6 +30,9 @@ def run(cfg: PrototypeConfig, upstream: dict[str, StageResult], ctx: StageContex
     answers, distributions = teacher_answers(teacher, inputs, task, prompting, cfg, ctx.seed)
     kept, rejected = rejection_sample(inputs, answers, task, min_score=cfg.min_score, min_agreement=cfg.min_agreement,
                                       min_confidence=cfg.min_confidence, distributions=distributions)
+    if cfg.keep_most_confident is not None:
+        kept, less_confident = most_confident_per_label(kept, cfg.keep_most_confident)
+        rejected += less_confident
     if cfg.judge:
         judge = teacher if cfg.judge.teacher is None else \
             open_teacher(cfg.judge.teacher, ctx.device, "prototype.judge.teacher")
@@ -123,6 +127,7 @@ REASONS = {
     "outvoted": "prototype.min_agreement: not the input's majority answer",
     "duplicate": "the input's answer was kept already",
     "low_confidence": "prototype.min_confidence: the teacher's probability of its answer",
+    "less_confident": "prototype.keep_most_confident: not among the most confident answers with this label",
     "judge_low_score": "prototype.judge.threshold",
     "judge_unparsed": "prototype.judge: no score in the judge's reply",
 }
@@ -169,6 +174,18 @@ def rejection_sample(rows: list[dict], answers: list[list[str]], task: TaskConfi
                              "confidence": confidence, "agreement": agreement,
                              "choice_probs": distributions[index] if distributions else None})
     return kept, rejected
+
+
+def most_confident_per_label(kept: list[dict], share: float) -> tuple[list[dict], Counter]:
+    """For each answer the teacher gave, the ``share`` of its kept rows it was most confident in (at least
+    one), in their original order; the rest counted as ``less_confident``."""
+    by_answer: dict[str, list[dict]] = {}
+    for item in kept:
+        by_answer.setdefault(item["answer"], []).append(item)
+    chosen = {id(item) for items in by_answer.values()
+              for item in sorted(items, key=lambda k: -k["confidence"])[:max(1, math.ceil(share * len(items)))]}
+    dropped = len(kept) - len(chosen)
+    return [item for item in kept if id(item) in chosen], Counter(less_confident=dropped) if dropped else Counter()
 
 
 def write_dataset(kept: list[dict], task: TaskConfig, teacher: str, cfg: PrototypeConfig,
@@ -230,7 +247,9 @@ def data_card(kept: list[dict], rejected: Counter, examples: TaskData, cfg: Prot
     if confidences:
         lines += ["", f"Teacher's probability of its kept answers: mean {statistics.fmean(confidences):.2f}, "
                       f"min {min(confidences):.2f}"
-                      + (f" (prototype.min_confidence {cfg.min_confidence:g})." if cfg.min_confidence else ".")]
+                      + (f" (prototype.min_confidence {cfg.min_confidence:g})." if cfg.min_confidence else ".")
+                      + (f" The most confident {cfg.keep_most_confident:.0%} of each label's answers kept "
+                         "(prototype.keep_most_confident)." if cfg.keep_most_confident else "")]
     if cfg.min_agreement is not None:
         lines += ["", f"Self-consistency: an input's majority answer is kept when at least {cfg.min_agreement:g} of "
                       f"its {cfg.num_samples} samples agree."]

@@ -20,7 +20,7 @@ from distilflow.tasks.data import TaskData
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.evaluate import JOURNEY_FIELDS
 from distilflow.tasks.judge import SCORES, judge_filter, judge_scores, parse_score
-from distilflow.tasks.prototype import data_card, rejection_sample
+from distilflow.tasks.prototype import data_card, most_confident_per_label, rejection_sample
 from distilflow.tasks.stages import run_stage
 from distilflow.tasks.teachers import LocalTeacher
 from tests.conftest import TINY_CONFIG, TINY_TEACHER, free_port
@@ -68,6 +68,15 @@ def test_teacher_confidence_drops_answers_it_gave_a_low_probability(tiny_cfg):
     assert rejected == Counter(low_confidence=1)
 
 
+def test_confidence_per_label_keeps_each_labels_most_confident_answers(tiny_cfg):
+    kept = [{"answer": answer, "confidence": confidence} for answer, confidence in
+            [("payment", 0.9), ("payment", 0.8), ("payment", 0.7), ("payment", 0.6), ("bug", 0.4), ("bug", 0.3)]]
+    chosen, rejected = most_confident_per_label(kept, 0.5)
+    # a teacher surer of payment than of bug still leaves the student half of its bug answers
+    assert [(k["answer"], k["confidence"]) for k in chosen] == [("payment", 0.9), ("payment", 0.8), ("bug", 0.4)]
+    assert rejected == Counter(less_confident=3)
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"prototype.min_agreement": 0.6, "prototype.num_samples": 1}, "min_agreement .*num_samples >= 2"),
     ({"prototype.min_agreement": 0.6, "prototype.temperature": 0.0}, "min_agreement .*temperature > 0"),
@@ -75,6 +84,8 @@ def test_teacher_confidence_drops_answers_it_gave_a_low_probability(tiny_cfg):
      "min_confidence .* only a choice task"),
     ({"prototype.min_confidence": 0.5, "prototype.teacher": {"base_url": "http://127.0.0.1:9/v1", "model": "m"},
       "distill.student": {"path": str(TINY_TEACHER)}}, "min_confidence .* HTTP endpoint"),
+    ({"prototype.keep_most_confident": 0.5, "task.check": {"type": "regex", "pattern": "[a-z]+"}},
+     "keep_most_confident .* only a choice task"),
 ])
 def test_a_label_free_filter_without_its_signal_is_refused_naming_the_key(overrides, message):
     with pytest.raises(DistilflowError, match=message):

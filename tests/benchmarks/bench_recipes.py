@@ -1,7 +1,7 @@
 """The recipe study (configs/recipe-study.yaml): which way of learning from the teacher alone works best.
 
-For each label-free filter of the teacher's answers (none, teacher confidence, agreement across samples,
-the judge), the prototype and distill stages run on the study config; distill's phases (sft, then logit KD
+For each label-free filter of the teacher's answers (none, teacher confidence, teacher confidence per label,
+agreement across samples, the judge), the prototype and distill stages run on the study config; distill's phases (sft, then logit KD
 on the teacher's soft labels, then GRPO rewarded by agreement with the teacher) give one row each. Every
 student is scored on the same 400 held-out tickets, with a 95% confidence interval. Stages are cached by
 content in the workdir, so an interrupted study resumes and the filters share what they can.
@@ -31,11 +31,16 @@ CONFIG = REPO / "configs" / "recipe-study.yaml"
 JUDGE_RUBRIC = ("The answer is the queue that should handle the ticket: payment for charges, refunds and invoices; "
                 "delivery for parcels and shipping; bug for something that does not work; account for logins, "
                 "profiles and personal data.")
+# Every student trains the same number of steps, whatever a filter leaves: 40 per phase, one epoch of the
+# unfiltered 320 answers at batch 8 (a filter that halves the data would otherwise also halve the training).
+SAME_STEPS = {"distill.sft.max_steps": 40, "distill.logit_kd.max_steps": 40}
 FILTERS = {
     "none": {},
-    "confidence": {"prototype.min_confidence": 0.5},
-    "agreement": {"prototype.num_samples": 8, "prototype.temperature": 1.0, "prototype.min_agreement": 0.5},
-    "judge": {"prototype.judge": {"rubric": JUDGE_RUBRIC, "threshold": 4}},
+    "confidence": {"prototype.min_confidence": 0.5, **SAME_STEPS},
+    "confidence-per-label": {"prototype.keep_most_confident": 0.6, **SAME_STEPS},
+    "agreement": {"prototype.num_samples": 8, "prototype.temperature": 1.0, "prototype.min_agreement": 0.5,
+                  **SAME_STEPS},
+    "judge": {"prototype.judge": {"rubric": JUDGE_RUBRIC, "threshold": 4}, **SAME_STEPS},
 }
 
 
