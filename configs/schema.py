@@ -236,8 +236,18 @@ class TaskConfig(Section):
                                                    "(e.g. {text: body}).")
     label_field: str | None = Field("label", description="Column holding the reference answer; rows without "
                                                          "one are labelled by the teacher.")
-    eval_size: int = Field(64, ge=1, description="Held-out examples (need labels); the rest is the training pool.")
-    max_train: int | None = Field(None, ge=1, description="Cap on training-pool inputs sent to the teacher.")
+    eval_size: int = Field(
+        64, ge=1, description="Held-out examples, drawn (seeded) from the labelled rows after rows with the same "
+                              "input (case and whitespace ignored) are reduced to one: no held-out input is ever a "
+                              "training input, a few-shot example or calibration data.")
+    few_shot_pool: int | None = Field(
+        None, ge=1, description="Labelled examples set aside, after the held-out split, for the teacher's few-shot "
+                                "examples and for scoring candidate few-shot sets; they are not training inputs, so "
+                                "with labels only on the held-out split and this pool, every kept answer is the "
+                                "teacher's own. Unset: the labelled training inputs serve as the pool (and are also "
+                                "answered by the teacher, their labels filtering its answers).")
+    max_train: int | None = Field(None, ge=1, description="Cap on training inputs sent to the teacher (the rows "
+                                                          "outside the held-out split and the few-shot pool).")
     system_prompt: str = Field("", description="System message of every prompt.")
     template: str = Field("{text}", description="User message; {field} names a data field (write {{ and }} for "
                                                 "literal braces).")
@@ -376,8 +386,38 @@ class PrototypeConfig(Section):
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy.")
     min_score: float = Field(1.0, ge=0.0, le=1.0,
                              description="Keep an answer whose check score is at least this (1.0: only answers "
-                                         "that fully match their label; lower keeps partial credit).")
-    judge: JudgeConfig | None = Field(None, description="Optional LLM-as-judge filter of the kept answers.")
+                                         "that fully match their label; lower keeps partial credit). An input "
+                                         "without a label scores 1 for any valid answer.")
+    min_agreement: float | None = Field(
+        None, gt=0.0, le=1.0, description="Self-consistency, a filter that needs no label: keep only an input's "
+                                          "majority answer, and only when at least this share of its num_samples "
+                                          "answers (sampled at temperature > 0) agree with it. Unset: every "
+                                          "distinct valid answer is a candidate.")
+    min_confidence: float | None = Field(
+        None, ge=0.0, le=1.0, description="Teacher confidence, a filter that needs no label: keep an answer only "
+                                          "if the teacher's calibrated probability of it (the softmax of its "
+                                          "constrained-choice scores) is at least this. Choice tasks on a "
+                                          "white-box teacher.")
+    keep_most_confident: float | None = Field(
+        None, gt=0.0, le=1.0, description="Teacher confidence, balanced across labels (needs no label): for each "
+                                          "label the teacher answered with, keep this share of those answers, the "
+                                          "ones it gave the highest calibrated probability. Unlike min_confidence, "
+                                          "a teacher sure of some labels and unsure of others does not leave the "
+                                          "student with few examples of the others. Choice tasks on a white-box "
+                                          "teacher.")
+    judge: JudgeConfig | None = Field(None, description="Optional LLM-as-judge filter of the kept answers (needs "
+                                                        "no label).")
+
+    @model_validator(mode="after")
+    def _label_free_filters_need_their_signal(self):
+        if self.min_agreement is not None and (self.num_samples < 2 or self.temperature == 0):
+            raise ValueError("prototype.min_agreement compares several sampled answers per input: set "
+                             "prototype.num_samples >= 2 and prototype.temperature > 0")
+        for key in ("min_confidence", "keep_most_confident"):
+            if getattr(self, key) is not None and isinstance(self.teacher, HttpTeacherConfig):
+                raise ValueError(f"prototype.{key} needs the teacher's probabilities, but prototype.teacher is an "
+                                 "HTTP endpoint (text only); use min_agreement or judge instead")
+        return self
 
 
 class StudentConfig(ModelTrust):
@@ -508,10 +548,15 @@ class LogitKDPhase(TrainingPhase):
         0.0, ge=0.0, le=1.0, description="Share of steps on which the student writes the continuation and the "
                                          "teacher scores it (GKD's lambda); needs teacher_logits: online.")
     max_new_tokens: int = Field(16, ge=1, description="Length of on-policy continuations.")
-    teacher_logits: Literal["offline", "online"] = Field(
-        "offline", description="offline: the teacher's top-k log-probs are computed once, cached under "
+    teacher_logits: Literal["offline", "online", "choices"] = Field(
+        "offline", description="Where the teacher's distributions come from. offline: its top-k next-token "
+                               "log-probs on the student's prompt, computed once, cached under "
                                "WORKDIR/artifacts/teacher_logits and reused; training never loads the teacher. "
-                               "online: the teacher runs beside the student at every step (full vocabulary).")
+                               "online: the teacher runs beside the student at every step (full vocabulary). "
+                               "choices (choice tasks): the soft labels of classic KD, the teacher's calibrated "
+                               "probability of every label as it answered in prototype (few-shot prompt, "
+                               "calibration: `choice_probs` in dataset.jsonl), spread over the answer's tokens; "
+                               "needs neither the teacher's weights nor a vocabulary shared with the student.")
     top_k: int = Field(64, ge=1, description="Teacher log-probs kept per token in offline mode; the rest of the "
                                              "vocabulary is one tail bucket.")
     max_length: int = Field(256, ge=8, description="Tokens per training example (prompt + answer).")
@@ -552,7 +597,7 @@ class LogitKDPhase(TrainingPhase):
 
     @model_validator(mode="after")
     def _on_policy_needs_the_teacher(self):
-        if self.on_policy_fraction > 0 and self.teacher_logits == "offline":
+        if self.on_policy_fraction > 0 and self.teacher_logits != "online":
             raise ValueError("on_policy_fraction > 0 needs teacher_logits: online (the teacher scores the "
                              "student's own continuations during training)")
         if self.use_uld_loss and self.teacher_logits == "offline":
@@ -826,8 +871,11 @@ class GateConfig(Section):
     max_latency_s: float | None = Field(
         None, gt=0, description="Seconds per answer in the fresh-process smoke test, on the pipeline's device.")
     max_regression: float | None = Field(
-        0.0, ge=0, description="Largest drop in task score below the current champion's; 0 means a model "
-                               "that scores lower never replaces the champion. Unset: not compared.")
+        0.0, ge=0, description="Largest drop in task score below the current champion's, beyond the held-out "
+                               "split's noise: the check fails only when the top of the new model's 95% confidence "
+                               "interval (task_score_ci) is below the champion's score minus this. 0: a drop the "
+                               "held-out split can tell from noise blocks; a smaller one does not. Unset: not "
+                               "compared.")
     max_engine_gap: float | Literal["auto"] | None = Field(
         "auto", description="Largest difference between the deployed artifact's task score in its serving engine "
                             "(llama.cpp on the GGUF, vLLM on the checkpoint; the held-out split, constrained as a "
@@ -959,6 +1007,21 @@ class PipelineConfig(Section):
             raise ValueError(f"distill.logit_kd.temperature is {kd.temperature:g}, but an HTTP teacher's server "
                              "returns log-probs at temperature 1 and only their top k, from which a softened "
                              "distribution cannot be rebuilt; set it to 1.0")
+        return self
+
+    @model_validator(mode="after")
+    def _choice_probabilities_need_a_choice_task(self):
+        needs = {"prototype.min_confidence": self.prototype.min_confidence is not None,
+                 "prototype.keep_most_confident": self.prototype.keep_most_confident is not None,
+                 "distill.logit_kd.teacher_logits: choices": "logit_kd" in self.distill.phases
+                 and self.distill.logit_kd.teacher_logits == "choices"}
+        for key, used in needs.items():
+            if used and self.task.check.type != "choice":
+                raise ValueError(f"{key} uses the teacher's probability of each label, which only a choice task "
+                                 f"has (task.check.type is {self.task.check.type})")
+            if used and isinstance(self.prototype.teacher, HttpTeacherConfig):
+                raise ValueError(f"{key} uses the teacher's probability of each label, but prototype.teacher is "
+                                 "an HTTP endpoint (its label scores are not kept as distributions)")
         return self
 
     @model_validator(mode="before")

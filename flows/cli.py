@@ -86,7 +86,8 @@ def validate(args) -> int:
     examples = load_task_data(cfg.task, cfg.run.seed)
     for warning in length_warnings(cfg, examples):
         print(f"warning: {warning}", file=sys.stderr)
-    print(f"{args.config}: valid ({len(examples.train)} training inputs, {len(examples.eval)} held-out)")
+    print(f"{args.config}: valid ({len(examples.train)} training inputs, {len(examples.eval)} held-out, "
+          f"{len(examples.pool)} in the few-shot pool; {examples.duplicates} duplicate inputs removed)")
     return 0
 
 

@@ -7,12 +7,13 @@ import json
 import math
 import random
 import string
-from dataclasses import dataclass
+import unicodedata
+from dataclasses import dataclass, field
 from itertools import zip_longest
 from pathlib import Path
 
 from distilflow.configs.loader import decode_text
-from distilflow.configs.schema import TaskConfig
+from distilflow.configs.schema import PrototypeConfig, TaskConfig
 from distilflow.tasks import checks
 from distilflow.tasks.errors import DistilflowError
 
@@ -21,25 +22,73 @@ FORMATS = "a .jsonl, .json, .csv, .tsv or .parquet file, or a directory written 
 
 @dataclass(frozen=True)
 class TaskData:
-    """The task's examples, split once (seeded) so every stage sees the same held-out set."""
+    """The task's examples, split once (seeded) so every stage sees the same sets.
 
-    train: list[dict]
-    eval: list[dict]
+    ``eval`` (the held-out split) shares no input with ``train`` or ``pool``: inputs are deduplicated
+    (``normalized_input``) before the split, and each row lands in exactly one set.
+    """
+
+    train: list[dict]  # inputs the teacher answers: the distillation set is made from them
+    eval: list[dict]  # labelled, held out: every model's task score
+    pool: list[dict] = field(default_factory=list)  # labelled: few-shot examples and the sets that score them
+    duplicates: int = 0  # rows dropped before the split because an earlier row had the same input
 
 
 def load_task_data(cfg: TaskConfig, seed: int) -> TaskData:
     rows = [_map_fields(row, number, cfg) for number, row in enumerate(read_rows(cfg.data, cfg.data_split), start=1)]
     _check_rows(rows, cfg)
-    rows = random.Random(seed).sample(rows, len(rows))
-    labelled = [row for row in rows if checks.label(row, cfg) is not None]
+    unique = deduplicated(rows, cfg)
+    unique = random.Random(seed).sample(unique, len(unique))
+    labelled = [row for row in unique if checks.label(row, cfg) is not None]
     if len(labelled) <= cfg.eval_size:
         raise DistilflowError(
-            f"{cfg.data}: {len(labelled)} labelled examples, but task.eval_size is {cfg.eval_size}; "
-            "the held-out split needs labels and the training pool needs at least one example")
+            f"{cfg.data}: {len(labelled)} labelled examples (after removing {len(rows) - len(unique)} duplicate "
+            f"inputs), but task.eval_size is {cfg.eval_size}; the held-out split needs labels and the training "
+            "pool needs at least one example")
     held_out = labelled[:cfg.eval_size]
-    held_out_ids = {id(row) for row in held_out}
-    train = [row for row in rows if id(row) not in held_out_ids][:cfg.max_train]
-    return TaskData(train=train, eval=held_out)
+    set_aside = labelled[cfg.eval_size:][:cfg.few_shot_pool] if cfg.few_shot_pool is not None else []
+    taken = {id(row) for row in held_out + set_aside}
+    train = [row for row in unique if id(row) not in taken][:cfg.max_train]
+    if not train:
+        raise DistilflowError(
+            f"{cfg.data}: no training inputs left after the held-out split (task.eval_size {cfg.eval_size}) and "
+            f"the few-shot pool (task.few_shot_pool {cfg.few_shot_pool}); add inputs or lower those settings")
+    pool = set_aside if cfg.few_shot_pool is not None else [row for row in train if checks.label(row, cfg) is not None]
+    return TaskData(train=train, eval=held_out, pool=pool, duplicates=len(rows) - len(unique))
+
+
+def deduplicated(rows: list[dict], cfg: TaskConfig) -> list[dict]:
+    """One row per input (``normalized_input``): the first labelled one, else the first. A held-out input
+    that also appeared among the training inputs would test memory, not skill."""
+    chosen: dict[str, dict] = {}
+    for row in rows:
+        key = normalized_input(row, cfg)
+        if key not in chosen or (checks.label(chosen[key], cfg) is None and checks.label(row, cfg) is not None):
+            chosen[key] = row
+    return list(chosen.values())
+
+
+def normalized_input(row: dict, cfg: TaskConfig) -> str:
+    """What the model reads of ``row`` (its user message), with case, Unicode forms and runs of whitespace
+    ignored: two rows that differ only in those are the same input."""
+    return " ".join(unicodedata.normalize("NFKC", user_message(row, cfg)).split()).casefold()
+
+
+def check_few_shot_pool(examples: TaskData, task: TaskConfig, prototype: PrototypeConfig) -> None:
+    """The labelled pool holds enough examples for the few-shot settings: the shots, and with several
+    candidate sets, the examples that score each set (never its own shots)."""
+    needed = prototype.few_shot + (prototype.shot_dev_size if prototype.shot_candidates > 1 else 0)
+    if len(examples.pool) >= needed:
+        return
+    source = f"task.few_shot_pool is {task.few_shot_pool}" if task.few_shot_pool is not None else \
+        "task.few_shot_pool is unset: the labelled training inputs"
+    wants = f"prototype.few_shot ({prototype.few_shot})" + (
+        f" + prototype.shot_dev_size ({prototype.shot_dev_size}, since prototype.shot_candidates is "
+        f"{prototype.shot_candidates})" if prototype.shot_candidates > 1 else "")
+    raise DistilflowError(
+        f"{task.data}: the labelled few-shot pool has {len(examples.pool)} examples ({source}; labelled examples "
+        f"outside the held-out split of task.eval_size {task.eval_size}), but {wants} needs {needed}. Label more "
+        "examples, raise task.few_shot_pool, or lower those prototype settings")
 
 
 def read_rows(path: Path, split: str | None = None) -> list[dict]:
@@ -195,10 +244,10 @@ def _template_fields(template: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(template) if name}
 
 
-def few_shot_examples(train: list[dict], cfg: TaskConfig, k: int, seed: int) -> list[dict]:
-    """k labelled training examples (seeded); for a choice task, cycling through the labels so each is shown."""
+def few_shot_examples(pool: list[dict], cfg: TaskConfig, k: int, seed: int) -> list[dict]:
+    """k labelled examples of ``pool`` (seeded); for a choice task, cycling through the labels so each is shown."""
     rng = random.Random(seed)
-    labelled = [r for r in train if checks.label(r, cfg) is not None]
+    labelled = [r for r in pool if checks.label(r, cfg) is not None]
     if cfg.check.type != "choice":
         return rng.sample(labelled, min(k, len(labelled)))
     pools = [[r for r in labelled if checks.label(r, cfg) == choice] for choice in cfg.check.choices]

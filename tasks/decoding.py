@@ -89,10 +89,21 @@ def choose(model, tokenizer, prompts: list[str], choices: list[str], *,
     are subtracted (contextual calibration), which removes a small model's bias toward some labels.
     Temperature 0 takes the best choice; above 0, ``num_samples`` choices are sampled per prompt.
     """
+    scores = calibrated_choice_scores(model, tokenizer, prompts, choices, calibration_prompts=calibration_prompts,
+                                      desc=desc)
+    return pick(scores, choices, temperature=temperature, num_samples=num_samples, seed=seed)
+
+
+def calibrated_choice_scores(model, tokenizer, prompts: list[str], choices: list[str], *,
+                             calibration_prompts: list[str] = (), desc: str | None = None) -> torch.Tensor:
+    """Each choice's log-likelihood after each prompt, less its mean over ``calibration_prompts`` (if any).
+
+    Their softmax over the choices is the model's calibrated probability of each answer.
+    """
     scores = choice_logprobs(model, tokenizer, prompts, choices, desc=desc)
-    calibration = choice_logprobs(model, tokenizer, list(calibration_prompts), choices) if calibration_prompts \
-        else None
-    return pick(scores, choices, calibration, temperature=temperature, num_samples=num_samples, seed=seed)
+    if calibration_prompts:
+        scores = scores - choice_logprobs(model, tokenizer, list(calibration_prompts), choices).mean(0)
+    return scores
 
 
 def pick(scores: torch.Tensor, choices: list[str], calibration: torch.Tensor | None = None, *,

@@ -64,10 +64,11 @@ def run(cfg: DistillConfig, upstream: dict[str, StageResult], ctx: StageContext)
     dataset = load_from_disk(prototype.path("dataset"), keep_in_memory=True)
     model_dir, origin = initial_student(cfg.student, teacher_dir, dataset, ctx)
     served = None
-    if "logit_kd" in cfg.phases and teacher_dir is None:
+    from_the_teacher = "logit_kd" in cfg.phases and cfg.logit_kd.teacher_logits != "choices"
+    if from_the_teacher and teacher_dir is None:
         served = served_teacher(prototype.path("teacher_endpoint"), cfg.logit_kd.top_k)
         teacher_logits.require_served_vocabulary(served, model_dir)
-    elif "logit_kd" in cfg.phases:
+    elif from_the_teacher:
         cfg = with_logit_kd_loss_for_the_vocabularies(cfg, teacher_dir, model_dir, ctx)
     ctx.tracker.log_params({"student.origin": origin, "student.allow_pickle": cfg.student.allow_pickle,
                             "student.trust_remote_code": cfg.student.trust_remote_code,
@@ -139,6 +140,14 @@ def with_logit_kd_loss_for_the_vocabularies(cfg: DistillConfig, teacher_dir: Pat
                 "probabilities would drop which token is which)", teacher_dir, student_dir)
     ctx.tracker.log_params({"logit_kd.loss": "plain (shared vocabulary; use_uld_loss not needed)"})
     return cfg.model_copy(update={"logit_kd": cfg.logit_kd.model_copy(update={"use_uld_loss": False})})
+
+
+def require_choice_probabilities(dataset: Dataset) -> None:
+    """``logit_kd.teacher_logits: choices`` learns the label probabilities prototype recorded per answer."""
+    if "choice_probs" not in dataset.column_names:
+        raise DistilflowError("distill.logit_kd.teacher_logits is choices, but the distillation set has no "
+                              "choice_probs (the teacher's probability of each label): they are recorded for a "
+                              "choice task on a white-box teacher; use teacher_logits: offline")
 
 
 def initial_student(cfg: StudentConfig, teacher_dir: Path | None, dataset: Dataset,
@@ -225,7 +234,14 @@ def teacher_sources(phase: str, start: str | Path, dataset: Dataset, teacher_dir
         return {}
     if cfg.logit_kd.teacher_logits == "online":
         return {"teacher": str(teacher_dir)}
-    examples = teacher_logits.tokenize(AutoTokenizer.from_pretrained(start), dataset, cfg.logit_kd.max_length)
+    tokenizer = AutoTokenizer.from_pretrained(start)
+    examples = teacher_logits.tokenize(tokenizer, dataset, cfg.logit_kd.max_length)
+    if cfg.logit_kd.teacher_logits == "choices":  # no teacher run: the soft labels are in the dataset
+        require_choice_probabilities(dataset)
+        targets = ctx.checkpoint_dir / teacher_logits.FILE
+        save_file(teacher_logits.from_choices(tokenizer, dataset, examples, cfg.logit_kd.top_k,
+                                              cfg.logit_kd.temperature), targets)
+        return {"logits_file": str(targets)}
     ids = None if served else teacher_logits.teacher_ids(teacher_dir, start)  # a trimmed student's, else None
     if ids is not None:
         examples = teacher_logits.in_teacher_ids(examples, ids)
@@ -449,7 +465,8 @@ def teachers_own_prompts(teacher_tokenizer, dataset: Dataset) -> list[str]:
 
 
 def grpo(student, tokenizer, dataset: Dataset, cfg: DistillConfig, ctx: StageContext):
-    """RL on the task's own check (the reward), plus a bonus for the teacher's answer; returns the merged model.
+    """RL on the task's own check (the reward; against the teacher's answer where the data has no label),
+    plus a bonus for the teacher's answer; returns the merged model.
 
     The KL penalty's reference is the phase's starting model (with LoRA: the base, adapters off).
     """
@@ -468,10 +485,12 @@ def grpo(student, tokenizer, dataset: Dataset, cfg: DistillConfig, ctx: StageCon
 
 
 def task_check_reward(task: TaskConfig):
-    """The task's check as a TRL reward function: the same score the evaluator and the filter use."""
-    def task_check(completions, label, **_) -> list[float]:
-        return [checks.score(_answer(c), {task.label_field: reference or None}, task)
-                for c, reference in zip(completions, label)]
+    """The task's check as a TRL reward function: the same score the evaluator and the filter use, against
+    each prompt's reference: its label where the data has one, else the teacher's kept answer (its majority
+    answer under prototype.min_agreement). So the reward needs no gold label."""
+    def task_check(completions, label, answer, **_) -> list[float]:
+        return [checks.score(_answer(c), {task.label_field: reference or teacher}, task)
+                for c, reference, teacher in zip(completions, label, answer)]
     return task_check
 
 

@@ -13,12 +13,16 @@ from distilflow.tasks import checks, data, decoding, fresh_process
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.models import load_model, parameter_count, resolve_device, size_on_disk
 
-JOURNEY_FIELDS = ("task_score", "perplexity", "size_bytes", "params", "bits_per_param", "tokens_per_s")
+JOURNEY_FIELDS = ("task_score", "task_score_ci", "perplexity", "size_bytes", "params", "bits_per_param",
+                  "tokens_per_s")
+CONFIDENCE = 0.95
+Z_95 = 1.959963984540054  # the standard normal's 97.5th percentile
+BOOTSTRAP_RESAMPLES = 2000
 
 
 @dataclass
 class Evaluation:
-    metrics: dict[str, float]
+    metrics: dict[str, float | list[float]]  # task_score_ci is [low, high]
     per_class: dict[str, float] = field(default_factory=dict)
     predictions: list[dict] = field(default_factory=list)
     smoke: list[dict] = field(default_factory=list)
@@ -60,6 +64,13 @@ class Prompting:
     def prompts(self, tokenizer, rows: list[dict], task: TaskConfig) -> list[str]:
         return [data.render(tokenizer, chat) for chat in self.chats(rows, task)]
 
+    def choice_scores(self, model, tokenizer, rows: list[dict], task: TaskConfig,
+                      desc: str | None = None) -> torch.Tensor:
+        """The calibrated log-likelihood of each of a choice task's labels, per row (see ``decoding``)."""
+        calibration = [data.render(tokenizer, chat) for chat in self.calibration_chats(task)]
+        return decoding.calibrated_choice_scores(model, tokenizer, self.prompts(tokenizer, rows, task),
+                                                 task.check.choices, calibration_prompts=calibration, desc=desc)
+
     def answer(self, model, tokenizer, rows: list[dict], task: TaskConfig, **sampling) -> list[list[str]]:
         """The model's answers to ``rows`` in the task's form (see ``decoding.answer``)."""
         calibration = [data.render(tokenizer, chat) for chat in self.calibration_chats(task)]
@@ -91,7 +102,38 @@ def score_answers(answers: list[str], rows: list[dict], task: TaskConfig, prompt
         for choice in task.check.choices if choice in labels}
     predictions = [{"prompt": p, "answer": a, "label": label, "score": checks.score(a, row, task)}
                    for p, a, label, row in zip(prompts, answers, labels, rows)]
-    return Evaluation({"task_score": task_score(answers, rows, task)}, per_class, predictions)
+    scores = [p["score"] for p in predictions]
+    return Evaluation({"task_score": task_score(answers, rows, task), "task_score_ci": score_interval(scores)},
+                      per_class, predictions)
+
+
+def score_interval(scores: list[float]) -> list[float]:
+    """The 95% confidence interval [low, high] of the mean of per-example scores: Wilson's score interval
+    when every score is 0 or 1 (accuracy), else a seeded percentile bootstrap of the mean."""
+    if not scores:
+        return [0.0, 1.0]
+    if all(score in (0.0, 1.0) for score in scores):
+        return wilson_interval(int(sum(scores)), len(scores))
+    return bootstrap_interval(scores)
+
+
+def wilson_interval(successes: int, n: int, z: float = Z_95) -> list[float]:
+    """Wilson's score interval for a proportion: unlike the normal approximation, it stays inside [0, 1] and
+    is not empty at 0 or n successes."""
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def bootstrap_interval(scores: list[float], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> list[float]:
+    """The percentile bootstrap interval of the mean of ``scores`` (seeded: the same scores, the same interval)."""
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.tensor(scores, dtype=torch.float64)
+    means = values[torch.randint(len(values), (resamples, len(values)), generator=generator)].mean(1)
+    tail = (1 - CONFIDENCE) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return [low, high]
 
 
 def evaluate_saved(model_dir: Path, rows: list[dict], task: TaskConfig, cfg: EvalConfig, device, *,
@@ -187,13 +229,14 @@ def journey_table(journey: list[dict]) -> str:
     Entries may carry a ``phase`` (e.g. the student after each training phase); it is shown beside the state.
     """
     bar = next((e["task_score"] for e in journey if e["state"] == "teacher"), None)
-    lines = ["| state | task score | retention | perplexity | size (MB) | params (M) | bits/param |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| state | task score | 95% CI | retention | perplexity | size (MB) | params (M) | bits/param |",
+             "|---|---|---|---|---|---|---|---|"]
     for e in journey:
         if e["task_score"] is None:
             continue  # a served artifact only (the teacher's own GGUF file): in the serving table
         retention = e["task_score"] / bar if bar else None
-        cells = [_cell(e["task_score"], ".3f"), _cell(retention, ".2f"), _cell(e["perplexity"], ".1f"),
+        cells = [_cell(e["task_score"], ".3f"), _interval(e.get("task_score_ci")), _cell(retention, ".2f"),
+                 _cell(e["perplexity"], ".1f"),
                  _cell(e["size_bytes"], ".1f", scale=1e-6), _cell(e["params"], ".1f", scale=1e-6),
                  _cell(e["bits_per_param"], ".2f")]
         lines.append(f"| {_state(e)} | {' | '.join(cells)} |")
@@ -230,6 +273,8 @@ def serving_table(journey: list[dict]) -> str:
 
 def _state(entry: dict) -> str:
     return f"{entry['state']} ({entry['phase']})" if entry.get("phase") else entry["state"]
+def _interval(bounds: list[float] | None) -> str:
+    return "–" if bounds is None else f"{bounds[0]:.3f}–{bounds[1]:.3f}"
 
 
 def _cell(value, spec: str, scale: float = 1.0) -> str:

@@ -298,8 +298,10 @@ A small model distilled by distilflow from a larger teacher, for one task.
 
 ## Journey
 
-Every state measured by the same evaluator on the {task.eval_size} held-out examples; retention is the
-task score over the teacher's. The second table is each state served by a real server, as a client sees it.
+Every state measured by the same evaluator on the {task.eval_size} held-out examples; 95% CI is the task
+score's confidence interval on them (Wilson's for accuracy, a bootstrap for mean scores): states whose
+intervals overlap may not truly differ. Retention is the task score over the teacher's. The second table
+is each state served by a real server, as a client sees it.
 {serving_note(serving)}
 
 {journey_table(journey)}
@@ -339,10 +341,10 @@ Check the files before you ship them: `distilflow verify .` re-hashes every file
 
 - For: {_task_line(task)}, on inputs like the training data (`{task.data.name}`).
 - Not for: open-ended chat, other tasks, or inputs unlike the training data; its answers outside
-  the labels are not meaningful. The scores above are from {task.eval_size} held-out examples: a small
-  sample, so differences of a few points are noise.
-- It inherits the teacher's biases and errors: it was trained on the teacher's answers, kept only
-  where they passed the task's check.
+  the labels are not meaningful. The scores above are from {task.eval_size} held-out examples; a
+  difference inside their 95% confidence intervals is noise.
+- It inherits the teacher's biases and errors: it was trained on the teacher's answers (see the data
+  card below for the filters they passed and where any labels came from).
 
 {data_card}"""
 

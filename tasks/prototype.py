@@ -2,6 +2,7 @@
 and its score on the held-out split becomes the bar every later model is measured against."""
 
 import json
+import math
 import statistics
 from collections import Counter
 from pathlib import Path
@@ -10,9 +11,10 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from distilflow.configs.schema import ModelTrust, PrototypeConfig, TaskConfig
-from distilflow.tasks import checks, data, package
+from distilflow.tasks import checks, data, decoding, package
 from distilflow.tasks.artifacts import StageResult
 from distilflow.tasks.context import StageContext
+from distilflow.tasks.data import TaskData
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.evaluate import Evaluation, Prompting, task_score
 from distilflow.tasks.judge import judge_filter, judge_scores
@@ -21,12 +23,16 @@ from distilflow.tasks.teachers import FREE_TEXT, GUIDED_CHOICE, LOG_LIKELIHOOD, 
 
 
 def run(cfg: PrototypeConfig, upstream: dict[str, StageResult], ctx: StageContext) -> StageResult:
-    task, out, pool = ctx.task, ctx.out_dir, ctx.examples.train
+    task, out, inputs = ctx.task, ctx.out_dir, ctx.examples.train
+    data.check_few_shot_pool(ctx.examples, task, cfg)
     teacher = open_teacher(cfg.teacher, ctx.device)
     prompting, shot_scores = choose_prompting(teacher, cfg, ctx)
-    answers = teacher.answer(pool, task, prompting, temperature=cfg.temperature, num_samples=cfg.num_samples,
-                             seed=ctx.seed, desc="teacher answering")
-    kept, rejected = rejection_sample(pool, answers, task, cfg.min_score)
+    answers, distributions = teacher_answers(teacher, inputs, task, prompting, cfg, ctx.seed)
+    kept, rejected = rejection_sample(inputs, answers, task, min_score=cfg.min_score, min_agreement=cfg.min_agreement,
+                                      min_confidence=cfg.min_confidence, distributions=distributions)
+    if cfg.keep_most_confident is not None:
+        kept, less_confident = most_confident_per_label(kept, cfg.keep_most_confident)
+        rejected += less_confident
     if cfg.judge:
         judge = teacher if cfg.judge.teacher is None else \
             open_teacher(cfg.judge.teacher, ctx.device, "prototype.judge.teacher")
@@ -35,9 +41,9 @@ def run(cfg: PrototypeConfig, upstream: dict[str, StageResult], ctx: StageContex
     if not kept:
         raise DistilflowError(
             f"prototype: no teacher answer was kept ({', '.join(f'{r}: {n}' for r, n in rejected.items())} of "
-            f"{len(pool) * cfg.num_samples}); nothing to distill. Check task.check against the teacher's "
-            "answers, or lower prototype.min_score / prototype.judge.threshold, or sample more "
-            "(prototype.num_samples, prototype.temperature)")
+            f"{len(inputs) * cfg.num_samples}); nothing to distill. Check task.check against the teacher's "
+            "answers, or lower prototype.min_score / min_confidence / min_agreement / judge.threshold, or sample "
+            "more (prototype.num_samples, prototype.temperature)")
     write_dataset(kept, task, teacher.name, cfg, out / "dataset", out / "dataset.jsonl", shots=prompting.shots)
 
     baseline = teacher.evaluate(ctx.examples.eval, task, ctx.eval, prompting)
@@ -53,11 +59,12 @@ def run(cfg: PrototypeConfig, upstream: dict[str, StageResult], ctx: StageContex
         files["teacher_endpoint"] = "teacher_endpoint.json"
     (out / "teacher_eval.json").write_text(json.dumps(baseline.report(), indent=1))
     (out / "few_shot.json").write_text(json.dumps(list(prompting.shots), indent=1))
-    card = data_card(kept, rejected, pool, cfg, task, teacher) + "\n" + baseline_card(baseline, task)
+    card = data_card(kept, rejected, ctx.examples, cfg, task, teacher) + "\n" + baseline_card(baseline, task)
     (out / "data_card.md").write_text(card)
     (out / "teacher_card.json").write_text(json.dumps(package.teacher_card(cfg.teacher), indent=1))
 
     metrics = {"kept": len(kept), "rejected": sum(rejected.values()), "teacher.black_box": float(teacher.black_box),
+               "data.duplicates_removed": ctx.examples.duplicates, "data.few_shot_pool": len(ctx.examples.pool),
                **shot_scores, **{f"rejected.{reason}": n for reason, n in rejected.items()},
                **answer_length_metrics(kept),
                **{f"teacher.{k}": v for k, v in baseline.metrics.items() if v is not None}}
@@ -83,57 +90,121 @@ def choose_prompting(teacher, cfg: PrototypeConfig, ctx: StageContext) -> tuple[
     """The few-shot set the teacher answers best with, among ``cfg.shot_candidates`` seeded draws.
 
     A small teacher's score swings with its examples (0.53 to 0.73 across four draws for the
-    embedded one), so candidates are scored on labelled training examples (never the held-out
+    embedded one), so candidates are scored on examples of the labelled pool (never the held-out
     split) that are not among their own shots. Calibration needs the teacher's log-likelihoods:
     a served teacher that chooses by its guided choice is never calibrated.
     """
-    task, train = ctx.task, ctx.examples.train
+    task, pool = ctx.task, ctx.examples.pool
     calibrate = cfg.calibrate and teacher.choice_method == LOG_LIKELIHOOD
-    candidates = [Prompting(tuple(data.few_shot_examples(train, task, cfg.few_shot, ctx.seed + i)), calibrate)
+    candidates = [Prompting(tuple(data.few_shot_examples(pool, task, cfg.few_shot, ctx.seed + i)), calibrate)
                   for i in range(cfg.shot_candidates)]
     if len(candidates) == 1:
         return candidates[0], {}
-    labelled = [row for row in train if checks.label(row, task) is not None]
     scores = {}
     for i, candidate in enumerate(tqdm(candidates, desc="choosing few-shot examples")):
-        dev = [row for row in labelled if row not in candidate.shots][:cfg.shot_dev_size]
+        dev = [row for row in pool if row not in candidate.shots][:cfg.shot_dev_size]
         answers = [a[0] for a in teacher.answer(dev, task, candidate)]
         scores[f"shot_set_{i}.dev_score"] = task_score(answers, dev, task)
     best = max(range(len(candidates)), key=lambda i: scores[f"shot_set_{i}.dev_score"])
     return candidates[best], {**scores, "shot_set.chosen": best}
 
 
-def rejection_sample(rows: list[dict], answers: list[list[str]], task: TaskConfig,
-                     min_score: float = 1.0) -> tuple[list[dict], Counter]:
+def teacher_answers(teacher, inputs: list[dict], task: TaskConfig, prompting: Prompting, cfg: PrototypeConfig,
+                    seed: int) -> tuple[list[list[str]], list[dict[str, float]] | None]:
+    """``cfg.num_samples`` answers per input and, for a choice task on a white-box teacher, the teacher's
+    calibrated probability of every label per input: the soft labels of logit KD, and at the answer kept,
+    the teacher's confidence in it. Sampled answers are drawn from those same probabilities."""
+    sampling = {"temperature": cfg.temperature, "num_samples": cfg.num_samples, "seed": seed}
+    if task.check.type != "choice" or teacher.black_box:
+        return teacher.answer(inputs, task, prompting, desc="teacher answering", **sampling), None
+    scores = teacher.choice_scores(inputs, task, prompting, desc="teacher answering")
+    probabilities = [dict(zip(task.check.choices, row)) for row in scores.softmax(1).tolist()]
+    return decoding.pick(scores, task.check.choices, **sampling), probabilities
+
+
+# Why an answer left the distillation set, and the setting that decided it (the data card's table).
+REASONS = {
+    "invalid": "task.check: not a valid answer",
+    "wrong_label": "prototype.min_score: scored against the data's label",
+    "low_score": "prototype.min_score",
+    "low_agreement": "prototype.min_agreement: samples of the input disagree",
+    "outvoted": "prototype.min_agreement: not the input's majority answer",
+    "duplicate": "the input's answer was kept already",
+    "low_confidence": "prototype.min_confidence: the teacher's probability of its answer",
+    "less_confident": "prototype.keep_most_confident: not among the most confident answers with this label",
+    "judge_low_score": "prototype.judge.threshold",
+    "judge_unparsed": "prototype.judge: no score in the judge's reply",
+}
+
+
+def rejection_sample(rows: list[dict], answers: list[list[str]], task: TaskConfig, *, min_score: float = 1.0,
+                     min_agreement: float | None = None, min_confidence: float | None = None,
+                     distributions: list[dict[str, float]] | None = None) -> tuple[list[dict], Counter]:
     """Keep each valid, good enough (by the check, against the label where there is one), not yet seen
-    answer, with its score; count the rest by reason."""
+    answer, with its score; count the rest by reason (``REASONS``).
+
+    Two filters need no label: with ``min_agreement`` only an input's majority answer is a candidate, and
+    only where that share of its samples agree (self-consistency); with ``min_confidence`` only answers the
+    teacher gives at least that probability (``distributions``, one per input) are kept.
+    """
     kept, rejected, seen = [], Counter(), set()
     for index, (row, samples) in enumerate(zip(rows, answers)):
+        valid = [answer for answer in samples if checks.is_valid(answer, task)]
+        if len(valid) < len(samples):
+            rejected["invalid"] += len(samples) - len(valid)
+        agreement = None
+        if min_agreement is not None and valid:
+            majority, votes = Counter(valid).most_common(1)[0]
+            agreement = votes / len(samples)
+            if agreement < min_agreement:
+                rejected["low_agreement"] += len(valid)
+                continue
+            rejected["outvoted"] += len(valid) - votes
         for sample, answer in enumerate(samples):
+            if answer not in valid or (agreement is not None and answer != majority):
+                continue
             key = (data.user_message(row, task), answer)
             score = checks.score(answer, row, task)
-            if not checks.is_valid(answer, task):
-                rejected["invalid"] += 1
-            elif score < min_score:
+            confidence = distributions[index][answer] if distributions else None
+            if score < min_score:
                 rejected["wrong_label" if checks.label(row, task) is not None else "low_score"] += 1
             elif key in seen:
                 rejected["duplicate"] += 1
+            elif min_confidence is not None and confidence < min_confidence:
+                rejected["low_confidence"] += 1
             else:
                 seen.add(key)
-                kept.append({"row": row, "answer": answer, "score": score, "input_index": index, "sample": sample})
+                kept.append({"row": row, "answer": answer, "score": score, "input_index": index, "sample": sample,
+                             "confidence": confidence, "agreement": agreement,
+                             "choice_probs": distributions[index] if distributions else None})
     return kept, rejected
+
+
+def most_confident_per_label(kept: list[dict], share: float) -> tuple[list[dict], Counter]:
+    """For each answer the teacher gave, the ``share`` of its kept rows it was most confident in (at least
+    one), in their original order; the rest counted as ``less_confident``."""
+    by_answer: dict[str, list[dict]] = {}
+    for item in kept:
+        by_answer.setdefault(item["answer"], []).append(item)
+    chosen = {id(item) for items in by_answer.values()
+              for item in sorted(items, key=lambda k: -k["confidence"])[:max(1, math.ceil(share * len(items)))]}
+    dropped = len(kept) - len(chosen)
+    return [item for item in kept if id(item) in chosen], Counter(less_confident=dropped) if dropped else Counter()
 
 
 def write_dataset(kept: list[dict], task: TaskConfig, teacher: str, cfg: PrototypeConfig,
                   directory: Path, jsonl: Path, shots: tuple[dict, ...] = ()) -> None:
     """The distillation set, as a `datasets` Arrow dir plus JSONL, in TRL's prompt-completion chat form,
     with each answer's score and provenance (teacher, the chat it answered with its few-shot ``shots``,
-    input, sample, temperature, label source)."""
+    input, sample, temperature, label source), the teacher's confidence and the samples' agreement where
+    measured, and for a choice task the teacher's probability of every label (``choice_probs``, the soft
+    labels of ``logit_kd.teacher_logits: choices``)."""
     records = [{"prompt": data.messages(k["row"], task), "completion": [{"role": "assistant", "content": k["answer"]}],
                 "teacher_prompt": data.messages(k["row"], task, shots),
                 "answer": k["answer"], "label": checks.label(k["row"], task) or "",
                 "label_source": "data" if checks.label(k["row"], task) is not None else "teacher",
                 "score": k["score"], **({"judge_score": k["judge_score"]} if cfg.judge else {}),
+                **{name: k[name] for name in ("confidence", "agreement", "choice_probs") if k[name] is not None},
                 "source": "teacher", "teacher": teacher, "input_index": k["input_index"], "sample": k["sample"],
                 "temperature": cfg.temperature}
                for k in kept]
@@ -149,22 +220,29 @@ def answer_length_metrics(kept: list[dict]) -> dict[str, float]:
             "answer_chars.max": max(lengths)}
 
 
-def data_card(kept: list[dict], rejected: Counter, pool: list[dict], cfg: PrototypeConfig, task: TaskConfig,
+def data_card(kept: list[dict], rejected: Counter, examples: TaskData, cfg: PrototypeConfig, task: TaskConfig,
               teacher) -> str:
     """What the distillation set holds and what was thrown away, as markdown (MLflow, Prefect, model card)."""
-    total = len(pool) * cfg.num_samples
-    labelled = sum(checks.label(row, task) is not None for row in pool)
+    inputs = examples.train
+    total = len(inputs) * cfg.num_samples
+    labelled = sum(checks.label(row, task) is not None for row in inputs)
     access = "black-box (served: no weights, so no student pruned from it)" \
         if teacher.black_box else "white-box (weights saved with this stage)"
+    sources = Counter("data" if checks.label(k["row"], task) is not None else "teacher" for k in kept)
     lines = ["## Data card", "",
              f"Teacher: `{teacher.name}`, {access}.", "",
              *([f"Labels chosen by {choice_method(teacher, cfg)}.", ""] if task.check.type == "choice" else []),
-             f"Inputs: {len(pool)} ({labelled} labelled, {len(pool) - labelled} labelled by the teacher); "
+             f"Split: {len(examples.eval)} held-out, {len(examples.pool)} in the labelled few-shot pool, "
+             f"{len(inputs)} training inputs; {examples.duplicates} rows dropped before the split as duplicate inputs "
+             "(no held-out input is a training input or a few-shot example).", "",
+             f"Inputs: {len(inputs)} ({labelled} labelled, {len(inputs) - labelled} labelled by the teacher); "
              f"{cfg.num_samples} answer(s) each at temperature {cfg.temperature}: {total} answers. "
              f"Check: {task.check.type}, {checks.describe(task)}.", "",
-             f"**Kept {len(kept)}**, rejected {sum(rejected.values())}.", "",
-             "| rejected because | count |", "|---|---|"]
-    lines += [f"| {reason} | {n} |" for reason, n in sorted(rejected.items())] or ["| (none) | 0 |"]
+             f"**Kept {len(kept)}** (label source: {', '.join(f'{s} {n}' for s, n in sorted(sources.items()))}), "
+             f"rejected {sum(rejected.values())}.", "",
+             "| rejected because | setting | count |", "|---|---|---|"]
+    lines += [f"| {reason} | {REASONS.get(reason, '')} | {n} |" for reason, n in sorted(rejected.items())] \
+        or ["| (none) | | 0 |"]
     answers = Counter(k["answer"] for k in kept)
     lines += ["", f"| kept answer ({len(answers)} distinct, top 10) | count |", "|---|---|"]
     lines += [f"| {_cell(answer)} | {n} |" for answer, n in answers.most_common(10)]
@@ -172,6 +250,16 @@ def data_card(kept: list[dict], rejected: Counter, pool: list[dict], cfg: Protot
     if lengths:
         lines += ["", f"Answer length in characters: min {min(lengths)}, median {statistics.median(lengths):g}, "
                       f"mean {statistics.fmean(lengths):.1f}, max {max(lengths)}."]
+    confidences = [k["confidence"] for k in kept if k["confidence"] is not None]
+    if confidences:
+        lines += ["", f"Teacher's probability of its kept answers: mean {statistics.fmean(confidences):.2f}, "
+                      f"min {min(confidences):.2f}"
+                      + (f" (prototype.min_confidence {cfg.min_confidence:g})." if cfg.min_confidence else ".")
+                      + (f" The most confident {cfg.keep_most_confident:.0%} of each label's answers kept "
+                         "(prototype.keep_most_confident)." if cfg.keep_most_confident else "")]
+    if cfg.min_agreement is not None:
+        lines += ["", f"Self-consistency: an input's majority answer is kept when at least {cfg.min_agreement:g} of "
+                      f"its {cfg.num_samples} samples agree."]
     if cfg.judge:
         judged = [k["judge_score"] for k in kept]
         mean = f"{statistics.fmean(judged):.2f}" if judged else "–"

@@ -102,8 +102,7 @@ def gate_checks(gate: GateConfig, journey: list[dict], champion_score: float | N
     if gate.max_engine_gap is not None and engine_score is not None:
         checks.append(engine_parity(gate.max_engine_gap, deployed))
     if gate.max_regression is not None and champion_score is not None:
-        checks.append(_at_least("deploy.gate.max_regression", f"task score vs champion's {champion_score:.3f}",
-                                score, champion_score - gate.max_regression))
+        checks.append(regression_check(deployed, champion_score, gate.max_regression))
     return checks
 
 
@@ -118,6 +117,21 @@ def engine_parity(max_gap: float | str, deployed: dict) -> Check:
                  f"task score {served['task_score']:.3f} in {served['engine']} ({served['artifact']}) vs "
                  f"{deployed['task_score']:.3f} in the HF evaluator: gap {gap:.3f} {'<=' if passed else '>'} "
                  f"{limit:.3f}")
+
+
+def regression_check(deployed: dict, champion_score: float, max_regression: float) -> Check:
+    """Did the new model score below the champion by more than ``max_regression`` plus the held-out split's
+    noise? It fails only when even the top of its 95% confidence interval is below the champion's score minus
+    ``max_regression``: a drop the held-out split cannot tell from chance does not block."""
+    score, interval = deployed["task_score"], deployed.get("task_score_ci")
+    top = interval[1] if interval else score  # a journey from before intervals: the score alone
+    limit = champion_score - max_regression
+    passed = top >= limit
+    measured = f"task score {score:.3f} (95% CI {interval[0]:.3f}–{interval[1]:.3f}), top of its interval " \
+        f"{top:.3f}" if interval else f"task score {score:.3f}"
+    return Check("deploy.gate.max_regression", passed,
+                 f"{measured} {'>=' if passed else '<'} {limit:.3f} (champion's {champion_score:.3f} "
+                 f"- max_regression {max_regression:g})" + ("" if passed else ": a drop beyond the noise"))
 
 
 def _at_least(key: str, what: str, value: float, limit: float) -> Check:

@@ -15,7 +15,7 @@ from distilflow.configs.schema import HttpTeacherConfig, ModelTrust, PipelineCon
 from distilflow.tasks import artifacts, history, serving
 from distilflow.tasks.artifacts import StageResult
 from distilflow.tasks.context import StageContext
-from distilflow.tasks.data import TaskData, load_task_data
+from distilflow.tasks.data import TaskData, check_few_shot_pool, load_task_data
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.models import check_model_files, layer_count, resolve_device, teacher_source
 from distilflow.tasks.teachers import check_endpoint, served_model
@@ -39,12 +39,13 @@ STAGES = {
 
 
 def preflight(cfg: PipelineConfig, tracking_uri: str) -> None:
-    """Everything that can be checked before the first stage: task data, workdir, device, tracking store,
-    and each HTTP teacher's endpoint (its key, the model served, prompt log-probs deep enough for logit KD).
+    """Everything that can be checked before the first stage: task data (and its few-shot pool), workdir,
+    device, tracking store, and each HTTP teacher's endpoint (its key, the model served, prompt log-probs deep
+    enough for logit KD).
 
     A run that would fail on its input fails here, in seconds, with nothing written.
     """
-    load_task_data(cfg.task, cfg.run.seed)
+    check_few_shot_pool(load_task_data(cfg.task, cfg.run.seed), cfg.task, cfg.prototype)
     artifacts.check_writable(cfg.run.workdir)
     history.check_home(history.distilflow_home())
     engine = serving.choose_engine(cfg.eval.serving, resolve_device(cfg.run.device).type)

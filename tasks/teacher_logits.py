@@ -18,6 +18,7 @@ hashes what the server reports about the served model instead of weight files.
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +161,46 @@ def compute(teacher, examples: list[Example], top_k: int, temperature: float,
         tails.append(scaled.scatter(-1, top.indices, float("-inf")).logsumexp(-1).cpu())
     return {"topk_ids": torch.cat(ids), "topk_logprobs": torch.cat(logprobs), "tail_logprob": torch.cat(tails),
             **_flat_examples(examples)}
+
+
+def from_choices(tokenizer, rows, examples: list[Example], top_k: int, temperature: float) -> dict[str, torch.Tensor]:
+    """The teacher's probability of every label (``row["choice_probs"]``, a choice task's soft labels) as
+    next-token targets along each example's answer, in ``compute``'s format.
+
+    Each label followed by the answer's end of turn is a token sequence; at every answer position, a token's
+    probability is the mass of the labels that continue the answer so far with it, over the mass of those
+    that continue it at all (a trie of the labels). The first position carries the whole distribution; past
+    the point where only the kept label remains, the target is that label's next token. The ``top_k`` slots
+    hold those tokens, then tokens the labels never use at ~zero probability (as the tail).
+    """
+    ids, logprobs, tails = [], [], []
+    for row, example in zip(rows, examples):
+        answer = [t for t, m in zip(example.input_ids, example.completion_mask) if m]
+        end = tokenizer.decode(answer)[len(row["answer"]):]
+        weights = {label: p ** (1 / temperature) for label, p in row["choice_probs"].items()}
+        paths = {label: tokenizer(label + end, add_special_tokens=False).input_ids for label in weights}
+        if paths.get(row["answer"]) != answer:
+            raise DistilflowError(f"distill.logit_kd.teacher_logits: choices: the answer {row['answer']!r} is not "
+                                  "one of the labels in choice_probs as the student's tokenizer writes them; use "
+                                  "teacher_logits: offline")
+        for position, token in enumerate(answer):
+            branches = {}
+            for label, path in paths.items():
+                if path[:position] == answer[:position] and len(path) > position:
+                    branches[path[position]] = branches.get(path[position], 0.0) + weights[label]
+            if len(branches) > top_k:
+                raise DistilflowError(f"distill.logit_kd.top_k ({top_k}) is below the {len(branches)} labels that "
+                                      "start alike; raise it to at least the number of task.check.choices")
+            mass = sum(branches.values())
+            unused = (t for t in range(top_k + len(branches)) if t not in branches)
+            slots = [*branches, *(next(unused) for _ in range(top_k - len(branches)))]
+            ids.append(slots)
+            logprobs.append([math.log(branches[t] / mass) if t in branches and branches[t] > 0 else TAIL_FLOOR
+                             for t in slots])
+            tails.append(TAIL_FLOOR)
+    return {"topk_ids": torch.tensor(ids, dtype=torch.int32), "topk_logprobs": torch.tensor(logprobs,
+                                                                                           dtype=torch.float16),
+            "tail_logprob": torch.tensor(tails), **_flat_examples(examples)}
 
 
 def _flat_examples(examples: list[Example]) -> dict[str, torch.Tensor]:

@@ -94,6 +94,11 @@ class LocalTeacher:
     def answer(self, rows: list[dict], task: TaskConfig, prompting: Prompting, **sampling) -> list[list[str]]:
         return prompting.answer(self.model, self.tokenizer, rows, task, **sampling)
 
+    def choice_scores(self, rows: list[dict], task: TaskConfig, prompting: Prompting,
+                      desc: str | None = None) -> torch.Tensor:
+        """Its calibrated log-likelihood of each label of a choice task, per row: what ``answer`` chooses by."""
+        return prompting.choice_scores(self.model, self.tokenizer, rows, task, desc=desc)
+
     def complete(self, chats: list[list[dict]], check, **sampling) -> list[list[str]]:
         """Answers to arbitrary chats (e.g. the judge's) in the form ``check`` asks for."""
         prompts = [data.render(self.tokenizer, chat) for chat in chats]

@@ -135,7 +135,7 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if _is_number(v)]
+        items = [Metric(k, float(v), now, step or 0) for k, v in numeric_metrics(metrics).items()]
         if items:
             self.client.log_batch(self.run_id, metrics=items)
 
@@ -364,6 +364,18 @@ def _check_writable_store(database: Path, source: str) -> None:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def numeric_metrics(metrics: dict) -> dict[str, float]:
+    """What an MLflow metric can hold: numbers as they are, an interval ``[low, high]`` (``task_score_ci``) as
+    ``KEY_low`` and ``KEY_high``; anything else (None, text) left out."""
+    flat = {}
+    for key, value in metrics.items():
+        if _is_number(value):
+            flat[key] = value
+        elif isinstance(value, (list, tuple)) and len(value) == 2 and all(map(_is_number, value)):
+            flat[f"{key}_low"], flat[f"{key}_high"] = value
+    return flat
 
 
 def flatten(nested: dict, prefix: str = "") -> dict[str, Any]:

@@ -39,9 +39,65 @@ def test_unlabelled_rows_join_the_training_pool(tiny_cfg, tmp_path):
     assert {"text": "no label"} in split.train and {"text": "no label"} not in split.eval
 
 
+def inputs(rows, task) -> set[str]:
+    return {data.normalized_input(row, task) for row in rows}
+
+
+def test_duplicated_rows_never_put_a_held_out_input_into_training_or_the_few_shot_pool(tiny_cfg, tmp_path):
+    rows = [json.loads(line) for line in tiny_cfg.task.data.read_text().splitlines()][:300]
+    tripled = write_rows(tmp_path, [row for row in rows for _ in range(3)])  # each input 3 times, in a row
+    for pool in (None, 8):
+        task = with_data(tiny_cfg, tripled).model_copy(update={"few_shot_pool": pool, "max_train": None})
+        split = data.load_task_data(task, 0)
+        set_aside = len(split.pool) if pool else 0  # unset: the pool is the labelled training inputs
+        assert split.duplicates == 600 and len(split.train) + len(split.eval) + set_aside == 300
+        assert not inputs(split.eval, task) & (inputs(split.train, task) | inputs(split.pool, task))
+
+
+def test_inputs_that_differ_only_in_case_and_spacing_are_duplicates(tiny_cfg, tmp_path):
+    rows = [{"text": f"ticket {i}", "label": "bug"} for i in range(12)] + \
+        [{"text": "  TICKET   3 ", "label": "bug"}, {"text": "Ticket 3\n"}]
+    split = data.load_task_data(with_data(tiny_cfg, write_rows(tmp_path, rows)).model_copy(
+        update={"eval_size": 4, "few_shot_pool": None}), 0)
+    assert split.duplicates == 2 and len(split.train) + len(split.eval) == 12
+
+
+def test_the_few_shot_pool_is_set_aside_from_the_training_inputs(tiny_cfg):
+    split = data.load_task_data(tiny_cfg.task, 0)
+    assert len(split.pool) == tiny_cfg.task.few_shot_pool and all(checks.label(r, tiny_cfg.task) for r in split.pool)
+    assert not inputs(split.pool, tiny_cfg.task) & inputs(split.train, tiny_cfg.task)
+
+
+def test_without_a_set_aside_pool_the_labelled_training_inputs_are_the_pool(tiny_cfg, tmp_path):
+    rows = [{"text": f"ticket {i}", "label": "bug"} for i in range(10)] + [{"text": "no label"}]
+    task = with_data(tiny_cfg, write_rows(tmp_path, rows)).model_copy(update={"eval_size": 4, "few_shot_pool": None})
+    split = data.load_task_data(task, 0)
+    assert split.pool == [r for r in split.train if "label" in r] and len(split.pool) == 6
+
+
+def test_a_pool_too_small_for_the_few_shot_settings_names_the_keys(tiny_cfg):
+    split = data.load_task_data(tiny_cfg.task, 0)  # a pool of 8
+    data.check_few_shot_pool(split, tiny_cfg.task, tiny_cfg.prototype.model_copy(update={"few_shot": 8}))
+    for settings, needed in (({"few_shot": 9}, 9), ({"few_shot": 4, "shot_candidates": 2, "shot_dev_size": 5}, 9)):
+        with pytest.raises(DistilflowError, match=rf"few-shot pool has 8 examples \(task.few_shot_pool is 8.*"
+                                                  rf"prototype.few_shot.* needs {needed}"):
+            data.check_few_shot_pool(split, tiny_cfg.task, tiny_cfg.prototype.model_copy(update=settings))
+
+
+def test_a_pool_too_small_is_caught_by_validate_before_any_stage(tiny_cfg, tmp_path):
+    from distilflow.configs.loader import load_config
+    from distilflow.tasks.stages import preflight
+    from tests.conftest import TINY_CONFIG
+
+    cfg = load_config(TINY_CONFIG, {"run.workdir": str(tmp_path / "work"), "task.few_shot_pool": 1})
+    with pytest.raises(DistilflowError, match="task.few_shot_pool is 1.*prototype.few_shot \\(2\\)"):
+        preflight(cfg, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert not (tmp_path / "work").exists()
+
+
 def test_few_shot_examples_show_every_label(tiny_cfg):
     split = data.load_task_data(tiny_cfg.task, 0)
-    shots = data.few_shot_examples(split.train, tiny_cfg.task, k=4, seed=0)
+    shots = data.few_shot_examples(split.pool, tiny_cfg.task, k=4, seed=0)
     assert sorted(s["label"] for s in shots) == sorted(tiny_cfg.task.check.choices)
 
 

@@ -28,9 +28,11 @@ from tests.conftest import REPO, TINY_CONFIG, TINY_TEACHER
 
 
 def tiny_dataset(cfg, directory: Path, size: int = 12):
-    """The prototype stage's dataset format, with the reference labels as the teacher's answers."""
-    rows = load_task_data(cfg.task, cfg.run.seed).train[:size]
-    kept = [{"row": row, "answer": row["label"], "score": 1.0, "input_index": i, "sample": 0}
+    """The prototype stage's dataset format, with labelled rows' labels as the teacher's answers, given
+    probability 0.7 (0.1 for each other queue)."""
+    rows = load_task_data(cfg.task, cfg.run.seed).eval[:size]
+    kept = [{"row": row, "answer": row["label"], "score": 1.0, "input_index": i, "sample": 0, "confidence": 0.7,
+             "agreement": None, "choice_probs": {c: 0.7 if c == row["label"] else 0.1 for c in cfg.task.check.choices}}
             for i, row in enumerate(rows)]
     write_dataset(kept, cfg.task, "reference labels", cfg.prototype, directory, directory / "x.jsonl")
     return load_from_disk(directory)
@@ -172,6 +174,72 @@ def test_teacher_logits_cache_key_changes_with_k_and_data(tiny):
     assert key != teacher_logits.cache_key(TINY_TEACHER, examples[1:], 8, 1.0)
 
 
+def answer_targets(tokenizer, row: dict, choice_probs: dict, temperature: float = 1.0, top_k: int = 4):
+    """The soft-label targets of one row answered "bug", per answer position, as {token: probability}."""
+    row = {**row, "answer": "bug", "completion": [{"role": "assistant", "content": "bug"}],
+           "choice_probs": choice_probs}
+    targets = teacher_logits.from_choices(tokenizer, [row], teacher_logits.tokenize(tokenizer, [row], 256), top_k,
+                                          temperature)
+    probabilities = targets["topk_logprobs"].float().exp()
+    return [{token: p for token, p in zip(ids.tolist(), probs.tolist()) if p > 1e-6}
+            for ids, probs in zip(targets["topk_ids"], probabilities)]
+
+
+def tokens(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def test_soft_labels_put_the_teachers_label_probabilities_on_the_answers_tokens(tiny):
+    _, dataset, tokenizer = tiny
+    probs = {"payment": 0.1, "delivery": 0.2, "bug": 0.6, "account": 0.1}
+    targets = answer_targets(tokenizer, dataset[0], probs)
+    assert targets[0] == pytest.approx({tokens(tokenizer, label)[0]: p for label, p in probs.items()}, abs=1e-3)
+    answer = tokens(tokenizer, "bug<|im_end|>\n")
+    assert len(targets) == len(answer)
+    assert all(target == pytest.approx({token: 1.0}) for target, token in zip(targets[1:], answer[1:]))
+
+
+def test_soft_labels_follow_labels_that_share_their_first_tokens(tiny):
+    _, dataset, tokenizer = tiny
+    bug, bugfix = tokens(tokenizer, "bug<|im_end|>\n"), tokens(tokenizer, "bugfix<|im_end|>\n")
+    fork = next(i for i, (a, b) in enumerate(zip(bug, bugfix)) if a != b)
+    targets = answer_targets(tokenizer, dataset[0], {"bug": 0.3, "bugfix": 0.6, "payment": 0.1})
+    assert targets[0] == pytest.approx({bug[0]: 0.9, tokens(tokenizer, "payment")[0]: 0.1}, abs=1e-3)
+    assert targets[fork] == pytest.approx({bug[fork]: 1 / 3, bugfix[fork]: 2 / 3}, abs=1e-3)
+    assert all(len(target) == 1 for target in targets[1:fork] + targets[fork + 1:])
+
+
+def test_soft_labels_are_sharpened_or_softened_by_the_temperature(tiny):
+    _, dataset, tokenizer = tiny
+    soft = answer_targets(tokenizer, dataset[0], {"bug": 0.8, "payment": 0.2}, temperature=2.0)[0]
+    assert soft == pytest.approx({tokens(tokenizer, "bug")[0]: 2 / 3, tokens(tokenizer, "payment")[0]: 1 / 3},
+                                 abs=1e-3)  # 0.8^(1/2) : 0.2^(1/2)
+
+
+def test_logit_kd_on_soft_labels_trains_without_the_teacher_or_its_vocabulary(tiny, tmp_path):
+    cfg, dataset, _ = tiny
+    cfg = load_config(TINY_CONFIG, {"distill.logit_kd.teacher_logits": "choices", "distill.logit_kd.max_steps": 2,
+                                    "distill.logit_kd.top_k": 4, "distill.phases": ["logit_kd"]})
+    ctx = context(cfg, tmp_path)
+    ctx.checkpoint_dir.mkdir()
+    sources = distill.teacher_sources("logit_kd", TINY_TEACHER, dataset, None, cfg.distill, ctx)
+    from distilflow.tasks.models import load_model
+
+    student, tokenizer = load_model(TINY_TEACHER, torch.device("cpu"))
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    trained = distill.logit_kd(student, tokenizer, dataset, cfg.distill, ctx,
+                               logits_file=Path(sources["logits_file"]))
+    assert any(not torch.equal(before[k], v) for k, v in trained.state_dict().items())
+
+
+def test_soft_labels_need_the_label_probabilities_in_the_dataset(tiny, tmp_path):
+    cfg, dataset, _ = tiny
+    cfg = load_config(TINY_CONFIG, {"distill.logit_kd.teacher_logits": "choices"})
+    with pytest.raises(DistilflowError, match="no choice_probs"):
+        distill.teacher_sources("logit_kd", TINY_TEACHER, dataset.remove_columns("choice_probs"), None, cfg.distill,
+                                context(cfg, tmp_path))
+
+
 def test_a_student_with_another_vocabulary_is_refused_naming_both_tokenizers(tmp_path):
     from transformers import AutoConfig, AutoTokenizer
 
@@ -214,6 +282,8 @@ def test_a_student_derived_from_a_black_box_teacher_is_refused(tiny_cfg):
     ({"distill.phases": ["sft", "grpo", "sft"]}, "each phase may appear once"),
     ({"distill.phases": ["rlhf"]}, "distill.phases.0"),
     ({"distill.grpo.num_generations": 3}, "must be a multiple of num_generations"),
+    ({"distill.phases": ["logit_kd"], "distill.logit_kd.teacher_logits": "choices",
+      "task.check": {"type": "regex", "pattern": "[a-z]+"}}, "teacher_logits: choices .* only a choice task"),
 ])
 def test_bad_distill_settings_name_the_key(overrides, message):
     with pytest.raises(DistilflowError, match=message):
@@ -262,7 +332,13 @@ def test_task_check_reward_scores_sampled_answers_like_the_evaluator(tiny_cfg):
     reward = distill.task_check_reward(tiny_cfg.task)
     completions = [[{"role": "assistant", "content": " bug\n"}], [{"role": "assistant", "content": "bug"}],
                    [{"role": "assistant", "content": "a bug"}], [{"role": "assistant", "content": "payment"}]]
-    assert reward(completions, label=["bug", "payment", "bug", ""]) == [1.0, 0.0, 0.0, 1.0]
+    assert reward(completions, label=["bug", "payment", "bug", "payment"], answer=["bug"] * 4) == [1.0, 0.0, 0.0, 1.0]
+
+
+def test_task_check_reward_needs_no_gold_label_it_scores_against_the_teachers_answer(tiny_cfg):
+    reward = distill.task_check_reward(tiny_cfg.task)
+    completions = [[{"role": "assistant", "content": "bug"}], [{"role": "assistant", "content": "payment"}]]
+    assert reward(completions, label=["", ""], answer=["bug", "bug"]) == [1.0, 0.0]
 
 
 def test_teacher_agreement_rewards_the_teachers_own_answer():
@@ -415,12 +491,12 @@ def test_two_processes_train_a_phase_together_and_publish_one_model(tmp_path):
     assert (result.path("student") / "model.safetensors").is_file()
 
 
-def test_the_distill_study_reuses_the_demo_teacher_data_and_runs_every_phase():
+def test_the_recipe_study_shares_the_demos_task_and_workdir_and_runs_every_phase():
     demo = load_config(REPO / "configs" / "demo.yaml")
-    study = load_config(REPO / "configs" / "distill-study.yaml")
-    assert all(getattr(demo, part) == getattr(study, part) for part in ("task", "prototype", "eval"))
+    study = load_config(REPO / "configs" / "recipe-study.yaml")
+    assert all(getattr(demo, part) == getattr(study, part) for part in ("task", "eval"))
     assert (demo.run.workdir, demo.run.seed, demo.run.device) == (study.run.workdir, study.run.seed, study.run.device)
-    assert study.distill.phases == ["sft", "logit_kd", "grpo"] and study.distill.sft == demo.distill.sft
+    assert study.distill.phases == ["sft", "logit_kd", "grpo"] and study.distill.logit_kd.teacher_logits == "choices"
 
 
 def test_launched_workers_see_as_many_gpus_as_processes_the_first_of_those_visible():

@@ -69,6 +69,9 @@ def test_mlflow_parent_run_links_the_prefect_flow_run_and_holds_the_journey(runs
     assert parent.data.params["distill.lora.r"] == "4"
     assert parent.data.metrics["journey.teacher.task_score"] == record["journey"][0]["task_score"]
     assert parent.data.metrics["journey.deployed.size_bytes"] == record["journey"][3]["size_bytes"]
+    low, high = record["journey"][3]["task_score_ci"]
+    assert (parent.data.metrics["journey.deployed.task_score_ci_low"],
+            parent.data.metrics["journey.deployed.task_score_ci_high"]) == (low, high)
 
 
 def test_each_stage_is_a_finished_child_run(runs):
@@ -126,6 +129,9 @@ def test_report_latest_json_describes_the_newest_run(runs, capsys):
     assert report["mlflow_tracking_uri"] == runs["changed"]["mlflow_tracking_uri"]
     assert report["run_id"] == runs["changed"]["run_id"]
     assert report["bundle"] == runs["changed"]["bundle"]
+    for entry in report["journey"]:  # every state's task score with its 95% confidence interval
+        low, high = entry["task_score_ci"]
+        assert 0 <= low <= entry["task_score"] <= high <= 1
 
 
 def test_report_latest_prints_the_journey_table(runs, capsys):

@@ -16,10 +16,11 @@ from mlflow import MlflowClient
 
 from distilflow.configs.loader import load_config
 from distilflow.configs.schema import JudgeConfig, PythonCheck
+from distilflow.tasks.data import TaskData
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.evaluate import JOURNEY_FIELDS
 from distilflow.tasks.judge import SCORES, judge_filter, judge_scores, parse_score, require_discerning_judge
-from distilflow.tasks.prototype import data_card, rejection_sample
+from distilflow.tasks.prototype import data_card, most_confident_per_label, rejection_sample
 from distilflow.tasks.stages import run_stage
 from distilflow.tasks.teachers import LocalTeacher
 from tests.conftest import TINY_CONFIG, TINY_TEACHER, free_port
@@ -45,7 +46,81 @@ def test_rejection_sampling_keeps_partial_credit_down_to_min_score(tiny_cfg, tmp
 def test_kept_answers_carry_score_and_provenance(tiny_cfg):
     kept, _ = rejection_sample([{"text": "a", "label": "bug"}], [["payment", "bug"]], tiny_cfg.task)
     assert kept == [{"row": {"text": "a", "label": "bug"}, "answer": "bug", "score": 1.0, "input_index": 0,
-                     "sample": 1}]
+                     "sample": 1, "confidence": None, "agreement": None, "choice_probs": None}]
+
+
+def test_self_consistency_keeps_the_majority_answer_of_inputs_whose_samples_agree(tiny_cfg):
+    rows = [{"text": "a"}, {"text": "b"}, {"text": "c"}]
+    answers = [["bug", "bug", "bug", "payment"], ["bug", "payment", "account", "delivery"], ["bug", "x", "bug", "x"]]
+    kept, rejected = rejection_sample(rows, answers, tiny_cfg.task, min_agreement=0.75)
+    assert [(k["row"]["text"], k["answer"], k["agreement"]) for k in kept] == [("a", "bug", 0.75)]
+    # c: 2 of 4 agree (invalid answers count against agreement)
+    assert rejected == Counter(outvoted=1, duplicate=2, low_agreement=4 + 2, invalid=2)
+    assert sum(rejected.values()) + len(kept) == 12
+
+
+def test_teacher_confidence_drops_answers_it_gave_a_low_probability(tiny_cfg):
+    rows = [{"text": "a"}, {"text": "b"}]
+    distributions = [{"bug": 0.9, "payment": 0.1}, {"bug": 0.4, "payment": 0.6}]
+    kept, rejected = rejection_sample(rows, [["bug"], ["payment"]], tiny_cfg.task, min_confidence=0.7,
+                                      distributions=distributions)
+    assert [(k["answer"], k["confidence"], k["choice_probs"]) for k in kept] == [("bug", 0.9, distributions[0])]
+    assert rejected == Counter(low_confidence=1)
+
+
+def test_confidence_per_label_keeps_each_labels_most_confident_answers(tiny_cfg):
+    kept = [{"answer": answer, "confidence": confidence} for answer, confidence in
+            [("payment", 0.9), ("payment", 0.8), ("payment", 0.7), ("payment", 0.6), ("bug", 0.4), ("bug", 0.3)]]
+    chosen, rejected = most_confident_per_label(kept, 0.5)
+    # a teacher surer of payment than of bug still leaves the student half of its bug answers
+    assert [(k["answer"], k["confidence"]) for k in chosen] == [("payment", 0.9), ("payment", 0.8), ("bug", 0.4)]
+    assert rejected == Counter(less_confident=3)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"prototype.min_agreement": 0.6, "prototype.num_samples": 1}, "min_agreement .*num_samples >= 2"),
+    ({"prototype.min_agreement": 0.6, "prototype.temperature": 0.0}, "min_agreement .*temperature > 0"),
+    ({"prototype.min_confidence": 0.5, "task.check": {"type": "regex", "pattern": "[a-z]+"}},
+     "min_confidence .* only a choice task"),
+    ({"prototype.min_confidence": 0.5, "prototype.teacher": {"base_url": "http://127.0.0.1:9/v1", "model": "m"},
+      "distill.student": {"path": str(TINY_TEACHER)}}, "min_confidence .* HTTP endpoint"),
+    ({"prototype.keep_most_confident": 0.5, "task.check": {"type": "regex", "pattern": "[a-z]+"}},
+     "keep_most_confident .* only a choice task"),
+])
+def test_a_label_free_filter_without_its_signal_is_refused_naming_the_key(overrides, message):
+    with pytest.raises(DistilflowError, match=message):
+        load_config(TINY_CONFIG, overrides)
+
+
+def test_the_teacher_alone_labels_the_distillation_set_with_its_probabilities(tmp_path):
+    cfg = load_config(TINY_CONFIG, {"run.workdir": str(tmp_path), **SMALL, "prototype.num_samples": 1,
+                                    "prototype.temperature": 0.0, "prototype.min_confidence": 0.25})
+    result = run_stage("prototype", cfg, {})
+    rows = [json.loads(line) for line in result.path("dataset_jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and {row["label_source"] for row in rows} == {"teacher"}
+    assert all(not row["label"] for row in rows)
+    # greedy: the answer is the most probable of the four queues, so at least 1/4
+    assert all(row["confidence"] == max(row["choice_probs"].values()) >= 0.25 for row in rows)
+    assert all(sum(row["choice_probs"].values()) == pytest.approx(1.0) for row in rows)
+
+
+def test_no_held_out_input_reaches_the_teachers_prompts_or_the_distillation_set(tmp_path):
+    rows = [json.loads(line) for line in (TINY_CONFIG.parent / "data" / "support_tickets.jsonl").read_text()
+            .splitlines()][:200]
+    tripled = tmp_path / "tripled.jsonl"
+    tripled.write_text("".join(json.dumps(row) + "\n" for row in rows for _ in range(3)))
+    cfg = load_config(TINY_CONFIG, {"run.workdir": str(tmp_path / "work"), **SMALL, "task.data": str(tripled),
+                                    "task.max_train": None, "prototype.num_samples": 1,
+                                    "prototype.shot_candidates": 2, "prototype.shot_dev_size": 4})
+    result = run_stage("prototype", cfg, {})
+    held_out = {" ".join(p["prompt"].split("Ticket: ")[-1].split("<|im_end|>")[0].split()).casefold()
+                for p in json.loads(result.path("teacher_eval").read_text())["predictions"]}
+    trained = [json.loads(line)["prompt"][-1]["content"]
+               for line in result.path("dataset_jsonl").read_text().splitlines()]
+    shots = [shot["text"] for shot in json.loads((result.directory / "few_shot.json").read_text())]
+    assert len(held_out) == 8 and result.metrics["data.duplicates_removed"] == 400
+    assert not held_out & {" ".join(text.removeprefix("Ticket: ").split()).casefold() for text in trained + shots}
+    assert "400 rows dropped before the split as duplicate inputs" in result.summary
 
 
 @pytest.mark.parametrize("reply, score", [("4", 4), ("Score: 3/5", 3), ("I give it a 5.", 5), ("10", None),
@@ -92,11 +167,13 @@ def test_local_judge_scores_every_answer_by_constrained_choice(tiny_cfg, tiny_te
 
 def test_data_card_counts_rejections_labels_and_answer_lengths(tiny_cfg):
     teacher = LocalTeacher(None, None, name="tiny")
-    kept = [{"row": {}, "answer": "bug"}, {"row": {}, "answer": "bug"}, {"row": {}, "answer": "payment"}]
-    pool = [{"text": "a", "label": "bug"}, {"text": "b"}]
-    card = data_card(kept, Counter(wrong_label=1), pool, tiny_cfg.prototype, tiny_cfg.task, teacher)
-    assert "1 labelled, 1 labelled by the teacher" in card
-    assert "**Kept 3**, rejected 1" in card and "| wrong_label | 1 |" in card
+    kept = [{"row": {}, "answer": "bug", "confidence": None}, {"row": {}, "answer": "bug", "confidence": None},
+            {"row": {}, "answer": "payment", "confidence": None}]
+    examples = TaskData(train=[{"text": "a", "label": "bug"}, {"text": "b"}], eval=[], duplicates=2)
+    card = data_card(kept, Counter(wrong_label=1), examples, tiny_cfg.prototype, tiny_cfg.task, teacher)
+    assert "1 labelled, 1 labelled by the teacher" in card and "2 rows dropped before the split" in card
+    assert "**Kept 3** (label source: teacher 3), rejected 1" in card
+    assert "| wrong_label | prototype.min_score: scored against the data's label | 1 |" in card
     assert "| bug | 2 |" in card and "| payment | 1 |" in card
     assert "min 3, median 3, mean 4.3, max 7" in card
 

@@ -31,7 +31,7 @@ def test_gguf_teacher_loads_as_a_llama_with_its_chat_format(demo_teacher):
 def test_teacher_few_shot_score_clears_the_bar(demo_teacher):
     cfg, model, tokenizer = demo_teacher
     split = data.load_task_data(cfg.task, cfg.run.seed)
-    prompting = Prompting(tuple(data.few_shot_examples(split.train, cfg.task, cfg.prototype.few_shot, 0)), True)
+    prompting = Prompting(tuple(data.few_shot_examples(split.pool, cfg.task, cfg.prototype.few_shot, 0)), True)
     result = evaluate(model, tokenizer, split.eval, cfg.task, cfg.eval, prompting=prompting)
     assert result.metrics["task_score"] >= 0.6
 

@@ -59,6 +59,27 @@ def test_gate_tolerates_the_configured_regression():
     assert failed(registry.gate_checks(GateConfig(max_regression=0.05), journey(0.46), champion_score=0.5)) == []
 
 
+def with_interval(entries: list[dict], low: float, high: float) -> list[dict]:
+    return [{**e, "task_score_ci": [low, high]} if e["state"] == "deployed" else e for e in entries]
+
+
+def test_gate_lets_a_drop_inside_the_noise_band_through():
+    # 0.74 on 400 items: Wilson 95% CI 0.695-0.781; the champion's 0.78 is inside it
+    checks = registry.gate_checks(GateConfig(), with_interval(journey(0.74), 0.695, 0.781), champion_score=0.78)
+    assert failed(checks) == []
+    assert checks[0].detail.startswith("task score 0.740 (95% CI 0.695–0.781), top of its interval 0.781 >= 0.780")
+
+
+def test_gate_blocks_a_drop_beyond_the_noise_band():
+    checks = registry.gate_checks(GateConfig(), with_interval(journey(0.70), 0.653, 0.744), champion_score=0.78)
+    assert failed(checks) == ["deploy.gate.max_regression"] and checks[0].detail.endswith("a drop beyond the noise")
+
+
+def test_gate_adds_max_regression_to_the_noise_band():
+    gate = GateConfig(max_regression=0.05)
+    assert failed(registry.gate_checks(gate, with_interval(journey(0.70), 0.653, 0.744), champion_score=0.78)) == []
+
+
 def test_gate_does_not_compare_when_there_is_no_champion():
     assert registry.gate_checks(GateConfig(), journey(0.0), champion_score=None) == []
 
@@ -144,7 +165,8 @@ def test_regressing_version_gets_candidate_and_champion_stays(tmp_path, tiny_cfg
     assert not outcome.passed and outcome.aliases == ["candidate"]
     assert str(client.get_model_version_by_alias("tiny", "champion").version) == "1"
     assert client.get_model_version("tiny", "2").tags["distilflow.gate"] == "failed"
-    assert "deploy.gate.max_regression: task score vs champion's 0.500 0.400 < 0.500" in outcome.failure()
+    assert "deploy.gate.max_regression: task score 0.400 < 0.500 (champion's 0.500 - max_regression 0)" in \
+        outcome.failure()
     assert "`champion` stays on version 1" in outcome.failure()
 
 

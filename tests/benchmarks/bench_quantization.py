@@ -96,7 +96,7 @@ class Text:
 def text(config: Path, eval_examples: int, calibration_samples: int) -> Text:
     task = load_config(config).task
     split = data.load_task_data(task, seed=0)
-    labelled = [row for row in split.train if checks.label(row, task) is not None]
+    labelled = split.pool
     answered = [{"prompt": data.messages(row, task),
                  "completion": [{"role": "assistant", "content": checks.label(row, task)}]} for row in labelled]
     shots = tuple({checks.label(row, task): row for row in reversed(labelled)}.values())

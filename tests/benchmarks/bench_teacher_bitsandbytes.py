@@ -30,7 +30,7 @@ def measure(model_dir: str, mode: dict, cfg, split, device) -> dict:
     torch.cuda.reset_peak_memory_stats()
     teacher = open_teacher(LocalTeacherConfig(path=model_dir, **mode), device)
     loaded_bytes = torch.cuda.memory_allocated()
-    prompting = Prompting(tuple(data.few_shot_examples(split.train, cfg.task, cfg.prototype.few_shot, 0)))
+    prompting = Prompting(tuple(data.few_shot_examples(split.pool, cfg.task, cfg.prototype.few_shot, 0)))
     baseline = teacher.evaluate(split.eval, cfg.task, cfg.eval, prompting)
     answers = [p["answer"] for p in baseline.predictions]
     with tempfile.TemporaryDirectory() as saved:
