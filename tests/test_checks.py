@@ -136,5 +136,5 @@ def test_describe_names_the_allowed_answers():
 def test_a_python_check_that_raises_on_a_label_fails_when_the_data_is_read(tmp_path):
     write_module(tmp_path, "def picky(answer, row):\n    return {'bug': 1.0}[answer]\n")
     task = task_with({"type": "python", "function": "my_checks.py:picky"}, base_dir=tmp_path)
-    with pytest.raises(DistilflowError, match=r"example 1, scoring its label: task.check.function .*picky raised KeyError"):
+    with pytest.raises(DistilflowError, match=r"example \d+, scoring its label: task.check.function .*picky raised KeyError"):
         data.load_task_data(task.model_copy(update={"eval_size": 4}), 0)

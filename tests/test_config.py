@@ -472,7 +472,7 @@ def test_the_json_schema_lists_trls_and_pefts_fields_with_their_help(json_schema
     assert sections["SFTPhase"]["additionalProperties"] is False
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "tiny.yaml", "http-teacher.yaml", "distill-study.yaml",
+@pytest.mark.parametrize("name", ["demo.yaml", "tiny.yaml", "http-teacher.yaml", "recipe-study.yaml",
                                   "compression-study.yaml"])
 def test_every_shipped_config_is_valid_by_the_json_schema(json_schema, name):
     validator = jsonschema.validators.validator_for(json_schema)(json_schema)

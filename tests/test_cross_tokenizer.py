@@ -66,9 +66,10 @@ def test_with_uld_teacher_prompt_few_shot_the_teacher_reads_the_chat_it_answered
         other_teacher, tmp_path):
     cfg = load_config(TINY_CONFIG, {"run.workdir": str(tmp_path / "work"), **ULD,
                                     "distill.logit_kd.uld_teacher_prompt": "few_shot"})
-    rows = load_task_data(cfg.task, cfg.run.seed).train[:6]
+    rows = load_task_data(cfg.task, cfg.run.seed).pool[:6]
     shots = tuple(rows[4:])
-    kept = [{"row": row, "answer": row["label"], "score": 1.0, "input_index": i, "sample": 0}
+    kept = [{"row": row, "answer": row["label"], "score": 1.0, "input_index": i, "sample": 0,
+             "confidence": None, "agreement": None, "choice_probs": None}
             for i, row in enumerate(rows[:4])]
     write_dataset(kept, cfg.task, "reference labels", cfg.prototype, tmp_path / "data", tmp_path / "d.jsonl",
                   shots=shots)

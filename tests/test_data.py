@@ -264,7 +264,7 @@ def csv_bytes(rows, delimiter=",", header=("text", "label")) -> str:
 
 
 def task_for(tiny_cfg, path, **update):
-    return with_data(tiny_cfg, path).model_copy(update={"eval_size": 4, "max_train": None, **update})
+    return with_data(tiny_cfg, path).model_copy(update={"eval_size": 4, "few_shot_pool": None, "max_train": None, **update})
 
 
 @pytest.mark.parametrize("encoding, byte", [("latin-1", "0xe9"), ("cp1252", "0x93")])

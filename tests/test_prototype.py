@@ -193,7 +193,7 @@ def test_no_kept_answer_fails_the_stage_with_the_counts(tmp_path):
     cfg = load_config(TINY_CONFIG, {"run.workdir": str(tmp_path / "work"), **SMALL, "prototype.num_samples": 1,
                                     "task.max_answer_tokens": 4,
                                     "task.check": {"type": "python", "function": f"{tmp_path / 'never.py'}:never"}})
-    with pytest.raises(DistilflowError, match="no teacher answer was kept \\(wrong_label: 12 of 12\\)"):
+    with pytest.raises(DistilflowError, match="no teacher answer was kept \\(low_score: 12 of 12\\)"):
         run_stage("prototype", cfg, {})
     assert [p.name for p in (tmp_path / "work" / "artifacts" / "prototype").iterdir()
             if not p.name.endswith(".lock")] == []

@@ -7,6 +7,7 @@ The servers are tests/openai_server.py on 127.0.0.1, answering with vLLM's shape
 import re
 import shutil
 import threading
+from collections import Counter
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -97,7 +98,7 @@ def test_served_choices_equal_local_choices_on_the_held_out_split(tiny_cfg, tiny
 
 def test_the_data_card_says_labels_were_scored_from_the_servers_log_probs(tiny_cfg, openai_server, key):
     teacher = open_teacher(served(openai_server, tokenizer=str(TINY_TEACHER)), CPU)
-    card = data_card([], {}, [], tiny_cfg.prototype, tiny_cfg.task, teacher)
+    card = data_card([], Counter(), data.load_task_data(tiny_cfg.task, 0), tiny_cfg.prototype, tiny_cfg.task, teacher)
     assert "Labels chosen by each label's full log-likelihood from the server's prompt log-probs, calibrated" in card
 
 
@@ -107,7 +108,7 @@ def test_a_server_without_prompt_logprobs_answers_by_guided_choice(tiny_cfg, pla
     assert teacher.choice_method == GUIDED_CHOICE
     answers = teacher.answer(rows[:3], tiny_cfg.task, prompting)
     assert all(len(a) == 1 and a[0] in tiny_cfg.task.check.choices for a in answers)
-    card = data_card([], {}, [], tiny_cfg.prototype, tiny_cfg.task, teacher)
+    card = data_card([], Counter(), data.load_task_data(tiny_cfg.task, 0), tiny_cfg.prototype, tiny_cfg.task, teacher)
     assert "Labels chosen by the server's guided choice" in card
 
 
@@ -123,7 +124,7 @@ def test_the_logit_cache_built_through_the_server_equals_the_local_one(tiny_cfg,
     model, tokenizer = tiny_teacher
     task = tiny_cfg.task
     rows = [{"prompt": data.messages(row, task), "completion": [{"role": "assistant", "content": checks.label(row, task)}]}
-            for row in data.load_task_data(task, 0).train[:16] if checks.label(row, task)]
+            for row in data.load_task_data(task, 0).eval[:16]]
     examples = teacher_logits.tokenize(tokenizer, rows, max_length=96)
     local = teacher_logits.compute(model, examples, top_k=16, temperature=1.0)
     remote = teacher_logits.compute_from_endpoint(open_teacher(served(openai_server), CPU), examples, top_k=16)

@@ -41,7 +41,7 @@ def test_prototype_writes_dataset_card_and_teacher_baseline(stage_results):
     assert len(dataset) == result.metrics["kept"] > 0
     assert result.metrics["kept"] + result.metrics["rejected"] == cfg.task.max_train * cfg.prototype.num_samples
     assert all(a in cfg.task.check.choices for a in dataset["answer"])
-    assert all(a == label for a, label in zip(dataset["answer"], dataset["label"]))
+    assert set(dataset["label_source"]) == {"teacher"}  # tiny.yaml's training inputs are unlabelled
     assert "Data card" in result.path("data_card").read_text()
     assert result.journey[0]["state"] == "teacher"
     assert set(JOURNEY_FIELDS) <= result.journey[0].keys()
