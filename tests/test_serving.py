@@ -201,7 +201,7 @@ def test_journey_prints_a_serving_table_with_cost_and_the_reasons_states_were_no
                {"state": "quantized", "task_score": 0.5, "perplexity": 2.0, "size_bytes": 1e6, "params": 1e6,
                 "bits_per_param": 8.0, "serving": serving.not_measured(CPU, "compressed-tensors: vLLM (GPU) only")}]
     table = journey_table(journey)
-    assert "| state | task score | retention | perplexity | size (MB) | params (M) | bits/param |" in table
+    assert "| state | task score | 95% CI | retention | perplexity | size (MB) | params (M) | bits/param |" in table
     assert "tokens/s batch 1" in table and "$/1M tokens at 2" in table
     assert "| teacher | llama.cpp | tiny-q4_0.gguf |" in table
     assert "| quantized | llama.cpp | not served: compressed-tensors: vLLM (GPU) only |" in table
