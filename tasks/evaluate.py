@@ -273,6 +273,8 @@ def serving_table(journey: list[dict]) -> str:
 
 def _state(entry: dict) -> str:
     return f"{entry['state']} ({entry['phase']})" if entry.get("phase") else entry["state"]
+
+
 def _interval(bounds: list[float] | None) -> str:
     return "–" if bounds is None else f"{bounds[0]:.3f}–{bounds[1]:.3f}"
 
