@@ -1,4 +1,4 @@
-"""`distilflow` command line: run, validate, serve, verify and report on pipelines.
+"""`distilflow` command line: run, validate, serve, verify, report on pipelines, and print the config's schema.
 
 Exit codes: 0 done, 2 a problem with the input (config, data, model files, tracking store, a full disk) or a
 bundle that fails `verify`, 3 the new model failed the deploy gate (it is registered as `candidate`;

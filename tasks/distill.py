@@ -127,13 +127,14 @@ def with_logit_kd_loss_for_the_vocabularies(cfg: DistillConfig, teacher_dir: Pat
     """``cfg`` with the logit-KD loss the two vocabularies allow. Plain logit KD compares distributions token
     by token, so it needs a shared vocabulary (else a clear error); the ULD loss (``use_uld_loss``) works
     across vocabularies, and over a shared one the run says so and uses plain logit KD, which is exact there."""
-    if not cfg.logit_kd.use_uld_loss:
-        teacher_logits.teacher_ids(teacher_dir, student_dir)
-        return cfg
     try:
         teacher_logits.teacher_ids(teacher_dir, student_dir)
     except DistilflowError:
+        if not cfg.logit_kd.use_uld_loss:
+            raise
         ctx.tracker.log_params({"logit_kd.loss": "uld (the vocabularies differ)"})
+        return cfg
+    if not cfg.logit_kd.use_uld_loss:
         return cfg
     log.warning("distill.logit_kd.use_uld_loss is set, but the teacher (%s) and the student (%s) share a "
                 "vocabulary: using plain logit KD, which compares their distributions token by token (ULD's sorted "

@@ -35,6 +35,8 @@ log = logging.getLogger("distilflow")
 SERVING_FIELDS = ("engine", "device", "artifact", "artifact_bytes", "batch1_tokens_per_s", "ttft_s", "latency_p50_s",
                   "latency_p95_s", "concurrency", "throughput_tokens_per_s", "peak_memory_mb", "task_score")
 LLAMA_CPP, VLLM = "llama.cpp", "vllm"
+# The packages of a vLLM installed in an environment of its own: the vLLM server's PYTHONPATH.
+VLLM_PYTHONPATH = "DISTILFLOW_VLLM_PYTHONPATH"
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class Engine:
 def choose_engine(cfg: ServingConfig, device_type: str) -> Engine | None:
     """The engine the bundle targets on this run's device: vLLM on a GPU where vllm is importable, else
     llama.cpp on the CPU; None when eval.serving.engine is none."""
-    vllm_installed = importlib.util.find_spec("vllm") is not None or "DISTILFLOW_VLLM_PYTHONPATH" in os.environ
+    vllm_installed = importlib.util.find_spec("vllm") is not None or VLLM_PYTHONPATH in os.environ
     name = cfg.engine if cfg.engine != "auto" else VLLM if device_type == "cuda" and vllm_installed else LLAMA_CPP
     if name == "none":
         return None
@@ -335,9 +337,9 @@ def _vllm_server(model_dir: Path, engine: Engine, cfg: ServingConfig) -> Iterato
 
 
 def vllm_environment(environ=os.environ) -> dict[str, str]:
-    """The vLLM server's environment: this one, or with DISTILFLOW_VLLM_PYTHONPATH as its PYTHONPATH, for vLLM
+    """The vLLM server's environment: this one, or with VLLM_PYTHONPATH's value as its PYTHONPATH, for vLLM
     installed in an environment of its own (its pins conflict with llm-compressor's)."""
-    own = environ.get("DISTILFLOW_VLLM_PYTHONPATH")
+    own = environ.get(VLLM_PYTHONPATH)
     return {**environ, "PYTHONPATH": own} if own else dict(environ)
 
 

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 from distilflow.configs.loader import load_config
 from distilflow.configs.schema import QuantizeConfig, ServingConfig
@@ -47,6 +48,9 @@ def prepare(name: str, args, workdir: Path) -> Path:
     source = args.teacher if family == "teacher" else workdir / "1.7b-bf16"
     if family == "1.7b" and not source.exists():
         random_model("smollm2-1.7b", source, seed=0)
+        # random_model saves the 512-id test tokenizer: the server would decode most of the model's 49,152 ids
+        # to no text at all (no first token for the streamed speed requests). The teacher's tokenizer is SmolLM2's.
+        AutoTokenizer.from_pretrained(args.teacher).save_pretrained(source)
     if scheme == "bf16":
         return source
     out = workdir / name
@@ -95,6 +99,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-vllm"), help="quantized and built models")
     parser.add_argument("--decode-tokens", type=int, default=256)
     args = parser.parse_args()
+    if any(m.startswith("1.7b") for m in args.models.split(",")) and not args.teacher:
+        parser.error("the 1.7b models take SmolLM2's tokenizer from --teacher")
     args.workdir.mkdir(parents=True, exist_ok=True)
     cfg = load_config(REPO / "configs" / "demo.yaml")
     workload = serving.Workload(data.load_task_data(cfg.task, cfg.run.seed).eval, cfg.task)
