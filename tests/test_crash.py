@@ -15,10 +15,15 @@ from tests.conftest import TINY_CONFIG
 DISTILFLOW = str(Path(sys.executable).with_name("distilflow"))
 
 
-def start_run(workdir: Path) -> subprocess.Popen:
-    return subprocess.Popen([DISTILFLOW, "run", str(TINY_CONFIG), "--set", f"run.workdir={workdir}"],
+def start_run(workdir: Path, *overrides: str) -> subprocess.Popen:
+    settings = [arg for override in (f"run.workdir={workdir}", *overrides) for arg in ("--set", override)]
+    return subprocess.Popen([DISTILFLOW, "run", str(TINY_CONFIG), *settings],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy(),
                             start_new_session=True)
+
+
+# tiny.yaml's 4 SFT steps can end before a signal sent as distill starts lands: train long enough to be stopped.
+LONG_DISTILL = ("distill.sft.max_steps=40",)
 
 
 def kill_when_partial(process: subprocess.Popen, stage_dir: Path, timeout_s: float = 300,
@@ -98,7 +103,7 @@ def mlflow_runs(workdir: Path) -> list:
 def test_a_signal_mid_stage_stops_the_run_its_prefect_server_and_its_mlflow_runs(tmp_path, sig, stage):
     """The signal goes to `distilflow run` alone (as `kill PID` or a scheduler sends it), not to its group."""
     workdir = tmp_path / "work"
-    run = start_run(workdir)
+    run = start_run(workdir, *(LONG_DISTILL if stage == "distill" else ()))
     try:
         kill_when_partial(run, workdir / "artifacts" / stage, sig=sig, group=False)
         assert run.returncode == 128 + sig

@@ -342,7 +342,9 @@ def stopped_mid_run(request, server, tmp_path_factory):
            "DISTILFLOW_HOME": str(home / "distilflow"), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, "-m", "distilflow.flows.cli", "serve", str(TINY_CONFIG), "--name",
-                                    name, "--set", f"run.workdir={workdir}"], env=env, stdout=out,
+                                    name, "--set", f"run.workdir={workdir}",
+                                    # long enough that the stop lands while distill trains, not after it
+                                    "--set", "distill.sft.max_steps=40"], env=env, stdout=out,
                                    stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
     try:
         with prefect_client(server) as client:
