@@ -921,10 +921,11 @@ class DeployConfig(Section):
     max_new_tokens: int = Field(8, ge=1, description="max_tokens of the bundle's request.json files and of the "
                                                      "smoke test's answers (a request's own cap, never the server's).")
     gguf: Literal["none", "f16", "q8_0", "q4_0", "q4_1"] = Field(
-        "none", description="Also export GGUF for llama.cpp / Ollama (bundle/gguf/, with a CPU Dockerfile), "
-                            "quantized from the shipped candidate's unquantized weights (the student, or the "
-                            "pruned model): q4_0/q4_1 4-bit (token embedding included), q8_0 8-bit, f16. "
-                            "Served and measured through llama.cpp on CPUs (eval.serving).")
+        "none", description="Also export GGUF for llama.cpp / Ollama (bundle/gguf/, with a CPU Dockerfile): q4_0 "
+                            "of a W4A16 checkpoint stores its 4-bit weights exactly (their own scales); otherwise "
+                            "quantized from the shipped candidate's unquantized weights (the student, or the pruned "
+                            "model): q4_0/q4_1 4-bit (a tied token embedding at 8 bits, as llama.cpp's quantizer "
+                            "keeps it), q8_0 8-bit, f16. Served and measured through llama.cpp on CPUs (eval.serving).")
     serve: ServeConfig = ServeConfig()
     gate: GateConfig = GateConfig()
     cost: CostConfig = CostConfig()

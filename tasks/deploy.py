@@ -35,7 +35,8 @@ def run(cfg: DeployConfig, upstream: dict[str, StageResult], ctx: StageContext) 
     shutil.copytree(upstream["compress"].path("model"), bundle)
     write_generation_config(bundle)
     teacher = teacher_card(upstream["prototype"])
-    gguf_file = export_gguf(unquantized_source(upstream), bundle, cfg, teacher) if cfg.gguf != "none" else None
+    gguf_file = export_gguf(gguf_source(upstream, bundle, cfg.gguf), bundle, cfg, teacher) if cfg.gguf != "none" \
+        else None
 
     smoke_rows = ctx.examples.eval[:cfg.smoke_prompts]
     smoke = evaluate_in_fresh_process(bundle, ctx.examples.eval, ctx.task, ctx.eval, ctx.device,
@@ -90,9 +91,14 @@ def label(entry: dict) -> str:
     return f"{entry['state']}.{entry['phase']}" if entry.get("phase") else entry["state"]
 
 
+def gguf_source(upstream: dict[str, StageResult], bundle: Path, gguf_type: str) -> Path:
+    """What the GGUF is made from: the shipped checkpoint when Q4_0 stores its 4-bit weights exactly (GPTQ's
+    rounding kept), else the shipped candidate before quantization (rounding rounded weights again adds error)."""
+    return bundle if gguf_type == "q4_0" and gguf_export.on_q4_0_grid(bundle) else unquantized_source(upstream)
+
+
 def unquantized_source(upstream: dict[str, StageResult]) -> Path:
-    """The shipped candidate before quantization: its pruned model, or the student. The GGUF export is
-    quantized from it, not from the quantized checkpoint (rounding rounded weights again adds error)."""
+    """The shipped candidate before quantization: its pruned model, or the student."""
     pruned = next((e for e in upstream["compress"].journey if e["state"] == "pruned"), None)
     return upstream["compress"].path(f"pruned.{pruned['pruning']}") if pruned else upstream["distill"].path("student")
 

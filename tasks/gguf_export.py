@@ -2,7 +2,10 @@
 
 The checkpoint is loaded with transformers, which dequantizes a compressed-tensors (W4A16, FP8)
 checkpoint on CPU, and written with the `gguf` package's own writer, tensor-name map, vocab helpers and
-numpy quantizers (f16, Q8_0, and the 4-bit Q4_0 and Q4_1, token embedding included). Supported:
+numpy quantizers (f16, Q8_0, and the 4-bit Q4_0 and Q4_1). A W4A16 checkpoint whose 4-bit integers are
+Q4_0's own grid (symmetric, groups of a multiple of 32 columns, as GPTQ and AWQ write them) is stored as Q4_0
+with its own scales: exactly, where gguf's quantizer would pick each block's scale anew and round the rounded
+weights again. Supported:
 Llama-architecture decoders with a byte-level BPE tokenizer (the SmolLM2 family and the models
 distilflow derives from it); anything else is a clear error, never a broken file. llama.cpp serves the
 result (tasks/serving.py).
@@ -14,6 +17,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from distilflow.tasks.errors import DistilflowError
 
@@ -25,6 +29,7 @@ GGUF_TYPES = {
     "q4_0": (gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
     "q4_1": (gguf.GGMLQuantizationType.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1),
 }
+FOUR_BIT = (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1)
 
 # llama.cpp does not store how text is split before BPE; it names the splitting. These are the
 # Hugging Face pre_tokenizer settings that split text the way the named llama.cpp pre-tokenizer does.
@@ -54,7 +59,7 @@ def export(model_dir: Path, out_file: Path, gguf_type: str, *, name: str, licens
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_hyperparameters(writer, config)
     _add_vocabulary(writer, model_dir, tokenizer, tokenizer_json, pre, config.vocab_size)
-    _add_tensors(writer, model, tensor_type)
+    _add_tensors(writer, model, tensor_type, q4_0_scales(model_dir) if gguf_type == "q4_0" else {})
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -71,6 +76,41 @@ def load_dequantized(model_dir: Path):
         if quantization.get("quant_method") == "compressed-tensors" else {}
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs)
     return model.eval(), AutoTokenizer.from_pretrained(model_dir)
+
+
+def on_q4_0_grid(model_dir: Path) -> bool:
+    """Whether the checkpoint's quantized weights are d·q with q in [-8, 7], one d per block of 32 columns or
+    more: compressed-tensors' symmetric 4-bit integer groups, when the group size is a multiple of 32."""
+    quantization = json.loads((model_dir / "config.json").read_text()).get("quantization_config") or {}
+    groups = [group.get("weights") or {} for group in quantization.get("config_groups", {}).values()]
+    return quantization.get("quant_method") == "compressed-tensors" and bool(groups) and all(
+        w.get("num_bits") == 4 and w.get("type") == "int" and w.get("symmetric") and w.get("strategy") == "group"
+        and (w.get("group_size") or 1) % 32 == 0 for w in groups)
+
+
+def q4_0_scales(model_dir: Path) -> dict[str, np.ndarray]:
+    """Each quantized weight's group scales (rows x groups), by the weight's name; none off Q4_0's grid."""
+    if not on_q4_0_grid(model_dir):
+        return {}
+    scales = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(file, "pt") as tensors:
+            scales.update({key.removesuffix("_scale"): tensors.get_tensor(key).float().numpy()
+                           for key in tensors.keys() if key.endswith(".weight_scale")})
+    return scales
+
+
+def q4_0_on_grid(weight: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Q4_0 blocks (an f16 scale, then 32 4-bit values offset by 8, low halves first) of a weight already on
+    ``scales``' grid: each block takes its group's scale, so every value is stored exactly."""
+    rows, columns = weight.shape
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q4_0][0]
+    d = np.repeat(scales.astype(np.float16), columns // block // scales.shape[1], axis=1).reshape(-1, 1)
+    blocks = weight.reshape(-1, block)
+    q = np.rint(np.divide(blocks, d, out=np.zeros_like(blocks), where=d != 0)) + 8
+    q = q.clip(0, 15).astype(np.uint8)
+    packed = q[:, :block // 2] | (q[:, block // 2:] << np.uint8(4))
+    return np.concatenate([d.view(np.uint8), packed], axis=1).reshape(rows, -1)
 
 
 def pre_tokenizer_name(tokenizer_json: dict) -> str:
@@ -151,7 +191,8 @@ def token_table(tokenizer_json: dict, vocab_size: int) -> tuple[list[str], list[
     return tokens, types
 
 
-def _add_tensors(writer: gguf.GGUFWriter, model, tensor_type: gguf.GGMLQuantizationType) -> None:
+def _add_tensors(writer: gguf.GGUFWriter, model, tensor_type: gguf.GGMLQuantizationType,
+                 scales: dict[str, np.ndarray]) -> None:
     config = model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     for hf_name, tensor in model.state_dict().items():
@@ -162,13 +203,15 @@ def _add_tensors(writer: gguf.GGUFWriter, model, tensor_type: gguf.GGMLQuantizat
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise DistilflowError(f"deploy.gguf: no GGUF name for tensor {hf_name}")
-        weight = tensor.float().numpy()
-        if hf_name.endswith("q_proj.weight"):
-            weight = interleave_rope_rows(weight, config.num_attention_heads)
-        elif hf_name.endswith("k_proj.weight"):
-            weight = interleave_rope_rows(weight, config.num_key_value_heads)
-        stored = _storage_type(weight, tensor_type)
-        writer.add_tensor(name, gguf.quants.quantize(weight, stored), raw_dtype=stored)
+        weight, grid = tensor.float().numpy(), scales.get(hf_name)
+        heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}.get(hf_name.split(".")[-2])
+        if heads:
+            weight = interleave_rope_rows(weight, heads)
+            grid = grid if grid is None else interleave_rope_rows(grid, heads)
+        tied_embedding = config.tie_word_embeddings and name == "token_embd.weight"
+        stored = _storage_type(weight, tensor_type, tied_embedding=tied_embedding)
+        data = q4_0_on_grid(weight, grid) if grid is not None else gguf.quants.quantize(weight, stored)
+        writer.add_tensor(name, data, raw_dtype=stored)
 
 
 def interleave_rope_rows(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -181,9 +224,15 @@ def interleave_rope_rows(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.reshape(heads, 2, rows // heads // 2, columns).swapaxes(1, 2).reshape(rows, columns)
 
 
-def _storage_type(weight: np.ndarray, wanted: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
-    """Norms stay f32 (as llama.cpp's converter keeps them); a row the type's blocks do not divide stays f16."""
+def _storage_type(weight: np.ndarray, wanted: gguf.GGMLQuantizationType, *,
+                  tied_embedding: bool) -> gguf.GGMLQuantizationType:
+    """Norms stay f32 (as llama.cpp's converter keeps them); a row the type's blocks do not divide stays f16.
+    A token embedding that is also the output matrix keeps 8 bits under a 4-bit type: llama.cpp's quantizer
+    gives the output matrix Q6_K, or Q8_0 when its rows are not a multiple of 256 (SmolLM2's 576), and
+    gguf-py has no K-quant quantizer."""
     if weight.ndim == 1:
         return gguf.GGMLQuantizationType.F32
+    if tied_embedding and wanted in FOUR_BIT:
+        return gguf.GGMLQuantizationType.Q8_0
     block, _ = gguf.GGML_QUANT_SIZES[wanted]
     return wanted if weight.shape[-1] % block == 0 else gguf.GGMLQuantizationType.F16

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, TokenType
-from gguf.quants import dequantize
+from gguf.quants import dequantize, quantize
 
 from distilflow.configs.schema import QuantizeConfig
-from distilflow.tasks import gguf_export, quantize
+from distilflow.tasks import gguf_export
+from distilflow.tasks import quantize as quantization
 from distilflow.tasks.errors import DistilflowError
 from tests.conftest import TINY_TEACHER
 
@@ -115,29 +116,64 @@ def test_q8_0_quantizes_matrices_and_keeps_norms_in_f32(q8_0, tiny_teacher):
 
 @pytest.mark.parametrize("kind, tensor_type, bits", [("q4_0", GGMLQuantizationType.Q4_0, 4.5),
                                                       ("q4_1", GGMLQuantizationType.Q4_1, 5.0)])
-def test_4_bit_types_quantize_every_matrix_the_token_embedding_included(tmp_path, tiny_teacher, kind, tensor_type,
-                                                                        bits):
+def test_4_bit_types_quantize_every_matrix_but_a_tied_embedding_which_keeps_8_bits(tmp_path, tiny_teacher, kind,
+                                                                                   tensor_type, bits):
     _, tensors = read(gguf_export.export(TINY_TEACHER, tmp_path / "m.gguf", kind, name="tiny"))
     model = tiny_teacher[0]
-    assert tensors["token_embd.weight"].tensor_type == tensor_type
+    assert model.config.tie_word_embeddings
+    assert tensors["token_embd.weight"].tensor_type == GGMLQuantizationType.Q8_0
     assert tensors["blk.0.ffn_up.weight"].tensor_type == tensor_type
     assert tensors["blk.0.attn_norm.weight"].tensor_type == GGMLQuantizationType.F32
-    embedding = tensors["token_embd.weight"]
-    assert embedding.n_bytes * 8 / embedding.n_elements == bits
+    up = tensors["blk.0.ffn_up.weight"]
+    assert up.n_bytes * 8 / up.n_elements == bits
     expected = model.model.layers[0].mlp.up_proj.weight.detach().numpy()
     error = np.abs(weights(tensors["blk.0.ffn_up.weight"]) - expected).max()
     assert 0 < error < np.abs(expected).max() / 4  # 16 levels per block of 32
 
 
-def test_compressed_tensors_checkpoint_is_exported_dequantized(tmp_path, tiny_teacher):
+def quantized(tiny_teacher, out, **settings):
+    """The tiny teacher quantized (round to nearest; W4A16 unless ``settings`` say otherwise) and saved to ``out``."""
     model, tokenizer = tiny_teacher
     student = type(model)(model.config)
     student.load_state_dict(model.state_dict())
-    quantize.quantize(student.to(torch.bfloat16), tokenizer, QuantizeConfig(method="rtn"), [], tmp_path / "w4a16")
+    quantization.quantize(student.to(torch.bfloat16), tokenizer, QuantizeConfig(method="rtn", **settings), [], out)
+    return out
+
+
+def test_compressed_tensors_checkpoint_is_exported_dequantized(tmp_path, tiny_teacher):
+    quantized(tiny_teacher, tmp_path / "w4a16")
     reloaded, _ = gguf_export.load_dequantized(tmp_path / "w4a16")
     _, tensors = read(gguf_export.export(tmp_path / "w4a16", tmp_path / "m.gguf", "f16", name="w4a16"))
     np.testing.assert_allclose(weights(tensors["blk.0.ffn_gate.weight"]),
                                reloaded.model.layers[0].mlp.gate_proj.weight.detach().numpy(), atol=1e-3)
+
+
+def test_q4_0_of_a_w4a16_checkpoint_stores_its_weights_exactly(tmp_path, tiny_teacher):
+    quantized(tiny_teacher, tmp_path / "w4a16")
+    assert gguf_export.on_q4_0_grid(tmp_path / "w4a16")
+    reloaded, _ = gguf_export.load_dequantized(tmp_path / "w4a16")
+    _, tensors = read(gguf_export.export(tmp_path / "w4a16", tmp_path / "m.gguf", "q4_0", name="w4a16"))
+    layer = reloaded.model.layers[0]
+    down = layer.mlp.down_proj.weight.detach().numpy()
+    k = gguf_export.interleave_rope_rows(layer.self_attn.k_proj.weight.detach().numpy(),
+                                         reloaded.config.num_key_value_heads)
+    for gguf_name, expected in [("blk.0.ffn_down.weight", down), ("blk.0.attn_k.weight", k)]:
+        assert tensors[gguf_name].tensor_type == GGMLQuantizationType.Q4_0
+        np.testing.assert_array_equal(weights(tensors[gguf_name]), expected)
+    # what gguf's own quantizer makes of the same weights: each block's scale from its largest value, rounded again
+    requantized = dequantize(quantize(down, GGMLQuantizationType.Q4_0), GGMLQuantizationType.Q4_0)
+    assert not np.array_equal(requantized.reshape(down.shape), down)
+
+
+@pytest.mark.parametrize("settings", [{"scheme": "fp8"}, {"group_size": 16}], ids=["fp8", "group-16"])
+def test_checkpoints_off_q4_0s_grid_are_quantized_by_gguf(tmp_path, tiny_teacher, settings):
+    checkpoint = quantized(tiny_teacher, tmp_path / "ckpt", **settings)
+    assert not gguf_export.on_q4_0_grid(checkpoint)
+    reloaded, _ = gguf_export.load_dequantized(checkpoint)
+    _, tensors = read(gguf_export.export(checkpoint, tmp_path / "m.gguf", "q4_0", name="ckpt"))
+    expected = reloaded.model.layers[0].mlp.down_proj.weight.detach().numpy()
+    error = np.abs(weights(tensors["blk.0.ffn_down.weight"]) - expected).max()
+    assert 0 < error < np.abs(expected).max() / 4
 
 
 def test_tokenizer_llama_cpp_cannot_reproduce_is_a_clear_error(tmp_path):
