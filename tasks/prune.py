@@ -125,7 +125,7 @@ def width_importance(model, batches: list[dict]) -> dict[str, list[torch.Tensor]
     def record(totals, index, per_position):
         def hook(module, args):
             values = per_position(args[0].float())
-            totals[index] += values[mask["tokens"]].sum(dim=0)
+            totals[index] += values[mask["tokens"]].sum(dim=0).cpu()  # the model may be on a GPU, totals are not
         return hook
 
     def channel_magnitude(x):
