@@ -52,6 +52,9 @@ VARIANTS = {
     "w4a16-awq-mse": QuantizeConfig(scheme="w4a16", method="awq", observer="mse"),
     "w4a16-awq-duo-both": QuantizeConfig(scheme="w4a16", method="awq", awq_duo_scaling="both"),
     "w4a16-awq-no-duo": QuantizeConfig(scheme="w4a16", method="awq", awq_duo_scaling=False),
+    # study A's two best changes together, and with the Q4_1 teacher's own block
+    "w4a16-awq-no-duo-mse": QuantizeConfig(scheme="w4a16", method="awq", awq_duo_scaling=False, observer="mse"),
+    "w4a16-awq-no-duo-g32": QuantizeConfig(scheme="w4a16", method="awq", awq_duo_scaling=False, group_size=32),
     "w4a16-awq-asym": QuantizeConfig(scheme="w4a16", method="awq", symmetric=False),
     "w4a16-awq-asym-mse": QuantizeConfig(scheme="w4a16", method="awq", symmetric=False, observer="mse"),
     "w4a16-awq-grid40": QuantizeConfig(scheme="w4a16", method="awq", awq_grid=40),
@@ -68,8 +71,9 @@ VARIANTS = {
 STUDIES = {
     "awq": ["w4a16-gptq", "w4a16-awq", "w4a16-awq-mse", "w4a16-awq-duo-both", "w4a16-awq-no-duo", "w4a16-rtn",
             "w4a16-rtn-mse"],
-    "awq-grids": ["w4a16-awq-asym", "w4a16-gptq-asym", "w4a16-rtn-asym", "w4a16-awq-g32", "w4a16-gptq-g32",
-                  "w4a16-rtn-g32", "w4a16-gptq-mse", "w4a16-awq-grid40", "w4a16-awq-asym-mse"],
+    "awq-grids": ["w4a16-awq-no-duo-mse", "w4a16-awq-no-duo-g32", "w4a16-gptq", "w4a16-awq-g32", "w4a16-gptq-g32",
+                  "w4a16-awq-asym", "w4a16-gptq-asym", "w4a16-rtn-asym", "w4a16-rtn-g32", "w4a16-gptq-mse",
+                  "w4a16-awq-grid40", "w4a16-awq-asym-mse"],
 }
 NEEDS = {"nf4": "bitsandbytes"}
 
