@@ -4,15 +4,15 @@ Plain Python, no Prefect: flows/pipeline.py wraps each call in a flow run, and b
 directly to measure what orchestration costs.
 """
 
-import importlib
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from distilflow.configs.schema import HttpTeacherConfig, ModelTrust, PipelineConfig
-from distilflow.tasks import artifacts, history, serving
+from distilflow.tasks import artifacts, compress, deploy, distill, history, prototype, serving
 from distilflow.tasks.artifacts import StageResult
 from distilflow.tasks.context import StageContext
 from distilflow.tasks.data import TaskData, check_few_shot_pool, load_task_data
@@ -26,15 +26,18 @@ log = logging.getLogger("distilflow")
 
 @dataclass(frozen=True)
 class Stage:
-    module: str
+    """A stage function (its config section, the results it needs, its context -> its result) and the stages
+    whose results it reads."""
+
+    run: Callable[..., StageResult]
     needs: tuple[str, ...]
 
 
 STAGES = {
-    "prototype": Stage("distilflow.tasks.prototype", needs=()),
-    "distill": Stage("distilflow.tasks.distill", needs=("prototype",)),
-    "compress": Stage("distilflow.tasks.compress", needs=("prototype", "distill")),
-    "deploy": Stage("distilflow.tasks.deploy", needs=("prototype", "distill", "compress")),
+    "prototype": Stage(prototype.run, needs=()),
+    "distill": Stage(distill.run, needs=("prototype",)),
+    "compress": Stage(compress.run, needs=("prototype", "distill")),
+    "deploy": Stage(deploy.run, needs=("prototype", "distill", "compress")),
 }
 
 
@@ -170,7 +173,7 @@ def run_stage(name: str, cfg: PipelineConfig, upstream: dict[str, StageResult],
                 device=resolve_device(cfg.run.device), seed=cfg.run.seed, task=cfg.task,
                 examples=load_task_data(cfg.task, cfg.run.seed), eval=cfg.eval, tracker=stage_tracker)
             log.info("%s: running (key %s)", name, key)
-            return importlib.import_module(stage.module).run(getattr(cfg, name), upstream, ctx)
+            return stage.run(getattr(cfg, name), upstream, ctx)
 
         result = artifacts.cached_or_run(name, key, workdir, produce)
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # only a crash leaves checkpoints worth keeping
