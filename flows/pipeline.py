@@ -85,7 +85,7 @@ def pipeline(config_path: str, overrides: dict[str, Any] | None = None) -> dict:
     mlflow_run = retried(finish_tracking, cfg)(tracker, journey, bundle)
     record = {"run_id": str(flow_run.id), "mlflow_run_id": tracker.run_id,
               "mlflow_tracking_uri": tracking_uri(cfg), "bundle": str(bundle), "journey": journey}
-    outcome = release(cfg, record)
+    outcome = retried(release, cfg)(cfg, record)
     # Recorded after the release, gate verdict included, so `report` never shows a rejected bundle as the one
     # to ship; and recorded when the gate fails too, so `report` explains the newest run.
     record = {**record, "release": outcome.as_dict()}
@@ -191,10 +191,12 @@ def publish_artifacts(run_name: str, journey: list[dict], bundle: Path, mlflow_r
                          description="The deployable bundle: model, tokenizer, model card, journey, manifest")
 
 
+@task(retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE, persist_result=False)
 def release(cfg: PipelineConfig, record: dict) -> registry.Release:
     """Register the bundle in MLflow's model registry; deploy.gate decides whether `champion` moves.
 
-    The gate's checks go to an artifact; the caller fails the flow run when the model did not pass.
+    A retry is safe: a bundle already registered (same digest) is found, not registered twice. The gate's checks
+    go to an artifact; the caller fails the flow run when the model did not pass.
     """
     outcome = registry.release(cfg, Path(record["bundle"]), record["mlflow_tracking_uri"], record["mlflow_run_id"],
                                record["run_id"])

@@ -294,6 +294,24 @@ def test_transient_failure_of_a_tracking_call_is_retried(server, monkeypatch, tm
     assert task_run.run_count == 3
 
 
+def test_transient_failure_of_a_registry_call_is_retried(server, monkeypatch, tmp_path):
+    from distilflow.flows.pipeline import release
+    from distilflow.flows.retries import retried
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    cfg = load_config(TINY_CONFIG, {"run.workdir": str(tmp_path), "run.retries": 2, "run.retry_delay_seconds": 0})
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "journey.json").write_text("[]")
+    record = {"bundle": str(bundle), "mlflow_tracking_uri": f"http://127.0.0.1:{free_port()}",
+              "mlflow_run_id": "0" * 32, "run_id": "flow-run"}
+    with against(server):
+        state = retried(release, cfg)(cfg, record, return_state=True)
+    assert state.is_failed()
+    [task_run] = recorded_task_runs(server, task_run_id=state.state_details.task_run_id)
+    assert task_run.run_count == 3
+
+
 def test_failing_stage_fails_its_flow_run_with_the_error_and_no_retry(server, tmp_path):
     from distilflow.flows.pipeline import pipeline
 
