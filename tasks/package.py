@@ -12,6 +12,7 @@ from pathlib import Path
 from string import Template
 
 import yaml
+from huggingface_hub import ModelCard, ModelCardData
 
 from distilflow.configs.schema import DeployConfig, HttpTeacherConfig, ServingConfig, TaskConfig, TeacherConfig
 from distilflow.tasks import data
@@ -270,17 +271,17 @@ def model_card(*, cfg: DeployConfig, task: TaskConfig, teacher: dict, student_su
                serving: ServingConfig = ServingConfig()) -> str:
     """README.md of the bundle: what the model is, how well it does, how to serve it, where not to use it."""
     license = teacher.get("license")
-    front = {"license": license, "license_name": teacher.get("license_name"), "license_link": teacher.get("license_link"),
-             "base_model": teacher.get("base_model"), "library_name": "transformers", "pipeline_tag": "text-generation",
-             "tags": ["distilflow", "distillation", *(["compressed-tensors"] if "compressed-tensors" in compression else []),
-                      *(["gguf"] if gguf_file else [])]}
-    front = {k: v for k, v in front.items() if v}
+    metadata = ModelCardData(
+        license=license, license_name=teacher.get("license_name"), license_link=teacher.get("license_link"),
+        base_model=teacher.get("base_model"), library_name="transformers", pipeline_tag="text-generation",
+        tags=["distilflow", "distillation", *(["compressed-tensors"] if "compressed-tensors" in compression else []),
+              *(["gguf"] if gguf_file else [])])
     license_text = (f"`{license}`" + (f" ({teacher['license_name']})" if teacher.get("license_name") else "")
                     + (f", {teacher['license_link']}" if teacher.get("license_link") else "")
                     + ", carried from the teacher") if license \
         else "not stated in the teacher's files; check the teacher's terms before you ship this model"
-    return f"""---
-{yaml.safe_dump(front, sort_keys=False).strip()}
+    return str(ModelCard(f"""---
+{metadata.to_yaml()}
 ---
 
 # {cfg.model_name}
@@ -346,7 +347,7 @@ Check the files before you ship them: `distilflow verify .` re-hashes every file
 - It inherits the teacher's biases and errors: it was trained on the teacher's answers (see the data
   card below for the filters they passed and where any labels came from).
 
-{data_card}"""
+{data_card}"""))
 
 
 def serving_note(cfg: ServingConfig) -> str:
