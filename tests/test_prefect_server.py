@@ -280,33 +280,33 @@ def recorded_task_runs(server, flow_run_id: UUID | None = None, task_run_id: UUI
     return wait_for(recorded, "task runs recorded", 60)
 
 
-def test_transient_failure_of_a_tracking_call_is_retried(server, monkeypatch, tmp_path):
+def start_tracking_call(cfg, tmp_path, dead_uri):
     from distilflow.flows.pipeline import start_tracking
-    from distilflow.flows.retries import retried
 
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries would take minutes
-    cfg = load_config(TINY_CONFIG, {"run.workdir": str(tmp_path), "run.retries": 2, "run.retry_delay_seconds": 0,
-                                    "run.mlflow_tracking_uri": f"http://127.0.0.1:{free_port()}"})
-    with against(server):
-        state = retried(start_tracking, cfg)(cfg, return_state=True)
-    assert state.is_failed()
-    [task_run] = recorded_task_runs(server, task_run_id=state.state_details.task_run_id)
-    assert task_run.run_count == 3
+    return start_tracking, (cfg,)
 
 
-def test_transient_failure_of_a_registry_call_is_retried(server, monkeypatch, tmp_path):
+def release_call(cfg, tmp_path, dead_uri):
     from distilflow.flows.pipeline import release
-    from distilflow.flows.retries import retried
 
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    cfg = load_config(TINY_CONFIG, {"run.workdir": str(tmp_path), "run.retries": 2, "run.retry_delay_seconds": 0})
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     (bundle / "journey.json").write_text("[]")
-    record = {"bundle": str(bundle), "mlflow_tracking_uri": f"http://127.0.0.1:{free_port()}",
-              "mlflow_run_id": "0" * 32, "run_id": "flow-run"}
+    return release, (cfg, {"bundle": str(bundle), "mlflow_tracking_uri": dead_uri, "mlflow_run_id": "0" * 32,
+                           "run_id": "flow-run"})
+
+
+@pytest.mark.parametrize("call", [start_tracking_call, release_call], ids=["tracking", "registry"])
+def test_transient_failure_of_an_mlflow_call_is_retried(server, monkeypatch, tmp_path, call):
+    from distilflow.flows.retries import retried
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries would take minutes
+    dead_uri = f"http://127.0.0.1:{free_port()}"
+    cfg = load_config(TINY_CONFIG, {"run.workdir": str(tmp_path), "run.retries": 2, "run.retry_delay_seconds": 0,
+                                    "run.mlflow_tracking_uri": dead_uri})
+    work, args = call(cfg, tmp_path, dead_uri)
     with against(server):
-        state = retried(release, cfg)(cfg, record, return_state=True)
+        state = retried(work, cfg)(*args, return_state=True)
     assert state.is_failed()
     [task_run] = recorded_task_runs(server, task_run_id=state.state_details.task_run_id)
     assert task_run.run_count == 3
