@@ -159,13 +159,24 @@ class MlflowTracker:
         try:
             yield child
         except BaseException as err:
-            self.client.set_terminated(child.run_id, end_status(err))
+            try:
+                self.client.set_terminated(child.run_id, end_status(err))
+            except Exception as ending:
+                # A stop (SIGTERM) that lands inside an MLflow call can leave this client's store unusable; the
+                # error that ended the child is the one to report, and the parent's `finish` closes the child.
+                log.warning("could not end MLflow run %s (%s): %s", child.run_id, name, ending)
             raise
         self.client.set_terminated(child.run_id, "FINISHED")
 
     def finish(self, error: BaseException | None = None) -> None:
-        """End the run: FINISHED, or FAILED / KILLED (stopped by a signal) when ``error`` ended it."""
-        self.client.set_terminated(self.run_id, "FINISHED" if error is None else end_status(error))
+        """End the run: FINISHED, or FAILED / KILLED (stopped by a signal) when ``error`` ended it, with any
+        descendant still RUNNING."""
+        status = "FINISHED" if error is None else end_status(error)
+        if error is not None:
+            experiment = self.client.get_run(self.run_id).info.experiment_id
+            for each in _running_descendants(self.client, experiment, self.run_id):
+                self.client.set_terminated(each.info.run_id, status)
+        self.client.set_terminated(self.run_id, status)
         if self.liveness:
             self.liveness.release()
 

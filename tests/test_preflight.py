@@ -3,6 +3,7 @@ run history's home, and the MLflow store (made whole or not at all; a damaged on
 left RUNNING closed by the next run)."""
 
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -168,6 +169,30 @@ def test_the_next_run_closes_runs_a_killed_process_left_running_and_only_those(t
     assert "ended without closing it" in runs["sft"].data.tags["distilflow.end_reason"]
     running.finish()
     newest.finish()
+
+
+
+def test_a_stop_that_breaks_ending_a_stage_run_keeps_its_error_and_the_pipeline_run_ends_it(tmp_path, monkeypatch):
+    """SIGTERM inside an MLflow call of the stage's client can leave that client unable to end the stage's run: the
+    stop is still what the pipeline sees, and ending the pipeline's run ends the stage's (and its phase's) KILLED."""
+    from mlflow.exceptions import MlflowException
+    from prefect.exceptions import TerminationSignal
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    pipeline = MlflowTracker.start(uri, "tiny", tmp_path, "stopped", {})
+    stage_client = open_store(uri)
+    attached = MlflowTracker(stage_client, pipeline.run_id)
+    with pytest.raises(TerminationSignal) as stopped:
+        with attached.child("distill") as stage, stage.child("sft"):
+            monkeypatch.setattr(stage_client, "set_terminated", lambda *args: (_ for _ in ()).throw(
+                MlflowException("(sqlite3.OperationalError) database is locked")))
+            raise TerminationSignal(signal.SIGTERM)
+    pipeline.finish(stopped.value)
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert {run.info.run_name: run.info.status for run in runs} == {"stopped": "KILLED", "distill": "KILLED",
+                                                                   "sft": "KILLED"}
 
 
 def test_validate_counts_the_examples_longer_than_distills_max_length(capsys):
