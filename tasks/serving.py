@@ -269,7 +269,8 @@ def _llama_cpp_server(gguf_file: Path, engine: Engine, cfg: ServingConfig) -> It
                 "threads": engine.threads}
     with tempfile.TemporaryFile("w+") as logs:
         process = subprocess.Popen([sys.executable, "-m", "distilflow.tasks.llama_cpp_server", json.dumps(settings)],
-                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=logs, text=True)
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=logs, text=True,
+                                   env=engine_environment())
         try:
             ready = _first_line(process, cfg.startup_timeout_s)
             if ready is None:
@@ -336,11 +337,18 @@ def _vllm_server(model_dir: Path, engine: Engine, cfg: ServingConfig) -> Iterato
             _stop(process)
 
 
+def engine_environment(environ=os.environ) -> dict[str, str]:
+    """A server's environment: this one without OMP_WAIT_POLICY, so the engine runs with its own threading
+    defaults, as it does started on its own. The pipeline sets PASSIVE for torch (flows/cli.py); llama.cpp's
+    OpenMP threads then sleep at each of the many barriers of a decode step: batch 1 ran at half speed."""
+    return {key: value for key, value in environ.items() if key != "OMP_WAIT_POLICY"}
+
+
 def vllm_environment(environ=os.environ) -> dict[str, str]:
-    """The vLLM server's environment: this one, or with VLLM_PYTHONPATH's value as its PYTHONPATH, for vLLM
-    installed in an environment of its own (its pins conflict with llm-compressor's)."""
+    """The vLLM server's environment: ``engine_environment``, with VLLM_PYTHONPATH's value as its PYTHONPATH
+    for vLLM installed in an environment of its own (its pins conflict with llm-compressor's)."""
     own = environ.get(VLLM_PYTHONPATH)
-    return {**environ, "PYTHONPATH": own} if own else dict(environ)
+    return {**engine_environment(environ), **({"PYTHONPATH": own} if own else {})}
 
 
 def kv_bytes_per_token(model_dir: Path) -> int:
