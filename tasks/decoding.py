@@ -15,52 +15,67 @@ def _common_prefix_length(sequences: list[list[int]]) -> int:
 
 
 @torch.no_grad()
-def choice_logprobs(model, tokenizer, prompts: list[str], choices: list[str], *,
+def choice_logprobs(model, tokenizer, prompts: list[str], choices: list[str], *, batch_size: int = 16,
                     desc: str | None = None) -> torch.Tensor:
     """Log-likelihood of each choice, followed by the chat template's end of turn, after each prompt.
 
     Returns a (len(prompts), len(choices)) tensor. The prefix all prompts share (system prompt,
     few-shot examples) runs through the model once, each prompt's own tail once, and only the
-    choice tokens once per choice, all reusing the KV cache (as vLLM's prefix caching does).
+    choice tokens once per choice, all reusing the KV cache (as vLLM's prefix caching does). Tails of
+    equal length run ``batch_size`` at a time: no padding, so each row is computed as it is alone.
     """
     choice_ids = choice_token_ids(tokenizer, choices)
     prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
     # Keep at least one token per prompt outside the shared prefix: it predicts the first choice token.
     shared = min(_common_prefix_length(prompt_ids), min(len(p) for p in prompt_ids) - 1)
-    prefix_cache = _prefill(model, prompt_ids[0][:shared], cache=None)[0] if shared else None
+    prefix_cache = _prefill(model, [prompt_ids[0][:shared]], cache=None)[0] if shared else None
+    tails = [ids[shared:] for ids in prompt_ids]
     scores = torch.empty(len(prompts), len(choices))
-    for i, ids in enumerate(tqdm(prompt_ids, desc=desc, disable=desc is None)):
-        cache, next_logits = _prefill(model, ids[shared:], copy.deepcopy(prefix_cache))
-        scores[i] = _score_choices(model, cache, next_logits, len(ids), choice_ids)
+    for batch in tqdm(equal_length_batches(tails, batch_size), desc=desc, disable=desc is None):
+        cache = copy.deepcopy(prefix_cache)
+        if cache is not None:
+            cache.batch_repeat_interleave(len(batch))
+        cache, next_logits = _prefill(model, [tails[i] for i in batch], cache)
+        scores[batch] = _score_choices(model, cache, next_logits, shared + len(tails[batch[0]]), choice_ids)
     return scores
 
 
-def _prefill(model, ids: list[int], cache):
-    """Run ``ids`` after ``cache``; returns the grown cache and the logits of the next token."""
-    out = model(input_ids=torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True,
+def equal_length_batches(sequences: list[list[int]], size: int) -> list[list[int]]:
+    """Indices of ``sequences``, grouped by length, at most ``size`` to a group."""
+    by_length: dict[int, list[int]] = {}
+    for index, sequence in enumerate(sequences):
+        by_length.setdefault(len(sequence), []).append(index)
+    return [group[start:start + size] for group in by_length.values() for start in range(0, len(group), size)]
+
+
+def _prefill(model, rows: list[list[int]], cache):
+    """Run the equally long ``rows`` after ``cache``; returns the grown cache and each row's next-token logits."""
+    out = model(input_ids=torch.tensor(rows, device=model.device), past_key_values=cache, use_cache=True,
                 logits_to_keep=1)
-    return out.past_key_values, out.logits[0, -1]
+    return out.past_key_values, out.logits[:, -1]
 
 
 def _score_choices(model, cache, next_logits, past_length: int, choice_ids: list[list[int]]) -> torch.Tensor:
-    """Sum of log-probs of each choice's tokens, continuing a prompt held in ``cache``."""
+    """Sum of log-probs of each choice's tokens, continuing each prompt held in ``cache`` (one row each)."""
     device = model.device
     first_logprobs = next_logits.float().log_softmax(-1)
-    scores = torch.stack([first_logprobs[c[0]] for c in choice_ids])
+    scores = first_logprobs[:, [c[0] for c in choice_ids]]
     width = max(len(c) for c in choice_ids) - 1
     if width == 0:
         return scores.cpu()
-    inputs = torch.zeros(len(choice_ids), width, dtype=torch.long, device=device)
-    attention = torch.ones(len(choice_ids), past_length + width, dtype=torch.long, device=device)
+    prompts, count = len(next_logits), len(choice_ids)
+    inputs = torch.zeros(count, width, dtype=torch.long, device=device)
+    attention = torch.ones(count, past_length + width, dtype=torch.long, device=device)
     for row, ids in enumerate(choice_ids):
         inputs[row, :len(ids) - 1] = torch.tensor(ids[:-1], device=device)
         attention[row, past_length + len(ids) - 1:] = 0
-    cache.batch_repeat_interleave(len(choice_ids))
-    logits = model(input_ids=inputs, attention_mask=attention, past_key_values=cache, use_cache=True).logits
+    cache.batch_repeat_interleave(count)  # row p * count + c: prompt p continued by choice c
+    logits = model(input_ids=inputs.repeat(prompts, 1), attention_mask=attention.repeat(prompts, 1),
+                   past_key_values=cache, use_cache=True).logits
     logprobs = logits.float().log_softmax(-1)
     for row, ids in enumerate(choice_ids):
-        targets = torch.tensor(ids[1:], device=device)
-        scores[row] += logprobs[row, :len(ids) - 1].gather(-1, targets[:, None]).sum()
+        targets = torch.tensor(ids[1:], device=device).expand(prompts, -1)
+        scores[:, row] += logprobs[row::count, :len(ids) - 1].gather(-1, targets[..., None]).sum((1, 2))
     return scores.cpu()
 
 

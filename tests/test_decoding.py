@@ -27,8 +27,11 @@ def test_turn_end_is_read_from_the_chat_template(tiny_teacher):
 
 def test_choice_logprobs_match_full_sequence_scoring(tiny_teacher):
     model, tokenizer = tiny_teacher
-    prompts = [chat_prompt(tokenizer, t) for t in ["my card was charged twice", "parcel lost", "app crashes"]]
-    fast = decoding.choice_logprobs(model, tokenizer, prompts, CHOICES)
+    texts = ["my card was charged twice", "parcel lost", "app crashes", "parcel late", "parcel gone", "app freezes"]
+    prompts = [chat_prompt(tokenizer, t) for t in texts]
+    fast = decoding.choice_logprobs(model, tokenizer, prompts, CHOICES, batch_size=2)
+    lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
+    assert len(set(lengths)) < len(lengths) - 1  # tails batched together, some in more than one batch
     for i, prompt in enumerate(prompts):
         for j, choice in enumerate(CHOICES):
             expected = full_sequence_logprob(model, tokenizer, prompt, choice + "<|im_end|>")
