@@ -29,13 +29,17 @@ RESULT = "result.json"
 
 @dataclass
 class StageResult:
-    """What a stage hands downstream: named output paths, metrics, journey entries and a summary."""
+    """What a stage hands downstream: named output paths, journey entries and a summary; and what it tracked
+    (params, metrics, tags, artifacts: paths in its directory), which the runner logs, cached or not."""
 
     stage: str
     files: dict[str, str]
-    metrics: dict[str, float] = field(default_factory=dict)
     journey: list[dict] = field(default_factory=list)
     summary: str = ""
+    params: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)
     key: str = ""
     directory: Path | None = None
     digest: str = ""

@@ -8,6 +8,7 @@ import logging
 import math
 import shutil
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from datasets import Dataset, load_from_disk
@@ -26,6 +27,30 @@ log = logging.getLogger("distilflow")
 RELOAD_TOLERANCE = 0.01
 
 
+@dataclass
+class Candidate:
+    """A compressed model, measured reloaded from disk: one row of candidates.json and of the Pareto chart."""
+
+    candidate: str
+    pruning: str | None
+    scheme: str
+    task_score: float
+    task_score_ci: list[float]
+    perplexity: float
+    size_bytes: int
+    params: int
+    bits_per_param: float
+    tokens_per_s: float
+    quantize_s: float
+    deployable: bool
+    note: str = ""
+    retention: float = 0.0  # its task score over the student's
+    meets_budget: bool = False
+
+    def journey_fields(self) -> dict:
+        return {key: getattr(self, key) for key in JOURNEY_FIELDS}
+
+
 def run(cfg: CompressConfig, upstream: dict[str, StageResult], ctx: StageContext) -> StageResult:
     out = ctx.out_dir
     # In memory: datasets would otherwise write its caches into the upstream artifact.
@@ -39,34 +64,35 @@ def run(cfg: CompressConfig, upstream: dict[str, StageResult], ctx: StageContext
     rows = [make_candidate(c, out / "pruned" / c.prune.label if c.prune else student_dir, dataset,
                            out / "candidates" / c.label, ctx) for c in cfg.candidates]
     for row in rows:
-        row["retention"] = row["task_score"] / student["task_score"] if student["task_score"] else 0.0
-        row["meets_budget"] = meets(row, cfg.budget)
+        row.retention = row.task_score / student["task_score"] if student["task_score"] else 0.0
+        row.meets_budget = meets(row.size_bytes, row.retention, cfg.budget)
     chosen = choose(rows, cfg.budget)
     report(rows, chosen, student, cfg.budget, ctx)
 
-    quantized = {**{k: chosen[k] for k in JOURNEY_FIELDS}, "state": "quantized", "candidate": chosen["candidate"],
-                 "scheme": chosen["scheme"], **({"note": chosen["note"]} if chosen["note"] else {})}
-    metrics = {f"quantized.{k}": chosen[k] for k in (*JOURNEY_FIELDS, "retention")}
-    ctx.tracker.log_metrics(metrics)
+    quantized = {**chosen.journey_fields(), "state": "quantized", "candidate": chosen.candidate,
+                 "scheme": chosen.scheme, **({"note": chosen.note} if chosen.note else {})}
+    ctx.tracker.log_metrics({f"quantized.{k}": v for k, v in {**chosen.journey_fields(),
+                                                               "retention": chosen.retention}.items()})
     return StageResult(
-        stage="compress", metrics=metrics, summary=summary(rows, chosen, pruned, cfg.budget),
-        files={"model": f"candidates/{chosen['candidate']}", "candidates": "candidates.json", "pareto": "pareto.png",
+        stage="compress", summary=summary(rows, chosen, pruned, cfg.budget),
+        files={"model": f"candidates/{chosen.candidate}", "candidates": "candidates.json", "pareto": "pareto.png",
                **{f"pruned.{label}": f"pruned/{label}" for label in pruned}},
-        journey=([pruned[chosen["pruning"]]] if chosen["pruning"] else []) + [quantized])
+        journey=([pruned[chosen.pruning]] if chosen.pruning else []) + [quantized])
 
 
-def report(rows: list[dict], chosen: dict, student: dict, budget: BudgetConfig, ctx: StageContext) -> None:
+def report(rows: list[Candidate], chosen: Candidate, student: dict, budget: BudgetConfig, ctx: StageContext) -> None:
     """The candidates' table (candidates.json), the Pareto chart and per-candidate metrics, tracked."""
     out = ctx.out_dir
     (out / "candidates.json").write_text(json.dumps({"student": student, "budget": budget.model_dump(),
-                                                     "chosen": chosen["candidate"], "candidates": rows}, indent=1))
+                                                     "chosen": chosen.candidate, "candidates": [asdict(r) for r in rows]},
+                                                    indent=1))
     pareto_chart(rows, chosen, student, budget, out / "pareto.png")
     for name in ("candidates.json", "pareto.png"):
         ctx.tracker.log_artifact(out / name)
     for row in rows:
-        ctx.tracker.log_metrics({f"candidate.{row['candidate']}.{k}": v for k, v in row.items()
+        ctx.tracker.log_metrics({f"candidate.{row.candidate}.{k}": v for k, v in asdict(row).items()
                                  if k in (*JOURNEY_FIELDS, "retention", "quantize_s")})
-    ctx.tracker.set_tags({"distilflow.chosen_candidate": chosen["candidate"]})
+    ctx.tracker.set_tags({"distilflow.chosen_candidate": chosen.candidate})
 
 
 def prune_student(cfg: PruneConfig, student_dir: Path, dataset: Dataset, out_dir: Path, ctx: StageContext) -> dict:
@@ -103,14 +129,16 @@ def heal(model, before_pruning, tokenizer, dataset: Dataset, cfg: HealConfig, ct
     of the model it was cut from, on the teacher's kept answers.
 
     The distill stage's logit KD, reused (not copied). Its checkpoints go to their own directory, so a
-    resumed run never mixes two prunings.
+    resumed run never mixes two prunings, and its training steps to a child run of their own (phase `heal`).
     """
-    healing = dataclasses.replace(ctx, checkpoint_dir=ctx.checkpoint_dir / f"heal-{name}")
-    return distill.logit_kd(model, tokenizer, dataset, cfg, healing, teacher=before_pruning)
+    with ctx.tracker.child(f"heal-{name}") as tracker:
+        tracker.set_tags({"distilflow.stage": "compress", "distilflow.phase": "heal"})
+        healing = dataclasses.replace(ctx, checkpoint_dir=ctx.checkpoint_dir / f"heal-{name}", tracker=tracker)
+        return distill.logit_kd(model, tokenizer, dataset, cfg, healing, teacher=before_pruning)
 
 
 def make_candidate(candidate: CandidateConfig, source_dir: Path, dataset: Dataset, out_dir: Path,
-                   ctx: StageContext) -> dict:
+                   ctx: StageContext) -> Candidate:
     """Quantize the model in ``source_dir`` as ``candidate`` says into ``out_dir``, and evaluate it from disk.
 
     NF4 is measured in memory (bitsandbytes' own numbers) and is deployable only if the saved checkpoint,
@@ -137,9 +165,9 @@ def make_candidate(candidate: CandidateConfig, source_dir: Path, dataset: Datase
             log.warning("candidate %s: %s", candidate.label, note)
     log.info("candidate %s: task score %.3f, %.1f MB", candidate.label, evaluation.metrics["task_score"],
              evaluation.metrics["size_bytes"] / 1e6)
-    return {"candidate": candidate.label, "pruning": candidate.prune.label if candidate.prune else None,
-            "scheme": cfg.label, **{k: evaluation.metrics[k] for k in JOURNEY_FIELDS}, "quantize_s": seconds,
-            "deployable": deployable, "note": note}
+    return Candidate(candidate=candidate.label, pruning=candidate.prune.label if candidate.prune else None,
+                     scheme=cfg.label, **{k: evaluation.metrics[k] for k in JOURNEY_FIELDS}, quantize_s=seconds,
+                     deployable=deployable, note=note)
 
 
 def nf4_measured(source_dir: Path, out_dir: Path, ctx: StageContext) -> tuple[Evaluation, float, tuple[bool, str]]:
@@ -165,18 +193,18 @@ def reload_verdict(in_memory: Evaluation, reloaded: Evaluation) -> tuple[bool, s
     return False, f"the saved checkpoint reloads broken (perplexity {after:.4g}, in memory {before:.4g})"
 
 
-def meets(row: dict, budget: BudgetConfig) -> bool:
-    return ((budget.max_size_bytes is None or row["size_bytes"] <= budget.max_size_bytes)
-            and (budget.min_retention is None or row["retention"] >= budget.min_retention))
+def meets(size_bytes: int, retention: float, budget: BudgetConfig) -> bool:
+    return ((budget.max_size_bytes is None or size_bytes <= budget.max_size_bytes)
+            and (budget.min_retention is None or retention >= budget.min_retention))
 
 
-def choose(rows: list[dict], budget: BudgetConfig) -> dict:
+def choose(rows: list[Candidate], budget: BudgetConfig) -> Candidate:
     """The smallest deployable candidate that meets the budget (the better score breaks a tie)."""
-    eligible = [row for row in rows if row["deployable"] and row["meets_budget"]]
+    eligible = [row for row in rows if row.deployable and row.meets_budget]
     if not eligible:
         raise DistilflowError(f"compress.budget ({_describe(budget)}): no deployable candidate meets it; "
                               f"relax the budget or add candidates.\n{candidate_table(rows)}")
-    return min(eligible, key=lambda row: (row["size_bytes"], -row["task_score"]))
+    return min(eligible, key=lambda row: (row.size_bytes, -row.task_score))
 
 
 def _describe(budget: BudgetConfig) -> str:
@@ -185,24 +213,23 @@ def _describe(budget: BudgetConfig) -> str:
     return ", ".join(parts) or "none"
 
 
-def candidate_table(rows: list[dict], chosen: dict | None = None) -> str:
+def candidate_table(rows: list[Candidate], chosen: Candidate | None = None) -> str:
     """The candidates as a markdown table (it reads as plain text in a terminal too)."""
     lines = ["| candidate | pruning | scheme | task score | retention | perplexity | size (MB) | bits/param | "
              "quantize (s) | deployable | meets budget |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        name = f"**{row['candidate']}** (chosen)" if chosen and row is chosen else row["candidate"]
-        deployable = ("yes" + (f" ({row['note']})" if row["note"] else "")) if row["deployable"] \
-            else f"no: {row['note']}"
-        lines.append(f"| {name} | {row['pruning'] or '–'} | {row['scheme']} | {row['task_score']:.3f} | "
-                     f"{row['retention']:.2f} | {row['perplexity']:.1f} | {row['size_bytes'] / 1e6:.1f} | "
-                     f"{row['bits_per_param']:.2f} | {row['quantize_s']:.0f} | {deployable} | "
-                     f"{'yes' if row['meets_budget'] else 'no'} |")
+        name = f"**{row.candidate}** (chosen)" if chosen and row is chosen else row.candidate
+        deployable = ("yes" + (f" ({row.note})" if row.note else "")) if row.deployable else f"no: {row.note}"
+        lines.append(f"| {name} | {row.pruning or '–'} | {row.scheme} | {row.task_score:.3f} | "
+                     f"{row.retention:.2f} | {row.perplexity:.1f} | {row.size_bytes / 1e6:.1f} | "
+                     f"{row.bits_per_param:.2f} | {row.quantize_s:.0f} | {deployable} | "
+                     f"{'yes' if row.meets_budget else 'no'} |")
     return "\n".join(lines)
 
 
-def summary(rows: list[dict], chosen: dict, pruned: dict[str, dict], budget: BudgetConfig) -> str:
-    lines = [f"## Compression: {chosen['candidate']} chosen", "",
+def summary(rows: list[Candidate], chosen: Candidate, pruned: dict[str, dict], budget: BudgetConfig) -> str:
+    lines = [f"## Compression: {chosen.candidate} chosen", "",
              f"The smallest deployable candidate meeting the budget ({_describe(budget)}); retention is "
              "the task score over the student's.", "", candidate_table(rows, chosen)]
     if pruned:
@@ -213,7 +240,7 @@ def summary(rows: list[dict], chosen: dict, pruned: dict[str, dict], budget: Bud
     return "\n".join(lines) + "\n"
 
 
-def pareto_chart(rows: list[dict], chosen: dict, student: dict, budget: BudgetConfig, path: Path) -> Path:
+def pareto_chart(rows: list[Candidate], chosen: Candidate, student: dict, budget: BudgetConfig, path: Path) -> Path:
     """Task score against size for every candidate, the Pareto front joined, the budget shaded out."""
     import matplotlib
 
@@ -222,13 +249,13 @@ def pareto_chart(rows: list[dict], chosen: dict, student: dict, budget: BudgetCo
 
     figure, axis = plt.subplots(figsize=(8, 5.5))
     for row in rows:
-        marker = "o" if row["deployable"] else "x"
-        color = "tab:green" if row is chosen else "tab:blue" if row["pruning"] is None else "tab:orange"
-        axis.scatter(row["size_bytes"] / 1e6, row["task_score"], marker=marker, color=color, s=60, zorder=3)
-        axis.annotate(row["candidate"], (row["size_bytes"] / 1e6, row["task_score"]), fontsize=8,
+        marker = "o" if row.deployable else "x"
+        color = "tab:green" if row is chosen else "tab:blue" if row.pruning is None else "tab:orange"
+        axis.scatter(row.size_bytes / 1e6, row.task_score, marker=marker, color=color, s=60, zorder=3)
+        axis.annotate(row.candidate, (row.size_bytes / 1e6, row.task_score), fontsize=8,
                       xytext=(4, 4), textcoords="offset points")
     front = pareto_front(rows)
-    axis.plot([r["size_bytes"] / 1e6 for r in front], [r["task_score"] for r in front], color="grey",
+    axis.plot([r.size_bytes / 1e6 for r in front], [r.task_score for r in front], color="grey",
               linestyle="--", zorder=2, label="Pareto front")
     axis.axhline(student["task_score"], color="black", linewidth=0.8,
                  label=f"student ({student['size_bytes'] / 1e6:.1f} MB)")
@@ -236,7 +263,7 @@ def pareto_chart(rows: list[dict], chosen: dict, student: dict, budget: BudgetCo
         axis.axhspan(0, budget.min_retention * student["task_score"], color="red", alpha=0.08,
                      label="below min_retention")
     if budget.max_size_bytes:
-        axis.axvspan(budget.max_size_bytes / 1e6, max(r["size_bytes"] for r in rows) / 1e6 * 1.1, color="red",
+        axis.axvspan(budget.max_size_bytes / 1e6, max(r.size_bytes for r in rows) / 1e6 * 1.1, color="red",
                      alpha=0.08, label="above max_size_bytes")
     axis.set(xlabel="size on disk (MB)", ylabel="task score",
              title="Compression candidates (green: chosen, orange: pruned, x: not deployable)")
@@ -247,11 +274,11 @@ def pareto_chart(rows: list[dict], chosen: dict, student: dict, budget: BudgetCo
     return path
 
 
-def pareto_front(rows: list[dict]) -> list[dict]:
+def pareto_front(rows: list[Candidate]) -> list[Candidate]:
     """The candidates no other candidate beats on both size and task score, smallest first."""
     front, best = [], -math.inf
-    for row in sorted(rows, key=lambda r: (r["size_bytes"], -r["task_score"])):
-        if row["task_score"] > best:
+    for row in sorted(rows, key=lambda r: (r.size_bytes, -r.task_score)):
+        if row.task_score > best:
             front.append(row)
-            best = row["task_score"]
+            best = row.task_score
     return front

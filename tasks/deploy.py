@@ -81,7 +81,7 @@ def run(cfg: DeployConfig, upstream: dict[str, StageResult], ctx: StageContext) 
     for name in ("manifest.json", "journey.json", "journey.png", "README.md", "eval_report.json", "serve.yaml",
                  "request.json", "Dockerfile", *(["cost.png"] if cost_chart else [])):
         ctx.tracker.log_artifact(bundle / name, "bundle")
-    return StageResult(stage="deploy", files={"bundle": "bundle"}, metrics=metrics, journey=[deployed],
+    return StageResult(stage="deploy", files={"bundle": "bundle"}, journey=[deployed],
                        summary=f"Bundle ready: {cfg.model_name}\n\n" + "".join(f"- smoke test, {line}\n"
                                                                                 for line in smoke_lines))
 

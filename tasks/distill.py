@@ -93,7 +93,7 @@ def run(cfg: DistillConfig, upstream: dict[str, StageResult], ctx: StageContext)
     metrics.update({f"student.{k}": v for k, v in evaluation.metrics.items()})
     ctx.tracker.log_metrics(metrics)
     scores = ", ".join(f"{e['phase']} {e['task_score']:.3f}" for e in journey)
-    return StageResult(stage="distill", files={"student": "student"}, metrics=metrics, journey=journey,
+    return StageResult(stage="distill", files={"student": "student"}, journey=journey,
                        summary=f"Student: {origin}; task score after {scores}\n")
 
 

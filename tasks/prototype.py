@@ -74,7 +74,7 @@ def run(cfg: PrototypeConfig, upstream: dict[str, StageResult], ctx: StageContex
                           **loading_tags(cfg)})
     for name in ("data_card.md", "dataset.jsonl", "teacher_eval.json"):
         ctx.tracker.log_artifact(out / name)
-    return StageResult(stage="prototype", files=files, metrics=metrics,
+    return StageResult(stage="prototype", files=files,
                        journey=[baseline.journey_entry("teacher")], summary=card)
 
 

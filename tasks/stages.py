@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from distilflow.configs.schema import HttpTeacherConfig, ModelTrust, PipelineConfig
@@ -19,7 +19,8 @@ from distilflow.tasks.data import TaskData, check_few_shot_pool, load_task_data
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.models import check_model_files, layer_count, resolve_device, teacher_source
 from distilflow.tasks.teachers import check_endpoint, served_model
-from distilflow.tasks.tracking import LogTracker, Tracker, check_tracking_store, tracking_source
+from distilflow.tasks.tracking import (LogTracker, Recorder, Tracker, check_tracking_store, log_recorded,
+                                      tracking_source)
 
 log = logging.getLogger("distilflow")
 
@@ -168,17 +169,20 @@ def run_stage(name: str, cfg: PipelineConfig, upstream: dict[str, StageResult],
         stage_tracker.set_tags({"distilflow.stage": name, "distilflow.cache_key": key})
 
         def produce(out_dir):
+            recorder = Recorder(stage_tracker, out_dir)
             ctx = StageContext(
                 workdir=workdir, out_dir=out_dir, checkpoint_dir=checkpoint_dir,
                 device=resolve_device(cfg.run.device), seed=cfg.run.seed, task=cfg.task,
-                examples=load_task_data(cfg.task, cfg.run.seed), eval=cfg.eval, tracker=stage_tracker)
+                examples=load_task_data(cfg.task, cfg.run.seed), eval=cfg.eval, tracker=recorder)
             log.info("%s: running (key %s)", name, key)
-            return stage.run(getattr(cfg, name), upstream, ctx)
+            result = stage.run(getattr(cfg, name), upstream, ctx)
+            return replace(result, params=recorder.params, metrics=recorder.metrics, tags=recorder.tags,
+                           artifacts=recorder.artifacts)
 
         result = artifacts.cached_or_run(name, key, workdir, produce)
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # only a crash leaves checkpoints worth keeping
-        stage_tracker.set_tags({"distilflow.cached": str(result.cached).lower()})
         if result.cached:
             log.info("%s: reusing %s", name, result.directory)
-            stage_tracker.log_metrics(result.metrics)
+        log_recorded(stage_tracker, result.directory, result.params, result.metrics,
+                     {**result.tags, "distilflow.cached": str(result.cached).lower()}, result.artifacts)
     return result

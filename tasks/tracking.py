@@ -64,6 +64,52 @@ class LogTracker:
         yield self
 
 
+class Recorder:
+    """A stage's tracker: what the stage logs is kept for its result, and the stage runner logs it once, so a
+    cached stage's run gets the same params, metrics, tags and artifacts as a fresh one. Artifacts are files in
+    the stage's output directory (``out_dir``), kept by their path in it. Its children (training phases) are
+    live runs of ``live``: their step metrics are watched while they train."""
+
+    run_id = None
+
+    def __init__(self, live: Tracker, out_dir: Path):
+        self.live, self.out_dir = live, out_dir
+        self.params: dict[str, str] = {}
+        self.metrics: dict[str, float] = {}
+        self.tags: dict[str, str] = {}
+        self.artifacts: dict[str, str] = {}  # path in out_dir -> the MLflow artifact directory ("" for the root)
+
+    def log_params(self, params):
+        self.params.update({key: str(value) for key, value in params.items()})
+
+    def log_metrics(self, metrics, step=None):
+        if step is not None:
+            raise ValueError("a stage's metrics have no step: log a training step's in a child run")
+        self.metrics.update(numeric_metrics(metrics))
+
+    def set_tags(self, tags):
+        self.tags.update({key: str(value) for key, value in tags.items()})
+
+    def log_artifact(self, path, artifact_path=None):
+        self.artifacts[str(Path(path).relative_to(self.out_dir))] = artifact_path or ""
+
+    def child(self, name):
+        return self.live.child(name)
+
+
+def log_recorded(tracker: Tracker, directory: Path, params: dict, metrics: dict, tags: dict,
+                 artifacts: dict[str, str]) -> None:
+    """Log what a ``Recorder`` kept, its artifacts read from ``directory`` (the stage's published output)."""
+    if params:
+        tracker.log_params(params)
+    if metrics:
+        tracker.log_metrics(metrics)
+    if tags:
+        tracker.set_tags(tags)
+    for path, artifact_path in artifacts.items():
+        tracker.log_artifact(directory / path, artifact_path or None)
+
+
 class FileTracker(LogTracker):
     """Tracking into a JSON-lines file, for work in worker processes (no MLflow there); the parent
     ``replay``s it into its own tracker."""

@@ -73,33 +73,34 @@ def test_the_compression_study_tries_every_scheme_with_and_without_depth_pruning
 
 
 def row(name, size, score, deployable=True, retention=None):
-    return {"candidate": name, "pruning": None, "scheme": "w4a16-rtn", "task_score": score, "perplexity": 10.0,
-            "size_bytes": size, "params": 100, "bits_per_param": 8 * size / 100, "tokens_per_s": 1.0,
-            "quantize_s": 1.0, "deployable": deployable, "note": "" if deployable else "reloads broken",
-            "retention": score if retention is None else retention}
+    return compress.Candidate(
+        candidate=name, pruning=None, scheme="w4a16-rtn", task_score=score, task_score_ci=[score, score],
+        perplexity=10.0, size_bytes=size, params=100, bits_per_param=8 * size / 100, tokens_per_s=1.0, quantize_s=1.0,
+        deployable=deployable, note="" if deployable else "reloads broken",
+        retention=score if retention is None else retention)
 
 
 def judged(rows, budget):
     for r in rows:
-        r["meets_budget"] = compress.meets(r, budget)
+        r.meets_budget = compress.meets(r.size_bytes, r.retention, budget)
     return rows
 
 
 def test_the_smallest_candidate_within_budget_is_chosen():
     budget = BudgetConfig(min_retention=0.8)
     rows = judged([row("big", 300, 0.95), row("small-bad", 100, 0.5), row("mid", 200, 0.85)], budget)
-    assert compress.choose(rows, budget)["candidate"] == "mid"
+    assert compress.choose(rows, budget).candidate == "mid"
 
 
 def test_a_candidate_that_is_not_deployable_is_never_chosen():
     budget = BudgetConfig()
     rows = judged([row("nf4", 100, 0.9, deployable=False), row("w4a16", 150, 0.9)], budget)
-    assert compress.choose(rows, budget)["candidate"] == "w4a16"
+    assert compress.choose(rows, budget).candidate == "w4a16"
 
 
 def test_the_better_score_breaks_a_size_tie():
     budget = BudgetConfig()
-    assert compress.choose(judged([row("a", 100, 0.7), row("b", 100, 0.8)], budget), budget)["candidate"] == "b"
+    assert compress.choose(judged([row("a", 100, 0.7), row("b", 100, 0.8)], budget), budget).candidate == "b"
 
 
 def test_no_candidate_within_budget_is_an_error_that_prints_the_table():
@@ -111,7 +112,7 @@ def test_no_candidate_within_budget_is_an_error_that_prints_the_table():
 
 def test_the_pareto_front_holds_the_candidates_nothing_beats_on_size_and_score():
     rows = [row("a", 100, 0.5), row("b", 200, 0.4), row("c", 300, 0.9), row("d", 150, 0.6)]
-    assert [r["candidate"] for r in compress.pareto_front(rows)] == ["a", "d", "c"]
+    assert [r.candidate for r in compress.pareto_front(rows)] == ["a", "d", "c"]
 
 
 @pytest.fixture(scope="module")

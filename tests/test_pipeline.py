@@ -107,6 +107,29 @@ def test_unchanged_rerun_reuses_every_stage(runs):
     assert runs["again"]["journey"] == runs["first"]["journey"]
 
 
+
+def test_a_reused_stage_logs_what_it_logged_when_it_ran(runs):
+    """Tracking at the edge: the runner logs each stage's recorded params, metrics, tags and artifacts once,
+    so a reused stage's run is as complete as the fresh one's."""
+    client = MlflowClient(runs["first"]["mlflow_tracking_uri"])
+    fresh, reused = stage_runs(runs["first"]), stage_runs(runs["again"])
+    for stage, run in fresh.items():
+        again = reused[stage]
+        assert again.data.metrics == run.data.metrics and again.data.params == run.data.params, stage
+        assert {k: v for k, v in again.data.tags.items() if k.startswith("distilflow.") and k != "distilflow.cached"} \
+            == {k: v for k, v in run.data.tags.items() if k.startswith("distilflow.") and k != "distilflow.cached"}
+        assert artifact_paths(client, again.info.run_id) == artifact_paths(client, run.info.run_id), stage
+    assert "bundle/README.md" in artifact_paths(client, reused["deploy"].info.run_id)
+    assert "candidates.json" in artifact_paths(client, reused["compress"].info.run_id)
+
+
+def artifact_paths(client, run_id: str, path: str | None = None) -> set[str]:
+    found = set()
+    for entry in client.list_artifacts(run_id, path):
+        found |= artifact_paths(client, run_id, entry.path) if entry.is_dir else {entry.path}
+    return found
+
+
 def test_changing_distill_reruns_distill_and_everything_after_it(runs):
     cached = {name: run.data.tags["distilflow.cached"] for name, run in stage_runs(runs["changed"]).items()}
     assert cached == {"prototype": "true", "distill": "false", "compress": "false", "deploy": "false"}

@@ -14,6 +14,7 @@ score (retention >= 1.0 vs the teacher).
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -77,14 +78,19 @@ def candidate_rows(directory: Path, scratch: Path) -> list[dict]:
 def choice(rows: list[dict], teacher: dict) -> dict:
     """The smallest candidate 10x smaller than the teacher in bf16 that keeps its task score, if any."""
     budget = BudgetConfig(max_size_bytes=int(teacher["size_bytes"] / 10), min_retention=1.0)
+    fields = {f.name for f in dataclasses.fields(compress.Candidate)}
+    candidates = []
     for row in rows:
         row["retention_vs_teacher"] = row["task_score"] / teacher["task_score"]
-        row["meets_goal"] = compress.meets({**row, "retention": row["retention_vs_teacher"]}, budget)
+        row["meets_goal"] = compress.meets(row["size_bytes"], row["retention_vs_teacher"], budget)
+        candidates.append(compress.Candidate(**{**{k: v for k, v in row.items() if k in fields},
+                                                "candidate": f"{row['student']}: {row['candidate']}",
+                                                "meets_budget": row["meets_goal"]}))
     try:
-        chosen = compress.choose([{**row, "meets_budget": row["meets_goal"]} for row in rows], budget)
+        chosen = compress.choose(candidates, budget)
     except DistilflowError:
         return {"budget": budget.model_dump(), "chosen": None}
-    return {"budget": budget.model_dump(), "chosen": f"{chosen['student']}: {chosen['candidate']}"}
+    return {"budget": budget.model_dump(), "chosen": chosen.candidate}
 
 
 def table(rows: list[dict], teacher: dict) -> str:
