@@ -267,18 +267,20 @@ def train_phase(phase: str, start: str | Path, out_dir: Path, dataset: Dataset, 
     """Load the student from ``start``, train ``phase`` and save the merged result to ``out_dir``."""
     set_seed(ctx.seed)
     student, tokenizer = load_student(start, cfg.qlora, ctx.device, cfg.student)
-    teacher_inputs = {"teacher": teacher_on_student_tokens(Path(sources["teacher"]), start, ctx.device)} \
+    teacher_inputs = {"teacher": online_teacher(Path(sources["teacher"]), start, ctx.device,
+                                                across_vocabularies=cfg.logit_kd.use_uld_loss)} \
         if "teacher" in sources else {name: Path(path) for name, path in sources.items()}
     trained_model = PHASES[phase](student, tokenizer, dataset, cfg, ctx, **teacher_inputs)
     if PartialState().is_main_process:
         save_model(trained_model, tokenizer, out_dir)
 
 
-def teacher_on_student_tokens(teacher_dir: Path, student_dir: str | Path, device: torch.device):
-    """The teacher for online logit KD. For a trimmed student, only its tokens' rows of the teacher's embedding
-    and LM head are kept: the logits are the teacher's at the student's tokens, indexed as the student's."""
+def online_teacher(teacher_dir: Path, student_dir: str | Path, device: torch.device, across_vocabularies: bool):
+    """The teacher for online logit KD: whole across vocabularies (the ULD loss aligns the two itself); for a
+    trimmed student, only its tokens' rows of the teacher's embedding and LM head are kept, so the logits are
+    the teacher's at the student's tokens, indexed as the student's."""
     teacher = load_model(teacher_dir, device)[0]
-    ids = teacher_logits.teacher_ids(teacher_dir, student_dir)
+    ids = None if across_vocabularies else teacher_logits.teacher_ids(teacher_dir, student_dir)
     if ids is not None:
         vocab.keep_rows(teacher, ids.tolist())
     return teacher
@@ -398,7 +400,7 @@ def logit_kd(student, tokenizer, dataset: Dataset, cfg: DistillConfig, ctx: Stag
 
     Give the ``teacher`` model (online: it runs at every step, and on-policy steps are possible) or
     the ``logits_file`` of ``tasks.teacher_logits.cached`` (offline: no teacher in memory), both in the
-    student's token ids (``teacher_on_student_tokens``, ``teacher_logits.in_student_ids``).
+    student's token ids (``online_teacher``, ``teacher_logits.in_student_ids``).
     """
     settings, model = cfg.logit_kd, with_adapters(student, cfg.lora)
     callbacks = [TrackerCallback(ctx.tracker, "logit_kd")]

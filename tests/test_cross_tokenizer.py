@@ -62,6 +62,18 @@ def test_uld_loss_trains_a_student_from_a_teacher_with_another_tokenizer_and_low
     assert any(not torch.equal(before[name], weight) for name, weight in trained.state_dict().items())
 
 
+
+def test_the_distill_stage_trains_logit_kd_across_vocabularies_from_the_teacher_directory(other_teacher, tmp_path):
+    """The stage's own path (teacher loaded from its directory for the phase): the whole teacher, no mapping of
+    its ids onto the student's (which only a shared or trimmed vocabulary has)."""
+    cfg = load_config(TINY_CONFIG, {"run.workdir": str(tmp_path / "work"), **ULD, "distill.lora": None,
+                                    "distill.logit_kd.max_steps": 2, "distill.logit_kd.save_steps": 100})
+    out = tmp_path / "student"
+    distill.train_phase("logit_kd", TINY_TEACHER, out, tiny_dataset(cfg, tmp_path / "dataset"),
+                        {"teacher": str(other_teacher)}, cfg.distill, context(cfg, tmp_path))
+    assert load_model(out, CPU)[0].config.vocab_size == load_model(TINY_TEACHER, CPU)[0].config.vocab_size
+
+
 def test_with_uld_teacher_prompt_few_shot_the_teacher_reads_the_chat_it_answered_with_its_examples(
         other_teacher, tmp_path):
     cfg = load_config(TINY_CONFIG, {"run.workdir": str(tmp_path / "work"), **ULD,
