@@ -132,6 +132,8 @@ def with_logit_kd_loss_for_the_vocabularies(cfg: DistillConfig, teacher_dir: Pat
     except DistilflowError:
         if not cfg.logit_kd.use_uld_loss:
             raise
+        if cfg.logit_kd.use_extended_uld:
+            require_byte_level_tokenizers(teacher_dir, student_dir)
         ctx.tracker.log_params({"logit_kd.loss": "uld (the vocabularies differ)"})
         return cfg
     if not cfg.logit_kd.use_uld_loss:
@@ -186,6 +188,20 @@ def student_source(cfg: StudentConfig, teacher_dir: Path | None, device: torch.d
         return cfg.gguf.label, load_teacher(cfg.gguf, device, key="distill.student")
     return str(cfg.path), load_model(cfg.path, device, trust=cfg, key="distill.student")
 
+
+
+def require_byte_level_tokenizers(*model_dirs: str | Path) -> None:
+    """GOLD's byte alignment (``use_extended_uld``) reads each token's byte offsets, which TRL takes only from
+    ByteLevel BPE tokenizers (SmolLM, Llama 3, Qwen); a SentencePiece one (Gemma) fails at the first step."""
+    from trl.experimental.utils import is_byte_level_tokenizer
+
+    others = [str(d) for d in model_dirs
+              if not is_byte_level_tokenizer(getattr(AutoTokenizer.from_pretrained(d), "backend_tokenizer", None))]
+    if others:
+        raise DistilflowError(
+            f"distill.logit_kd.use_extended_uld: GOLD pairs the two models' answer tokens by their bytes, which TRL "
+            f"reads only from ByteLevel BPE tokenizers, and the tokenizer of {' and '.join(others)} is not one "
+            "(e.g. SentencePiece); set use_extended_uld: false (ULD pairs the i-th answer token with the i-th)")
 
 def most_influential_layers(model, tokenizer, count: int, source: str, dataset: Dataset, ctx: StageContext):
     """``model``'s ``count`` most influential layers (block influence on the training chats)."""

@@ -126,6 +126,18 @@ def test_logit_kd_across_vocabularies_uses_uld_when_asked_and_is_refused_without
         distill.with_logit_kd_loss_for_the_vocabularies(plain.distill, other_teacher, TINY_TEACHER, ctx)
 
 
+
+def test_gold_byte_alignment_with_a_teacher_that_is_not_byte_level_is_refused_naming_the_key(tmp_path):
+    """TRL's GOLD reads byte offsets from ByteLevel BPE tokenizers only: a SentencePiece teacher (Gemma) failed at
+    the first training step; now before training, and ULD by position still works with it."""
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "▁", "p", "a", "y", "pa", "pay"]
+    sentencepiece_bpe({"tokens": tokens, "token_type": [3, 3, 3, 3] + [1] * 6, "bos_token_id": 2,
+                       "eos_token_id": 1, "unk_token_id": 3, "pad_token_id": 0}).save_pretrained(tmp_path / "teacher")
+    with pytest.raises(DistilflowError, match=r"use_extended_uld: .*teacher is not one .*use_extended_uld: false"):
+        distill.require_byte_level_tokenizers(tmp_path / "teacher", TINY_TEACHER)
+    distill.require_byte_level_tokenizers(TINY_TEACHER)
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"distill.logit_kd.use_uld_loss": True}, "use_uld_loss needs teacher_logits: online"),
     ({**ULD, "distill.logit_kd.uld_teacher_prompt": "few_shot", "distill.logit_kd.on_policy_fraction": 0.5},
