@@ -19,8 +19,7 @@ from distilflow.tasks.data import TaskData, check_few_shot_pool, load_task_data
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.models import check_model_files, layer_count, resolve_device, teacher_source
 from distilflow.tasks.teachers import check_endpoint, served_model
-from distilflow.tasks.tracking import (LogTracker, Recorder, Tracker, check_tracking_store, log_recorded,
-                                      tracking_source)
+from distilflow.tasks.tracking import LogTracker, Recorder, Tracker, check_tracking_store, tracking_source
 
 log = logging.getLogger("distilflow")
 
@@ -183,6 +182,15 @@ def run_stage(name: str, cfg: PipelineConfig, upstream: dict[str, StageResult],
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # only a crash leaves checkpoints worth keeping
         if result.cached:
             log.info("%s: reusing %s", name, result.directory)
-        log_recorded(stage_tracker, result.directory, result.params, result.metrics,
-                     {**result.tags, "distilflow.cached": str(result.cached).lower()}, result.artifacts)
+        log_tracked(stage_tracker, result)
     return result
+
+
+def log_tracked(tracker: Tracker, result: StageResult) -> None:
+    """Log what the stage recorded (``tracking.Recorder``) into its run, fresh or reused alike; its artifacts are
+    read from its published directory."""
+    tracker.log_params(result.params)
+    tracker.log_metrics(result.metrics)
+    tracker.set_tags({**result.tags, "distilflow.cached": str(result.cached).lower()})
+    for path, artifact_path in result.artifacts.items():
+        tracker.log_artifact(result.directory / path, artifact_path or None)

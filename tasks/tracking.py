@@ -97,19 +97,6 @@ class Recorder:
         return self.live.child(name)
 
 
-def log_recorded(tracker: Tracker, directory: Path, params: dict, metrics: dict, tags: dict,
-                 artifacts: dict[str, str]) -> None:
-    """Log what a ``Recorder`` kept, its artifacts read from ``directory`` (the stage's published output)."""
-    if params:
-        tracker.log_params(params)
-    if metrics:
-        tracker.log_metrics(metrics)
-    if tags:
-        tracker.set_tags(tags)
-    for path, artifact_path in artifacts.items():
-        tracker.log_artifact(directory / path, artifact_path or None)
-
-
 class FileTracker(LogTracker):
     """Tracking into a JSON-lines file, for work in worker processes (no MLflow there); the parent
     ``replay``s it into its own tracker."""
