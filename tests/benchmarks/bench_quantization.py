@@ -193,6 +193,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     measured_on = text(Path(args.config), args.eval_examples, args.calibration_samples)
+    if len(measured_on.calibration) < args.calibration_samples:
+        parser.error(f"--calibration-samples {args.calibration_samples}: {args.config} has "
+                     f"{len(measured_on.calibration)} labelled rows outside the held-out split to calibrate on")
     report = {
         "date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if device.type == "cuda"
         else f"{platform.processor() or platform.machine()} CPU",
