@@ -397,14 +397,14 @@ class PrototypeConfig(Section):
         None, ge=0.0, le=1.0, description="Teacher confidence, a filter that needs no label: keep an answer only "
                                           "if the teacher's calibrated probability of it (the softmax of its "
                                           "constrained-choice scores) is at least this. Choice tasks on a "
-                                          "white-box teacher.")
+                                          "teacher that scores labels (local, or served with `tokenizer`).")
     keep_most_confident: float | None = Field(
         None, gt=0.0, le=1.0, description="Teacher confidence, balanced across labels (needs no label): for each "
                                           "label the teacher answered with, keep this share of those answers, the "
                                           "ones it gave the highest calibrated probability. Unlike min_confidence, "
                                           "a teacher sure of some labels and unsure of others does not leave the "
-                                          "student with few examples of the others. Choice tasks on a white-box "
-                                          "teacher.")
+                                          "student with few examples of the others. Choice tasks on a teacher "
+                                          "that scores labels (local, or served with `tokenizer`).")
     judge: JudgeConfig | None = Field(None, description="Optional LLM-as-judge filter of the kept answers (needs "
                                                         "no label).")
 
@@ -1020,9 +1020,12 @@ class PipelineConfig(Section):
             if used and self.task.check.type != "choice":
                 raise ValueError(f"{key} uses the teacher's probability of each label, which only a choice task "
                                  f"has (task.check.type is {self.task.check.type})")
-            if used and isinstance(self.prototype.teacher, HttpTeacherConfig):
+            if used and isinstance(self.prototype.teacher, HttpTeacherConfig) and not self.prototype.teacher.tokenizer:
                 raise ValueError(f"{key} uses the teacher's probability of each label, but prototype.teacher is "
-                                 "an HTTP endpoint (its label scores are not kept as distributions)")
+                                 "an HTTP endpoint without a tokenizer: its labels are the server's guided choices, "
+                                 "with no probabilities. Set prototype.teacher.tokenizer to the served model's "
+                                 "tokenizer (with a server that returns prompt log-probs, such as vLLM, each label "
+                                 "is then scored)")
         return self
 
     @model_validator(mode="before")

@@ -150,7 +150,8 @@ def require_choice_probabilities(dataset: Dataset) -> None:
     if "choice_probs" not in dataset.column_names:
         raise DistilflowError("distill.logit_kd.teacher_logits is choices, but the distillation set has no "
                               "choice_probs (the teacher's probability of each label): they are recorded for a "
-                              "choice task on a white-box teacher; use teacher_logits: offline")
+                              "choice task on a teacher that scores its labels (its weights, or a server that "
+                              "returns prompt log-probs); use teacher_logits: offline")
 
 
 def initial_student(cfg: StudentConfig, teacher_dir: Path | None, dataset: Dataset,

@@ -111,15 +111,28 @@ def choose_prompting(teacher, cfg: PrototypeConfig, ctx: StageContext) -> tuple[
 
 def teacher_answers(teacher, inputs: list[dict], task: TaskConfig, prompting: Prompting, cfg: PrototypeConfig,
                     seed: int) -> tuple[list[list[str]], list[dict[str, float]] | None]:
-    """``cfg.num_samples`` answers per input and, for a choice task on a white-box teacher, the teacher's
-    calibrated probability of every label per input: the soft labels of logit KD, and at the answer kept,
-    the teacher's confidence in it. Sampled answers are drawn from those same probabilities."""
+    """``cfg.num_samples`` answers per input and, for a choice task on a teacher that scores labels (its
+    weights, or a server's prompt log-probs), the teacher's calibrated probability of every label per input:
+    the soft labels of logit KD, and at the answer kept, the teacher's confidence in it. Sampled answers are
+    drawn from those same probabilities."""
     sampling = {"temperature": cfg.temperature, "num_samples": cfg.num_samples, "seed": seed}
-    if task.check.type != "choice" or teacher.black_box:
+    if task.check.type != "choice" or teacher.choice_method != LOG_LIKELIHOOD:
+        require_no_probability_filter(cfg, teacher)
         return teacher.answer(inputs, task, prompting, desc="teacher answering", **sampling), None
     scores = teacher.choice_scores(inputs, task, prompting, desc="teacher answering")
     probabilities = [dict(zip(task.check.choices, row)) for row in scores.softmax(1).tolist()]
     return decoding.pick(scores, task.check.choices, **sampling), probabilities
+
+
+def require_no_probability_filter(cfg: PrototypeConfig, teacher) -> None:
+    """The confidence filters read the teacher's label probabilities, which a served teacher gives only when its
+    server returns prompt log-probs (checked when it connects: without them, its labels are guided choices)."""
+    for key in ("min_confidence", "keep_most_confident"):
+        if getattr(cfg, key) is not None:
+            raise DistilflowError(f"prototype.{key} reads the teacher's probability of each label, but "
+                                  f"{teacher.name} gives none ({choice_method(teacher, cfg)}): serve it with "
+                                  "prompt log-probs (vLLM) and set prototype.teacher.tokenizer, or unset "
+                                  f"prototype.{key}")
 
 
 # Why an answer left the distillation set, and the setting that decided it (the data card's table).

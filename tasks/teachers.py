@@ -182,10 +182,8 @@ class HttpTeacher:
         ``calibration_chats``) where the teacher scores labels, else generated, one request per answer
         (``n`` is not supported everywhere); a greedy answer is asked once and repeated."""
         if check.type == "choice" and self.choice_method == LOG_LIKELIHOOD:
-            scores = self.choice_logprobs(chats, check.choices, desc=desc)
-            calibration = self.choice_logprobs(calibration_chats, check.choices) if calibration_chats else None
-            return decoding.pick(scores, check.choices, calibration, temperature=temperature,
-                                 num_samples=num_samples, seed=seed)
+            return decoding.pick(self.calibrated_choice_scores(chats, calibration_chats, check.choices, desc),
+                                 check.choices, temperature=temperature, num_samples=num_samples, seed=seed)
         per_chat = num_samples if temperature > 0 else 1
         requests = [(chat, seed + sample) for chat in chats for sample in range(per_chat)]
 
@@ -199,6 +197,20 @@ class HttpTeacher:
 
         texts = self.each(ask, requests, desc)
         return [texts[i:i + per_chat] * (num_samples // per_chat) for i in range(0, len(texts), per_chat)]
+
+    def choice_scores(self, rows: list[dict], task: TaskConfig, prompting: Prompting,
+                      desc: str | None = None) -> torch.Tensor:
+        """Its calibrated log-likelihood of each label of a choice task, per row, from the server's prompt
+        log-probs: what a local teacher's ``choice_scores`` gives (needs ``tokenizer``: ``choice_method`` is
+        LOG_LIKELIHOOD)."""
+        return self.calibrated_choice_scores(prompting.chats(rows, task), prompting.calibration_chats(task),
+                                             task.check.choices, desc)
+
+    def calibrated_choice_scores(self, chats: list[list[dict]], calibration_chats: list[list[dict]],
+                                 choices: list[str], desc: str | None = None) -> torch.Tensor:
+        """``decoding.calibrated_choice_scores`` through the server."""
+        scores = self.choice_logprobs(chats, choices, desc=desc)
+        return scores - self.choice_logprobs(calibration_chats, choices).mean(0) if calibration_chats else scores
 
     def choice_logprobs(self, chats: list[list[dict]], choices: list[str], desc: str | None = None) -> torch.Tensor:
         """``decoding.choice_logprobs`` through the server: the log-likelihood of each choice's tokens (to the

@@ -4,6 +4,7 @@ the run; a stage retried through a server restart; the served model in the cache
 
 The servers are tests/openai_server.py on 127.0.0.1, answering with vLLM's shapes from the tiny model."""
 
+import json
 import re
 import shutil
 import threading
@@ -22,7 +23,7 @@ from distilflow.flows.cli import main
 from distilflow.tasks import checks, data, decoding, teacher_logits
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.evaluate import Prompting
-from distilflow.tasks.prototype import data_card
+from distilflow.tasks.prototype import data_card, teacher_answers
 from distilflow.tasks.stages import cache_key, run_stage
 from distilflow.tasks.teachers import GUIDED_CHOICE, LOG_LIKELIHOOD, LocalTeacher, open_teacher, served_model
 from tests.conftest import TINY_CONFIG, TINY_TEACHER, free_port, serving
@@ -118,6 +119,24 @@ def test_a_teacher_tokenizer_that_is_not_the_served_models_is_refused(openai_ser
         open_teacher(served(openai_server, tokenizer=str(other_tokenizer)), CPU)
 
 
+def test_served_label_probabilities_equal_local_ones_within_fp_noise(tiny_cfg, tiny_teacher, openai_server, key,
+                                                                    held_out):
+    rows, prompting = held_out
+    teacher = open_teacher(served(openai_server, tokenizer=str(TINY_TEACHER)), CPU)
+    local = LocalTeacher(*tiny_teacher, name="tiny").choice_scores(rows, tiny_cfg.task, prompting)
+    torch.testing.assert_close(teacher.choice_scores(rows, tiny_cfg.task, prompting).softmax(1), local.softmax(1),
+                               atol=1e-4, rtol=0)
+
+
+def test_a_confidence_filter_on_a_teacher_that_cannot_score_labels_is_named(tiny_cfg, plain_server, key, held_out):
+    rows, prompting = held_out
+    teacher = open_teacher(served(plain_server, tokenizer=str(TINY_TEACHER)), CPU)
+    cfg = tiny_cfg.prototype.model_copy(update={"min_confidence": 0.5})
+    with pytest.raises(DistilflowError, match=r"prototype.min_confidence reads the teacher's probability of each "
+                                              r"label, but .* gives none \(the server's guided choice"):
+        teacher_answers(teacher, rows[:2], tiny_cfg.task, prompting, cfg, seed=0)
+
+
 # --- logit KD from the served teacher ------------------------------------------------------------------------
 
 def test_the_logit_cache_built_through_the_server_equals_the_local_one(tiny_cfg, tiny_teacher, openai_server, key):
@@ -145,6 +164,19 @@ def test_logit_kd_from_a_served_teacher_trains_on_its_cached_log_probs(openai_se
     with safe_open(cache, "pt") as logits:
         assert logits.metadata()["teacher"] == f"tiny-teacher at {openai_server.base_url}"
         assert logits.get_tensor("topk_ids").shape[1] == cfg.distill.logit_kd.top_k
+    assert 0 <= distill.metrics["logit_kd.task_score"] <= 1 and (distill.path("student") / "config.json").is_file()
+
+
+def test_soft_label_kd_from_a_served_teacher_learns_its_label_probabilities(openai_server, key, tmp_path):
+    cfg = load_config(TINY_CONFIG, {"run.workdir": str(tmp_path), **SMALL,
+                                    "prototype.teacher": served_yaml(openai_server, tokenizer=str(TINY_TEACHER)),
+                                    "distill.student": {"path": str(TINY_TEACHER)}, "distill.phases": ["logit_kd"],
+                                    "distill.logit_kd.teacher_logits": "choices"})
+    prototype = run_stage("prototype", cfg, {})
+    rows = [json.loads(line) for line in prototype.path("dataset_jsonl").read_text().splitlines()]
+    assert rows and all(sum(row["choice_probs"].values()) == pytest.approx(1.0) for row in rows)
+    assert all(row["confidence"] == row["choice_probs"][row["answer"]] for row in rows)
+    distill = run_stage("distill", cfg, {"prototype": prototype})
     assert 0 <= distill.metrics["logit_kd.task_score"] <= 1 and (distill.path("student") / "config.json").is_file()
 
 
