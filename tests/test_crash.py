@@ -19,7 +19,13 @@ def start_run(workdir: Path, *overrides: str) -> subprocess.Popen:
     settings = [arg for override in (f"run.workdir={workdir}", *overrides) for arg in ("--set", override)]
     return subprocess.Popen([DISTILFLOW, "run", str(TINY_CONFIG), *settings],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy(),
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=as_from_a_terminal)
+
+
+def as_from_a_terminal() -> None:
+    """SIGINT as a terminal leaves it: a test suite started in the background (`make test &`) inherits it
+    ignored, and so would the run, which would then rightly never see the Ctrl-C the test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 # tiny.yaml's 4 SFT steps can end before a signal sent as distill starts lands: train long enough to be stopped.
@@ -59,8 +65,9 @@ def stages_cached_in_newest_run(workdir: Path) -> dict:
     return {run.data.tags["distilflow.stage"]: run.data.tags["distilflow.cached"] for run in children}
 
 
-# compress also runs in `make test-slow`: a kill mid-deploy covers the same publish path, and the suite stays fast
-@pytest.mark.parametrize("stage", [pytest.param("compress", marks=pytest.mark.slow), "deploy"])
+# In `make test-slow`: every stage publishes the same way, and the kill -9 mid-distill below checks it too.
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["compress", "deploy"])
 def test_killed_stage_leaves_nothing_finished_and_the_rerun_redoes_only_it(tmp_path, stage):
     workdir = tmp_path / "work"
     kill_when_partial(start_run(workdir), workdir / "artifacts" / stage)
@@ -69,12 +76,20 @@ def test_killed_stage_leaves_nothing_finished_and_the_rerun_redoes_only_it(tmp_p
     rerun = subprocess.run([DISTILFLOW, "run", str(TINY_CONFIG), "--set", f"run.workdir={workdir}"],
                            capture_output=True, text=True, env=os.environ.copy())
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert_only_redone(workdir, stage)
+
+
+def assert_only_redone(workdir: Path, stage: str) -> None:
+    """The newest run reused every stage before ``stage``, redid ``stage`` and left one finished copy of it."""
     cached = stages_cached_in_newest_run(workdir)
-    before = {"compress": ["prototype", "distill"], "deploy": ["prototype", "distill", "compress"]}[stage]
+    before = STAGES[:STAGES.index(stage)]
     assert all(cached[name] == "true" for name in before)
     assert cached[stage] == "false"
     assert len(finished(workdir / "artifacts" / stage)) == 1
     assert not any(".partial-" in p.name for p in (workdir / "artifacts" / stage).iterdir())
+
+
+STAGES = ["prototype", "distill", "compress", "deploy"]
 
 
 def group_members(pgid: int) -> list[str]:
@@ -122,15 +137,18 @@ def test_a_signal_mid_stage_stops_the_run_its_prefect_server_and_its_mlflow_runs
             os.killpg(run.pid, signal.SIGKILL)
 
 
-def test_the_run_after_a_kill_9_closes_the_mlflow_runs_the_killed_one_left_running(tmp_path):
+def test_a_kill_9_mid_stage_leaves_nothing_finished_and_the_rerun_redoes_it_and_closes_what_it_left_running(
+        tmp_path):
     workdir = tmp_path / "work"
     kill_when_partial(start_run(workdir), workdir / "artifacts" / "distill")
+    assert finished(workdir / "artifacts" / "distill") == []
     left = [r for r in mlflow_runs(workdir) if r.info.status == "RUNNING"]
     assert {r.info.run_name for r in left} >= {"distill"}
 
     rerun = subprocess.run([DISTILFLOW, "run", str(TINY_CONFIG), "--set", f"run.workdir={workdir}"],
                            capture_output=True, text=True, env=os.environ.copy())
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert_only_redone(workdir, "distill")
     closed = {r.info.run_id: r for r in mlflow_runs(workdir)}
     for run in left:
         assert closed[run.info.run_id].info.status == "KILLED"
