@@ -190,7 +190,6 @@ def student_source(cfg: StudentConfig, teacher_dir: Path | None, device: torch.d
     return str(cfg.path), load_model(cfg.path, device, trust=cfg, key="distill.student")
 
 
-
 def require_byte_level_tokenizers(*model_dirs: str | Path) -> None:
     """GOLD's byte alignment (``use_extended_uld``) reads each token's byte offsets, which TRL takes only from
     ByteLevel BPE tokenizers (SmolLM, Llama 3, Qwen); a SentencePiece one (Gemma) fails at the first step."""
@@ -203,6 +202,7 @@ def require_byte_level_tokenizers(*model_dirs: str | Path) -> None:
             f"distill.logit_kd.use_extended_uld: GOLD pairs the two models' answer tokens by their bytes, which TRL "
             f"reads only from ByteLevel BPE tokenizers, and the tokenizer of {' and '.join(others)} is not one "
             "(e.g. SentencePiece); set use_extended_uld: false (ULD pairs the i-th answer token with the i-th)")
+
 
 def most_influential_layers(model, tokenizer, count: int, source: str, dataset: Dataset, ctx: StageContext):
     """``model``'s ``count`` most influential layers (block influence on the training chats)."""

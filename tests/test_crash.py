@@ -79,6 +79,9 @@ def test_killed_stage_leaves_nothing_finished_and_the_rerun_redoes_only_it(tmp_p
     assert_only_redone(workdir, stage)
 
 
+STAGES = ["prototype", "distill", "compress", "deploy"]
+
+
 def assert_only_redone(workdir: Path, stage: str) -> None:
     """The newest run reused every stage before ``stage``, redid ``stage`` and left one finished copy of it."""
     cached = stages_cached_in_newest_run(workdir)
@@ -87,9 +90,6 @@ def assert_only_redone(workdir: Path, stage: str) -> None:
     assert cached[stage] == "false"
     assert len(finished(workdir / "artifacts" / stage)) == 1
     assert not any(".partial-" in p.name for p in (workdir / "artifacts" / stage).iterdir())
-
-
-STAGES = ["prototype", "distill", "compress", "deploy"]
 
 
 def group_members(pgid: int) -> list[str]:

@@ -126,7 +126,6 @@ def test_logit_kd_across_vocabularies_uses_uld_when_asked_and_is_refused_without
         distill.with_logit_kd_loss_for_the_vocabularies(plain.distill, other_teacher, TINY_TEACHER, ctx)
 
 
-
 def test_gold_byte_alignment_with_a_teacher_that_is_not_byte_level_is_refused_naming_the_key(tmp_path):
     """TRL's GOLD reads byte offsets from ByteLevel BPE tokenizers only: a SentencePiece teacher (Gemma) failed at
     the first training step; now before training, and ULD by position still works with it."""
