@@ -152,12 +152,12 @@ def verify(args) -> int:
 
 def _print_report(record: dict) -> None:
     """The journey, where the bundle is, and the deploy gate's verdict: a bundle the gate rejected is marked so."""
-    from distilflow.tasks.evaluate import journey_table
+    from distilflow.tasks import journey
     from distilflow.tasks.registry import CHAMPION
 
     release = record.get("release")
     rejected = release is not None and not release["passed"]
-    print(journey_table(record["journey"]))
+    print(journey.table(journey.from_json(record["journey"])))
     gone = not Path(record["bundle"]).is_dir()
     print(f"\nbundle:        {record['bundle']}{'  (REJECTED by the deploy gate: not the one to ship)' * rejected}"
           f"{'  (no longer on disk)' * gone}")

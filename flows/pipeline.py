@@ -5,7 +5,6 @@ Prefect UI); one MLflow parent run with a nested run per stage. The work itself 
 Stages and MLflow calls are tasks that retry transient failures (`run.retries`); nothing else retries.
 """
 
-import json
 import logging
 import signal
 from pathlib import Path
@@ -25,21 +24,21 @@ from distilflow.configs.loader import load_config
 from distilflow.configs.schema import PipelineConfig
 from distilflow.flows.retries import retried, retry_if_transient
 from distilflow.tasks import history, registry, tracking
-from distilflow.tasks.artifacts import StageResult
-from distilflow.tasks.evaluate import journey_table
+from distilflow.tasks.artifacts import StageOutput
+from distilflow.tasks.journey import FILE, JourneyEntry, table, to_json
 from distilflow.tasks.stages import preflight, run_stage
 from distilflow.tasks.tracking import MlflowTracker, flatten
 
 
 @task(name="run-stage", task_run_name="run-{name}", retry_condition_fn=retry_if_transient,
       cache_policy=NO_CACHE, persist_result=False)  # the stage's own cache is by artifact digest
-def stage_task(name: str, cfg: PipelineConfig, upstream: dict[str, StageResult], mlflow_run_id: str) -> StageResult:
+def stage_task(name: str, cfg: PipelineConfig, upstream: tuple[StageOutput, ...], mlflow_run_id: str) -> StageOutput:
     tracker = MlflowTracker.attach(tracking_uri(cfg), mlflow_run_id)
-    return run_stage(name, cfg, upstream, tracker)
+    return run_stage(name, cfg, *upstream, tracker=tracker)
 
 
 @flow(validate_parameters=False)
-def stage_flow(name: str, cfg: PipelineConfig, upstream: dict[str, StageResult], mlflow_run_id: str) -> StageResult:
+def stage_flow(name: str, cfg: PipelineConfig, upstream: tuple[StageOutput, ...], mlflow_run_id: str) -> StageOutput:
     result = retried(stage_task, cfg)(name, cfg, upstream, mlflow_run_id)
     get_run_logger().info("%s %s: %s", name, "reused" if result.cached else "done", result.directory)
     if result.summary:
@@ -48,7 +47,8 @@ def stage_flow(name: str, cfg: PipelineConfig, upstream: dict[str, StageResult],
     return result
 
 
-def stage(name: str, cfg: PipelineConfig, upstream: dict[str, StageResult], mlflow_run_id: str) -> StageResult:
+def stage(name: str, cfg: PipelineConfig, mlflow_run_id: str, *upstream: StageOutput) -> StageOutput:
+    """Stage ``name`` as a child flow run, on the outputs of the stages it reads (its function's signature)."""
     stop_if_cancelled()
     return stage_flow.with_options(name=f"distilflow-{name}", flow_run_name=name)(name, cfg, upstream, mlflow_run_id)
 
@@ -72,17 +72,16 @@ def pipeline(config_path: str, overrides: dict[str, Any] | None = None) -> dict:
     cfg.run.workdir.mkdir(parents=True, exist_ok=True)
     tracker = retried(start_tracking, cfg)(cfg)
     try:
-        prototype = stage("prototype", cfg, {}, tracker.run_id)
-        distill = stage("distill", cfg, {"prototype": prototype}, tracker.run_id)
-        compress = stage("compress", cfg, {"prototype": prototype, "distill": distill}, tracker.run_id)
-        deploy = stage("deploy", cfg, {"prototype": prototype, "distill": distill, "compress": compress},
-                       tracker.run_id)
+        prototype = stage("prototype", cfg, tracker.run_id)
+        distill = stage("distill", cfg, tracker.run_id, prototype)
+        compress = stage("compress", cfg, tracker.run_id, prototype, distill)
+        deploy = stage("deploy", cfg, tracker.run_id, prototype, distill, compress)
     except BaseException as err:
         tracker.finish(err)
         raise
-    bundle = deploy.path("bundle").resolve()
-    journey = json.loads((bundle / "journey.json").read_text())
-    mlflow_run = retried(finish_tracking, cfg)(tracker, journey, bundle)
+    bundle = deploy.bundle.resolve()
+    mlflow_run = retried(finish_tracking, cfg)(tracker, deploy.journey, bundle)
+    journey = to_json(deploy.journey)
     record = {"run_id": str(flow_run.id), "mlflow_run_id": tracker.run_id,
               "mlflow_tracking_uri": tracking_uri(cfg), "bundle": str(bundle), "journey": journey}
     outcome = retried(release, cfg)(cfg, record)
@@ -90,7 +89,7 @@ def pipeline(config_path: str, overrides: dict[str, Any] | None = None) -> dict:
     # to ship; and recorded when the gate fails too, so `report` explains the newest run.
     record = {**record, "release": outcome.as_dict()}
     history.record_run(cfg.run.workdir, record, history.distilflow_home())
-    publish_artifacts(cfg.run.name, journey, bundle, mlflow_run, outcome)
+    publish_artifacts(cfg.run.name, deploy.journey, bundle, mlflow_run, outcome)
     if not outcome.passed:
         raise registry.GateFailed(outcome.failure())
     return record
@@ -159,10 +158,10 @@ def crash_flow_runs(flow_run_ids: list[str]) -> None:
 
 
 @task(retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE, persist_result=False)
-def finish_tracking(tracker: MlflowTracker, journey: list[dict], bundle: Path) -> str:
+def finish_tracking(tracker: MlflowTracker, journey: list[JourneyEntry], bundle: Path) -> str:
     """Close the MLflow run with the journey; returns where to see it (markdown)."""
-    tracker.log_metrics({f"journey.{e['state']}.{k}": v for e in journey for k, v in flatten(e).items()})
-    tracker.log_artifact(bundle / "journey.json")
+    tracker.log_metrics({f"journey.{e.state}.{k}": v for e in journey for k, v in flatten(e.as_json()).items()})
+    tracker.log_artifact(bundle / FILE)
     tracker.finish()
     return mlflow_run_reference(tracker)
 
@@ -176,14 +175,14 @@ def mlflow_run_reference(tracker: MlflowTracker) -> str:
     return f"MLflow run `{tracker.run_id}` in `{uri}` (to browse it: `mlflow ui --backend-store-uri {uri}`)"
 
 
-def publish_artifacts(run_name: str, journey: list[dict], bundle: Path, mlflow_run: str,
+def publish_artifacts(run_name: str, journey: list[JourneyEntry], bundle: Path, mlflow_run: str,
                       outcome: registry.Release) -> None:
     """The journey (with its MLflow run and the gate's verdict) and the bundle as Prefect artifacts. Their keys
     hold only the run name, so the runs of one config (each night's) make one history in the UI's Artifacts page."""
     key = _artifact_key(run_name)
     create_markdown_artifact(
         key=f"journey-{key}",
-        markdown=f"# {run_name}: journey\n\n{journey_table(journey)}\n\n{mlflow_run}\n\n{outcome.summary()}\n\n"
+        markdown=f"# {run_name}: journey\n\n{table(journey)}\n\n{mlflow_run}\n\n{outcome.summary()}\n\n"
                  f"Bundle: `{bundle}`\n",
         description="Task score, size and speed of every model state")
     create_link_artifact(key=f"bundle-{key}", link=bundle.as_uri(),

@@ -15,9 +15,12 @@ import stat
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
+from typing import Annotated, TypeVar
+
+from pydantic import AfterValidator, PlainSerializer, SerializationInfo, TypeAdapter, ValidationInfo
 
 from distilflow.tasks.errors import DistilflowError
 
@@ -27,26 +30,36 @@ MANIFEST = "manifest.json"
 RESULT = "result.json"
 
 
-@dataclass
-class StageResult:
-    """What a stage hands downstream: named output paths, journey entries and a summary; and what it tracked
-    (params, metrics, tags, artifacts: paths in its directory), which the runner logs, cached or not."""
+def _relative(path: Path, info: SerializationInfo) -> str:
+    return path.relative_to(info.context["directory"]).as_posix()
 
-    stage: str
-    files: dict[str, str]
-    journey: list[dict] = field(default_factory=list)
+
+def _absolute(path: Path, info: ValidationInfo) -> Path:
+    return info.context["directory"] / path
+
+
+# A path inside the stage's own directory: the stage gives it under ``ctx.out_dir``, result.json holds it relative,
+# and a reader gets it under the published directory (the temporary one is renamed into place).
+InArtifact = Annotated[Path, PlainSerializer(_relative), AfterValidator(_absolute)]
+
+
+@dataclass(kw_only=True)
+class StageOutput:
+    """What every stage hands downstream besides its own typed fields (a subclass's): a markdown summary; what it
+    tracked (params, metrics, tags, artifacts: paths in its directory), which the runner logs, cached or not; and,
+    once published, where it lies and its manifest's digest (the cache key of everything downstream)."""
+
     summary: str = ""
     params: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)
-    key: str = ""
     directory: Path | None = None
     digest: str = ""
     cached: bool = False
 
-    def path(self, name: str) -> Path:
-        return self.directory / self.files[name]
+
+Output = TypeVar("Output", bound=StageOutput)
 
 
 def check_writable(directory: Path, key: str = "run.workdir", why: str = "") -> None:
@@ -164,24 +177,25 @@ def manifest_digest(directory: Path) -> str:
     return hashlib.sha256((directory / MANIFEST).read_bytes()).hexdigest()
 
 
-def cached_or_run(stage: str, key: str, workdir: Path, produce: Callable[[Path], StageResult]) -> StageResult:
-    """Reuse ``WORKDIR/artifacts/stage/key`` if it verifies, else run ``produce(tmp_dir)`` and publish it."""
+def cached_or_run(stage: str, key: str, workdir: Path, produce: Callable[[Path], Output], kind: type[Output]) -> Output:
+    """Reuse ``WORKDIR/artifacts/stage/key`` if it verifies, else run ``produce(tmp_dir)`` and publish it; either
+    way, the ``kind`` of output read back from its result.json."""
     final = workdir / "artifacts" / stage / key
     final.parent.mkdir(parents=True, exist_ok=True)
     with exclusive(final.parent / f"{key}.lock"):
         if final.exists():
             problems = manifest_problems(final)
             if not problems:
-                return _load(final, cached=True)
+                return _load(final, kind, cached=True)
             log.warning("%s: artifact %s no longer matches its manifest (%s); recomputing",
                         stage, final, "; ".join(problems[:3]))
         with published(final) as partial:
             partial.mkdir()
             result = produce(partial)
-            (partial / RESULT).write_text(json.dumps(_to_json(result), indent=1))
+            (partial / RESULT).write_text(json.dumps(_to_json(result, partial), indent=1))
             write_manifest(partial)
             make_world_readable(partial)
-    return _load(final, cached=False)
+    return _load(final, kind, cached=False)
 
 
 def make_world_readable(directory: Path) -> None:
@@ -192,12 +206,14 @@ def make_world_readable(directory: Path) -> None:
             path.chmod(path.stat().st_mode | (0o555 if path.is_dir() else 0o444))
 
 
-def _to_json(result: StageResult) -> dict:
-    return {k: v for k, v in asdict(result).items() if k not in ("directory", "digest", "cached")}
+def _to_json(result: StageOutput, directory: Path) -> dict:
+    return TypeAdapter(type(result)).dump_python(result, mode="json", exclude={"directory", "digest", "cached"},
+                                                 context={"directory": directory})
 
 
-def _load(directory: Path, cached: bool) -> StageResult:
-    result = StageResult(**json.loads((directory / RESULT).read_text()))
+def _load(directory: Path, kind: type[Output], cached: bool) -> Output:
+    result = TypeAdapter(kind).validate_python(json.loads((directory / RESULT).read_text()),
+                                               context={"directory": directory})
     result.directory, result.digest, result.cached = directory, manifest_digest(directory), cached
     return result
 

@@ -14,12 +14,15 @@ from pathlib import Path
 from datasets import Dataset, load_from_disk
 
 from distilflow.configs.schema import BudgetConfig, CandidateConfig, CompressConfig, HealConfig, PruneConfig
-from distilflow.tasks import data, distill, prune, quantize
-from distilflow.tasks.artifacts import StageResult
+from distilflow.tasks import data, distill, journey, prune, quantize
+from distilflow.tasks.artifacts import InArtifact, StageOutput
 from distilflow.tasks.context import StageContext
+from distilflow.tasks.distill import DistillOutput
 from distilflow.tasks.errors import DistilflowError
-from distilflow.tasks.evaluate import JOURNEY_FIELDS, Evaluation, evaluate, evaluate_in_fresh_process
+from distilflow.tasks.evaluate import Evaluation
+from distilflow.tasks.journey import JourneyEntry
 from distilflow.tasks.models import load_model, save_model, size_on_disk
+from distilflow.tasks.prototype import PrototypeOutput
 
 log = logging.getLogger("distilflow")
 
@@ -48,15 +51,30 @@ class Candidate:
     meets_budget: bool = False
 
     def journey_fields(self) -> dict:
-        return {key: getattr(self, key) for key in JOURNEY_FIELDS}
+        return {key: getattr(self, key) for key in journey.FIELDS}
 
 
-def run(cfg: CompressConfig, upstream: dict[str, StageResult], ctx: StageContext) -> StageResult:
+@dataclass(kw_only=True)
+class CompressOutput(StageOutput):
+    """The chosen candidate, the candidates' table, and the journey's rows for what the student became."""
+
+    model: InArtifact  # the chosen candidate's checkpoint
+    candidates: InArtifact  # candidates.json: every candidate as measured, and the budget
+    pareto: InArtifact  # pareto.png
+    pruned_model: InArtifact | None  # the chosen candidate's pruned model, before quantization; None if not pruned
+    pruned: JourneyEntry | None  # its row of the journey
+    quantized: JourneyEntry  # the chosen candidate's row
+
+    @property
+    def journey(self) -> list[JourneyEntry]:
+        return ([self.pruned] if self.pruned else []) + [self.quantized]
+
+
+def run(cfg: CompressConfig, prototype: PrototypeOutput, distill: DistillOutput, ctx: StageContext) -> CompressOutput:
     out = ctx.out_dir
     # In memory: datasets would otherwise write its caches into the upstream artifact.
-    dataset = load_from_disk(upstream["prototype"].path("dataset"), keep_in_memory=True)
-    student_dir = upstream["distill"].path("student")
-    student = next(e for e in reversed(upstream["distill"].journey) if e["state"] == "student")
+    dataset = load_from_disk(prototype.dataset, keep_in_memory=True)
+    student_dir, student = distill.student, distill.last_phase
 
     prunings = {c.prune.label: c.prune for c in cfg.candidates if c.prune}
     pruned = {label: prune_student(pruning, student_dir, dataset, out / "pruned" / label, ctx)
@@ -64,26 +82,27 @@ def run(cfg: CompressConfig, upstream: dict[str, StageResult], ctx: StageContext
     rows = [make_candidate(c, out / "pruned" / c.prune.label if c.prune else student_dir, dataset,
                            out / "candidates" / c.label, ctx) for c in cfg.candidates]
     for row in rows:
-        row.retention = row.task_score / student["task_score"] if student["task_score"] else 0.0
+        row.retention = row.task_score / student.task_score if student.task_score else 0.0
         row.meets_budget = meets(row.size_bytes, row.retention, cfg.budget)
     chosen = choose(rows, cfg.budget)
     report(rows, chosen, student, cfg.budget, ctx)
 
-    quantized = {**chosen.journey_fields(), "state": "quantized", "candidate": chosen.candidate,
-                 "scheme": chosen.scheme, **({"note": chosen.note} if chosen.note else {})}
+    quantized = JourneyEntry("quantized", **chosen.journey_fields(), candidate=chosen.candidate, scheme=chosen.scheme,
+                             note=chosen.note or None)
     ctx.tracker.log_metrics({f"quantized.{k}": v for k, v in {**chosen.journey_fields(),
                                                                "retention": chosen.retention}.items()})
-    return StageResult(
-        stage="compress", summary=summary(rows, chosen, pruned, cfg.budget),
-        files={"model": f"candidates/{chosen.candidate}", "candidates": "candidates.json", "pareto": "pareto.png",
-               **{f"pruned.{label}": f"pruned/{label}" for label in pruned}},
-        journey=([pruned[chosen.pruning]] if chosen.pruning else []) + [quantized])
+    return CompressOutput(
+        model=out / "candidates" / chosen.candidate, candidates=out / "candidates.json", pareto=out / "pareto.png",
+        pruned_model=out / "pruned" / chosen.pruning if chosen.pruning else None,
+        pruned=pruned[chosen.pruning] if chosen.pruning else None, quantized=quantized,
+        summary=summary(rows, chosen, pruned, cfg.budget))
 
 
-def report(rows: list[Candidate], chosen: Candidate, student: dict, budget: BudgetConfig, ctx: StageContext) -> None:
+def report(rows: list[Candidate], chosen: Candidate, student: JourneyEntry, budget: BudgetConfig,
+           ctx: StageContext) -> None:
     """The candidates' table (candidates.json), the Pareto chart and per-candidate metrics, tracked."""
     out = ctx.out_dir
-    (out / "candidates.json").write_text(json.dumps({"student": student, "budget": budget.model_dump(),
+    (out / "candidates.json").write_text(json.dumps({"student": student.as_json(), "budget": budget.model_dump(),
                                                      "chosen": chosen.candidate, "candidates": [asdict(r) for r in rows]},
                                                     indent=1))
     pareto_chart(rows, chosen, student, budget, out / "pareto.png")
@@ -91,11 +110,12 @@ def report(rows: list[Candidate], chosen: Candidate, student: dict, budget: Budg
         ctx.tracker.log_artifact(out / name)
     for row in rows:
         ctx.tracker.log_metrics({f"candidate.{row.candidate}.{k}": v for k, v in asdict(row).items()
-                                 if k in (*JOURNEY_FIELDS, "retention", "quantize_s")})
+                                 if k in (*journey.FIELDS, "retention", "quantize_s")})
     ctx.tracker.set_tags({"distilflow.chosen_candidate": chosen.candidate})
 
 
-def prune_student(cfg: PruneConfig, student_dir: Path, dataset: Dataset, out_dir: Path, ctx: StageContext) -> dict:
+def prune_student(cfg: PruneConfig, student_dir: Path, dataset: Dataset, out_dir: Path,
+                  ctx: StageContext) -> JourneyEntry:
     """Prune the student as ``cfg`` says, heal it, save it to ``out_dir`` and evaluate it: its journey entry.
 
     The importance scores go beside it, as JSON and as a plot.
@@ -117,11 +137,11 @@ def prune_student(cfg: PruneConfig, student_dir: Path, dataset: Dataset, out_dir
     for path in (scores_path, plot):
         ctx.tracker.log_artifact(path, "pruning")
 
-    evaluation = evaluate_in_fresh_process(out_dir, ctx.examples.eval, ctx.task, ctx.eval, ctx.device)
+    evaluation = ctx.evaluator.in_fresh_process(out_dir)
     ctx.tracker.log_metrics({f"pruned.{out_dir.name}.{k}": v for k, v in evaluation.metrics.items()})
     log.info("pruned %s in %.0f s: task score %.3f", out_dir.name, seconds, evaluation.metrics["task_score"])
-    return {**evaluation.journey_entry("pruned"), "pruning": out_dir.name, "prune_s": seconds,
-            **({"kept_layers": scores["kept_layers"]} if "kept_layers" in scores else {})}
+    return evaluation.journey_entry("pruned", pruning=out_dir.name, prune_s=seconds,
+                                    kept_layers=scores.get("kept_layers"))
 
 
 def heal(model, before_pruning, tokenizer, dataset: Dataset, cfg: HealConfig, ctx: StageContext, name: str):
@@ -157,7 +177,7 @@ def make_candidate(candidate: CandidateConfig, source_dir: Path, dataset: Datase
             quantize.quantize(model, tokenizer, cfg, texts, out_dir)
             del model
         seconds = time.perf_counter() - start
-        evaluation = evaluate_in_fresh_process(out_dir, ctx.examples.eval, ctx.task, ctx.eval, ctx.device)
+        evaluation = ctx.evaluator.in_fresh_process(out_dir)
         deployable, note = True, ""
         if cfg.scheme == "fp8" and not quantize.fp8_native(ctx.device):
             note = (f"evaluated emulated: {ctx.device.type} has no FP8 kernels, so the weights ran dequantized; "
@@ -166,7 +186,7 @@ def make_candidate(candidate: CandidateConfig, source_dir: Path, dataset: Datase
     log.info("candidate %s: task score %.3f, %.1f MB", candidate.label, evaluation.metrics["task_score"],
              evaluation.metrics["size_bytes"] / 1e6)
     return Candidate(candidate=candidate.label, pruning=candidate.prune.label if candidate.prune else None,
-                     scheme=cfg.label, **{k: evaluation.metrics[k] for k in JOURNEY_FIELDS}, quantize_s=seconds,
+                     scheme=cfg.label, **{k: evaluation.metrics[k] for k in journey.FIELDS}, quantize_s=seconds,
                      deployable=deployable, note=note)
 
 
@@ -175,11 +195,11 @@ def nf4_measured(source_dir: Path, out_dir: Path, ctx: StageContext) -> tuple[Ev
     start = time.perf_counter()
     model, tokenizer = quantize.nf4(source_dir, ctx.device, out_dir)
     seconds = time.perf_counter() - start
-    evaluation = evaluate(model, tokenizer, ctx.examples.eval, ctx.task, ctx.eval, desc="nf4 eval")
+    evaluation = ctx.evaluator.model(model, tokenizer, desc="nf4 eval")
     evaluation.add_size(size_on_disk(out_dir))
     del model
     try:
-        reloaded = evaluate_in_fresh_process(out_dir, ctx.examples.eval, ctx.task, ctx.eval, ctx.device)
+        reloaded = ctx.evaluator.in_fresh_process(out_dir)
     except DistilflowError as err:
         return evaluation, seconds, (False, f"the saved checkpoint does not reload: {str(err).splitlines()[-1]}")
     return evaluation, seconds, reload_verdict(evaluation, reloaded)
@@ -228,19 +248,20 @@ def candidate_table(rows: list[Candidate], chosen: Candidate | None = None) -> s
     return "\n".join(lines)
 
 
-def summary(rows: list[Candidate], chosen: Candidate, pruned: dict[str, dict], budget: BudgetConfig) -> str:
+def summary(rows: list[Candidate], chosen: Candidate, pruned: dict[str, JourneyEntry], budget: BudgetConfig) -> str:
     lines = [f"## Compression: {chosen.candidate} chosen", "",
              f"The smallest deployable candidate meeting the budget ({_describe(budget)}); retention is "
              "the task score over the student's.", "", candidate_table(rows, chosen)]
     if pruned:
         lines += ["", "| pruned model (before quantization) | task score | perplexity | params (M) | size (MB) |",
                   "|---|---|---|---|---|"]
-        lines += [f"| {label} | {e['task_score']:.3f} | {e['perplexity']:.1f} | {e['params'] / 1e6:.1f} | "
-                  f"{e['size_bytes'] / 1e6:.1f} |" for label, e in pruned.items()]
+        lines += [f"| {label} | {e.task_score:.3f} | {e.perplexity:.1f} | {e.params / 1e6:.1f} | "
+                  f"{e.size_bytes / 1e6:.1f} |" for label, e in pruned.items()]
     return "\n".join(lines) + "\n"
 
 
-def pareto_chart(rows: list[Candidate], chosen: Candidate, student: dict, budget: BudgetConfig, path: Path) -> Path:
+def pareto_chart(rows: list[Candidate], chosen: Candidate, student: JourneyEntry, budget: BudgetConfig,
+                 path: Path) -> Path:
     """Task score against size for every candidate, the Pareto front joined, the budget shaded out."""
     import matplotlib
 
@@ -257,10 +278,9 @@ def pareto_chart(rows: list[Candidate], chosen: Candidate, student: dict, budget
     front = pareto_front(rows)
     axis.plot([r.size_bytes / 1e6 for r in front], [r.task_score for r in front], color="grey",
               linestyle="--", zorder=2, label="Pareto front")
-    axis.axhline(student["task_score"], color="black", linewidth=0.8,
-                 label=f"student ({student['size_bytes'] / 1e6:.1f} MB)")
+    axis.axhline(student.task_score, color="black", linewidth=0.8, label=f"student ({student.size_bytes / 1e6:.1f} MB)")
     if budget.min_retention:
-        axis.axhspan(0, budget.min_retention * student["task_score"], color="red", alpha=0.08,
+        axis.axhspan(0, budget.min_retention * student.task_score, color="red", alpha=0.08,
                      label="below min_retention")
     if budget.max_size_bytes:
         axis.axvspan(budget.max_size_bytes / 1e6, max(r.size_bytes for r in rows) / 1e6 * 1.1, color="red",

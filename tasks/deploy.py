@@ -13,15 +13,19 @@ import json
 import logging
 import shutil
 import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from transformers import GenerationConfig
 
 from distilflow.configs.schema import DeployConfig
-from distilflow.tasks import checks, data, gguf_export, package, serving
-from distilflow.tasks.artifacts import StageResult, write_manifest
+from distilflow.tasks import checks, data, gguf_export, journey, package, serving
+from distilflow.tasks.artifacts import InArtifact, StageOutput, write_manifest
+from distilflow.tasks.compress import CompressOutput
 from distilflow.tasks.context import StageContext
-from distilflow.tasks.evaluate import JOURNEY_FIELDS, evaluate_in_fresh_process
+from distilflow.tasks.distill import DistillOutput
+from distilflow.tasks.journey import JourneyEntry
+from distilflow.tasks.prototype import PrototypeOutput
 from distilflow.tasks.tracking import flatten
 
 log = logging.getLogger("distilflow")
@@ -30,139 +34,160 @@ log = logging.getLogger("distilflow")
 ONNX_NOT_MADE = "ONNX: not made (optimum-onnx requires transformers<4.58; the pipeline runs transformers 5)"
 
 
-def run(cfg: DeployConfig, upstream: dict[str, StageResult], ctx: StageContext) -> StageResult:
-    bundle = ctx.out_dir / "bundle"
-    shutil.copytree(upstream["compress"].path("model"), bundle)
+@dataclass(kw_only=True)
+class DeployOutput(StageOutput):
+    """The bundle, and the whole journey, every state measured served."""
+
+    bundle: InArtifact
+    deployed: JourneyEntry  # the bundle's row of the journey
+    journey: list[JourneyEntry]  # every state, in order, as the bundle's journey.json holds it
+
+
+def run(cfg: DeployConfig, prototype: PrototypeOutput, distill: DistillOutput, compress: CompressOutput,
+        ctx: StageContext) -> DeployOutput:
+    evaluator, bundle = ctx.evaluator, ctx.out_dir / "bundle"
+    shutil.copytree(compress.model, bundle)
     write_generation_config(bundle)
-    teacher = teacher_card(upstream["prototype"])
-    gguf_file = export_gguf(gguf_source(upstream, bundle, cfg.gguf), bundle, cfg, teacher) if cfg.gguf != "none" \
-        else None
+    teacher = prototype.teacher_card
+    gguf_file = export_gguf(gguf_source(compress, distill, bundle, cfg.gguf), bundle, cfg, teacher) \
+        if cfg.gguf != "none" else None
 
-    smoke_rows = ctx.examples.eval[:cfg.smoke_prompts]
-    smoke = evaluate_in_fresh_process(bundle, ctx.examples.eval, ctx.task, ctx.eval, ctx.device,
-                                      smoke_prompts=cfg.smoke_prompts, max_new_tokens=cfg.max_new_tokens)
-    deployed = {**smoke.journey_entry("deployed"), "smoke_pass_rate": smoke.metrics["smoke_pass_rate"],
-                "smoke_latency_s": smoke.metrics["smoke_latency_s"]}
+    smoke_rows = evaluator.rows[:cfg.smoke_prompts]
+    smoke = evaluator.in_fresh_process(bundle, smoke_prompts=cfg.smoke_prompts, max_new_tokens=cfg.max_new_tokens)
+    deployed = smoke.journey_entry("deployed", smoke_pass_rate=smoke.metrics["smoke_pass_rate"],
+                                   smoke_latency_s=smoke.metrics["smoke_latency_s"])
     report = smoke.report()
-    smoke_lines = [f"transformers ({ctx.device.type}): pass rate {deployed['smoke_pass_rate']:.2f} on "
-                   f"{len(smoke_rows)} prompts, {deployed['smoke_latency_s']:.3f} s per answer"]
+    smoke_lines = [f"transformers ({ctx.device.type}): pass rate {deployed.smoke_pass_rate:.2f} on "
+                   f"{len(smoke_rows)} prompts, {deployed.smoke_latency_s:.3f} s per answer"]
     if gguf_file:
-        deployed["gguf_file"], deployed["gguf_size_bytes"] = f"gguf/{gguf_file.name}", gguf_file.stat().st_size
+        deployed.gguf_file, deployed.gguf_size_bytes = f"gguf/{gguf_file.name}", gguf_file.stat().st_size
 
-    journey = [entry for stage in ("prototype", "distill", "compress") for entry in upstream[stage].journey]
-    journey.append(deployed)
-    journey = served_journey(journey, upstream, bundle, gguf_file, cfg, ctx, report)
+    # Copies: the upstream outputs stay as their stages published them.
+    states = [replace(entry) for entry in (prototype.baseline, *distill.journey, *compress.journey)] + [deployed]
+    states = served_journey(states, prototype, distill, compress, bundle, gguf_file, cfg, ctx, report)
     if gguf_file:
         smoke_lines.append(smoke_gguf(gguf_file, smoke_rows, cfg, ctx, deployed, report))
-    (bundle / "journey.json").write_text(json.dumps(journey, indent=1))
+    journey.write(states, bundle)
     (bundle / "eval_report.json").write_text(json.dumps(report, indent=1))
 
-    example = ctx.examples.eval[0]
-    package.write_vllm_files(bundle, ctx.task, example, cfg, teacher.get("license"))
+    task, example = evaluator.task, evaluator.rows[0]
+    package.write_vllm_files(bundle, task, example, cfg, teacher.get("license"))
     if gguf_file:
         package.write_llama_cpp_files(gguf_file.parent, gguf_file.name, package.context_length(bundle, cfg),
-                                      ctx.task, example, cfg, teacher.get("license"))
+                                      task, example, cfg, teacher.get("license"))
         (bundle / ".dockerignore").write_text("# the GPU image serves the safetensors checkpoint\ngguf/\n")
-    package.journey_chart(journey, bundle / "journey.png")
-    cost_chart = package.cost_chart(journey, bundle / "cost.png")
+    package.journey_chart(states, bundle / "journey.png")
+    cost_chart = package.cost_chart(states, bundle / "cost.png")
     (bundle / "README.md").write_text(package.model_card(
-        cfg=cfg, task=ctx.task, teacher=teacher, student_summary=student_line(upstream["distill"]),
-        compression=package.compression_line(bundle, upstream["compress"].journey),
-        journey=journey, exports=exports(bundle, gguf_file), smoke=smoke_lines,
+        cfg=cfg, task=task, teacher=teacher, student_summary=student_line(distill),
+        compression=package.compression_line(bundle, compress.journey),
+        journey=states, exports=exports(bundle, gguf_file), smoke=smoke_lines,
         vllm_command=package.vllm_command(package.vllm_args(bundle, cfg)),
-        gguf_file=gguf_file.name if gguf_file else None, data_card=upstream["prototype"].summary,
-        cost_chart=cost_chart is not None, serving=ctx.eval.serving))
+        gguf_file=gguf_file.name if gguf_file else None, data_card=prototype.summary,
+        cost_chart=cost_chart is not None, serving=evaluator.settings.serving))
     write_manifest(bundle)
 
-    metrics = {f"deployed.{k}": v for k, v in flatten(deployed).items() if k != "state"}
-    metrics.update({f"{label(e)}.{k}": v for e in journey if e is not deployed for k, v in flatten(
-        {"serving": e.get("serving") or {}, "cost_usd_per_mtok": e.get("cost_usd_per_mtok") or {}}).items()})
+    metrics = {f"deployed.{k}": v for k, v in flatten(deployed.as_json()).items() if k != "state"}
+    metrics.update({f"{metric_label(e)}.{k}": v for e in states if e is not deployed for k, v in flatten(
+        {"serving": e.serving or {}, "cost_usd_per_mtok": e.cost_usd_per_mtok or {}}).items()})
     ctx.tracker.log_metrics(metrics)
-    for name in ("manifest.json", "journey.json", "journey.png", "README.md", "eval_report.json", "serve.yaml",
+    for name in ("manifest.json", journey.FILE, "journey.png", "README.md", "eval_report.json", "serve.yaml",
                  "request.json", "Dockerfile", *(["cost.png"] if cost_chart else [])):
         ctx.tracker.log_artifact(bundle / name, "bundle")
-    return StageResult(stage="deploy", files={"bundle": "bundle"}, journey=[deployed],
-                       summary=f"Bundle ready: {cfg.model_name}\n\n" + "".join(f"- smoke test, {line}\n"
+    return DeployOutput(bundle=bundle, deployed=deployed, journey=states,
+                        summary=f"Bundle ready: {cfg.model_name}\n\n" + "".join(f"- smoke test, {line}\n"
                                                                                 for line in smoke_lines))
 
 
-def label(entry: dict) -> str:
+def metric_label(entry: JourneyEntry) -> str:
     """A journey entry's name in metric keys: its state, and its phase where it has one."""
-    return f"{entry['state']}.{entry['phase']}" if entry.get("phase") else entry["state"]
+    return f"{entry.state}.{entry.phase}" if entry.phase else entry.state
 
 
-def gguf_source(upstream: dict[str, StageResult], bundle: Path, gguf_type: str) -> Path:
+def gguf_source(compress: CompressOutput, distill: DistillOutput, bundle: Path, gguf_type: str) -> Path:
     """What the GGUF is made from: the shipped checkpoint when Q4_0 stores its 4-bit weights exactly (GPTQ's
-    rounding kept), else the shipped candidate before quantization (rounding rounded weights again adds error)."""
-    return bundle if gguf_type == "q4_0" and gguf_export.on_q4_0_grid(bundle) else unquantized_source(upstream)
+    rounding kept), else the shipped candidate before quantization (rounding rounded weights again adds error):
+    its pruned model, or the student."""
+    if gguf_type == "q4_0" and gguf_export.on_q4_0_grid(bundle):
+        return bundle
+    return compress.pruned_model or distill.student
 
 
-def unquantized_source(upstream: dict[str, StageResult]) -> Path:
-    """The shipped candidate before quantization: its pruned model, or the student."""
-    pruned = next((e for e in upstream["compress"].journey if e["state"] == "pruned"), None)
-    return upstream["compress"].path(f"pruned.{pruned['pruning']}") if pruned else upstream["distill"].path("student")
-
-
-def served_journey(journey: list[dict], upstream: dict[str, StageResult], bundle: Path, gguf_file: Path | None,
-                   cfg: DeployConfig, ctx: StageContext, report: dict) -> list[dict]:
+def served_journey(states: list[JourneyEntry], prototype: PrototypeOutput, distill: DistillOutput,
+                   compress: CompressOutput, bundle: Path, gguf_file: Path | None, cfg: DeployConfig,
+                   ctx: StageContext, report: dict) -> list[JourneyEntry]:
     """The journey with each state's ``serving`` measurements and ``cost_usd_per_mtok``; the teacher's own
     GGUF file (when it came as one) is an entry of its own, ``teacher-gguf``. A state with no servable form
     on this engine says why instead of a number."""
-    engine = serving.choose_engine(ctx.eval.serving, ctx.device.type)
+    evaluator = ctx.evaluator
+    engine = serving.choose_engine(evaluator.settings.serving, ctx.device.type)
     engine = engine and serving.priced(engine, cfg.cost)
-    teacher = teacher_card(upstream["prototype"])
+    teacher = prototype.teacher_card
     if teacher.get("gguf_file"):
-        at = next(i for i, e in enumerate(journey) if e["state"] == "teacher") + 1
-        journey.insert(at, {"state": "teacher-gguf", **dict.fromkeys(JOURNEY_FIELDS),
-                            "note": f"the teacher's own GGUF file, {Path(teacher['gguf_file']).name}, served as is"})
-    shots = tuple(json.loads((upstream["prototype"].directory / "few_shot.json").read_text()))
-    last_student = max((i for i, e in enumerate(journey) if e["state"] == "student"), default=None)
+        at = states.index(journey.find(states, "teacher")) + 1
+        states.insert(at, JourneyEntry(
+            "teacher-gguf", note=f"the teacher's own GGUF file, {Path(teacher['gguf_file']).name}, served as is"))
+    models = ServableModels(teacher=prototype.teacher, teacher_gguf=teacher.get("gguf_file"), student=distill.student,
+                            student_phase=distill.last_phase.phase, pruned=compress.pruned_model, bundle=bundle,
+                            gguf_file=gguf_file)
     with tempfile.TemporaryDirectory(prefix="distilflow-serving-") as scratch:
-        for index, entry in enumerate(journey):
-            form = servable_form(entry, index == last_student, engine, upstream, bundle, gguf_file, teacher)
+        for entry in states:
+            form = servable_form(entry, engine, models)
             if isinstance(form, str):
-                entry["serving"] = serving.not_measured(engine, form)
+                entry.serving = serving.not_measured(engine, form)
             else:
-                workload = serving.Workload(ctx.examples.eval, ctx.task,
-                                            shots=shots if entry["state"].startswith("teacher") else ())
+                workload = serving.Workload(evaluator.rows, evaluator.task,
+                                            shots=prototype.few_shot if entry.state.startswith("teacher") else ())
                 artifact = form if engine.name == serving.VLLM or form.suffix == ".gguf" else \
-                    export_for_serving(form, Path(scratch) / f"{entry['state']}-f16.gguf")
-                entry["serving"] = serving.measure(artifact, engine, workload, ctx.eval.serving)
-                answers = entry["serving"].pop("answers")
-                report.setdefault("engine_answers", {})[entry["state"]] = [
-                    {"input": data.user_message(row, ctx.task), "answer": a, "label": checks.label(row, ctx.task)}
-                    for row, a in zip(ctx.examples.eval, answers)]
-            entry["cost_usd_per_mtok"] = serving.cost_entry(entry["serving"])
-    if cfg.cost.teacher_usd_per_mtok and "teacher" not in upstream["prototype"].files:
-        api = next(e for e in journey if e["state"] == "teacher")
-        api["cost_usd_per_mtok"] = dict.fromkeys(("batch1", "throughput"), cfg.cost.teacher_usd_per_mtok)
-        api["serving"]["not_measured"] += "; its cost is the API's price, deploy.cost.teacher_usd_per_mtok"
-    return journey
+                    export_for_serving(form, Path(scratch) / f"{entry.state}-f16.gguf")
+                entry.serving = serving.measure(artifact, engine, workload, evaluator.settings.serving)
+                answers = entry.serving.pop("answers")
+                report.setdefault("engine_answers", {})[entry.state] = [
+                    {"input": data.user_message(row, evaluator.task), "answer": a,
+                     "label": checks.label(row, evaluator.task)}
+                    for row, a in zip(evaluator.rows, answers)]
+            entry.cost_usd_per_mtok = serving.cost_entry(entry.serving)
+    if cfg.cost.teacher_usd_per_mtok and prototype.teacher is None:
+        api = journey.find(states, "teacher")
+        api.cost_usd_per_mtok = dict.fromkeys(("batch1", "throughput"), cfg.cost.teacher_usd_per_mtok)
+        api.serving["not_measured"] += "; its cost is the API's price, deploy.cost.teacher_usd_per_mtok"
+    return states
 
 
-def servable_form(entry: dict, last_student: bool, engine: "serving.Engine | None", upstream: dict[str, StageResult],
-                  bundle: Path, gguf_file: Path | None, teacher: dict) -> Path | str:
+@dataclass(frozen=True, kw_only=True)
+class ServableModels:
+    """Where the states' files are, as the stages made them."""
+
+    teacher: Path | None  # its weights; None: an HTTP teacher
+    teacher_gguf: str | None  # the GGUF file the teacher came as, if it did
+    student: Path  # the student after the last phase (the only one kept)
+    student_phase: str  # that phase
+    pruned: Path | None  # the chosen candidate's pruned model, if it was pruned
+    bundle: Path
+    gguf_file: Path | None  # the bundle's GGUF export; None: deploy.gguf is none
+
+
+def servable_form(entry: JourneyEntry, engine: "serving.Engine | None", models: ServableModels) -> Path | str:
     """What the engine serves for ``entry``: a GGUF file or a checkpoint directory (exported to f16 GGUF
     for llama.cpp), or the reason it serves nothing."""
     if engine is None:
         return "eval.serving.engine is none"
-    state, llama_cpp = entry["state"], engine.name == serving.LLAMA_CPP
+    state, llama_cpp = entry.state, engine.name == serving.LLAMA_CPP
     if state == "teacher":
-        return upstream["prototype"].path("teacher") if "teacher" in upstream["prototype"].files \
-            else "an HTTP teacher: no weights to serve here"
+        return models.teacher or "an HTTP teacher: no weights to serve here"
     if state == "teacher-gguf":
-        return Path(teacher["gguf_file"]) if llama_cpp else "a GGUF file: llama.cpp's, and this run's engine is vLLM"
+        return Path(models.teacher_gguf) if llama_cpp else "a GGUF file: llama.cpp's, and this run's engine is vLLM"
     if state == "student":
-        return upstream["distill"].path("student") if last_student else "only the last phase's student is kept"
+        return models.student if entry.phase == models.student_phase else "only the last phase's student is kept"
     if state == "pruned":
-        return upstream["compress"].path(f"pruned.{entry['pruning']}")
+        return models.pruned
     if state == "quantized":
         return "compressed-tensors: vLLM (GPU) only; on CPUs see deployed (GGUF)" if llama_cpp \
             else "the same checkpoint as deployed (measured there)"
     if llama_cpp:
-        return gguf_file or "deploy.gguf is none: no CPU artifact to serve"
-    return "a qlr bundle: vLLM serves its adapter only with --enable-lora" if (bundle / "adapter_config.json").exists() \
-        else bundle
+        return models.gguf_file or "deploy.gguf is none: no CPU artifact to serve"
+    return "a qlr bundle: vLLM serves its adapter only with --enable-lora" \
+        if (models.bundle / "adapter_config.json").exists() else models.bundle
 
 
 def export_for_serving(model_dir: Path, out_file: Path) -> Path:
@@ -180,13 +205,6 @@ def write_generation_config(bundle: Path) -> None:
     config.save_pretrained(bundle)
 
 
-def teacher_card(prototype: StageResult) -> dict:
-    """The teacher's source and license fields, as the prototype stage recorded them."""
-    if "teacher_card" not in prototype.files:
-        return {"source": "not recorded by the prototype stage"}
-    return json.loads(prototype.path("teacher_card").read_text())
-
-
 def export_gguf(source: Path, bundle: Path, cfg: DeployConfig, teacher: dict) -> Path:
     out = bundle / "gguf" / f"model-{cfg.gguf}.gguf"
     out.parent.mkdir()
@@ -194,20 +212,21 @@ def export_gguf(source: Path, bundle: Path, cfg: DeployConfig, teacher: dict) ->
     return gguf_export.export(source, out, cfg.gguf, name=cfg.model_name, license=teacher.get("license"))
 
 
-def smoke_gguf(gguf_file: Path, rows: list[dict], cfg: DeployConfig, ctx: StageContext, deployed: dict,
+def smoke_gguf(gguf_file: Path, rows: list[dict], cfg: DeployConfig, ctx: StageContext, deployed: JourneyEntry,
                report: dict) -> str:
     """The GGUF answers ``rows`` through llama.cpp's server by free greedy generation, checked by the task's
     validator (what a client that sends no grammar gets)."""
-    answers = serving.smoke(gguf_file, rows, ctx.task, cfg.max_new_tokens, ctx.eval.serving)
-    deployed["gguf_smoke_pass_rate"] = sum(checks.is_valid(a, ctx.task) for a in answers) / len(rows)
-    report["gguf_smoke"] = [{"input": data.user_message(row, ctx.task), "answer": a, "label": checks.label(row, ctx.task)}
+    task = ctx.evaluator.task
+    answers = serving.smoke(gguf_file, rows, task, cfg.max_new_tokens, ctx.evaluator.settings.serving)
+    deployed.gguf_smoke_pass_rate = sum(checks.is_valid(a, task) for a in answers) / len(rows)
+    report["gguf_smoke"] = [{"input": data.user_message(row, task), "answer": a, "label": checks.label(row, task)}
                             for row, a in zip(rows, answers)]
     return (f"GGUF {cfg.gguf} through llama.cpp (CPU, free generation): pass rate "
-            f"{deployed['gguf_smoke_pass_rate']:.2f} on {len(rows)} prompts")
+            f"{deployed.gguf_smoke_pass_rate:.2f} on {len(rows)} prompts")
 
 
-def student_line(distill: StageResult) -> str:
-    phases = [e["phase"] for e in distill.journey if e.get("phase")]
+def student_line(distill: DistillOutput) -> str:
+    phases = [e.phase for e in distill.journey if e.phase]
     return distill.summary.strip().replace("\n", " ") + (f" Phases: {', '.join(phases)}." if phases else "")
 
 

@@ -23,7 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import peft
@@ -36,16 +36,17 @@ from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 from trl.experimental.gkd import GKDConfig
 from trl.experimental.gold import GOLDConfig, GOLDTrainer
 
-from distilflow.configs.schema import (DistillConfig, EvalConfig, HttpTeacherConfig, LogitKDPhase, LoraAdapters,
-                                      ModelTrust, StudentConfig, TaskConfig, TrainingPhase)
+from distilflow.configs.schema import (DistillConfig, LogitKDPhase, LoraAdapters, ModelTrust, StudentConfig,
+                                      TaskConfig, TrainingPhase)
 from distilflow.tasks import checks, data, decoding, fresh_process, kd, prune, teacher_logits, vocab
-from distilflow.tasks.artifacts import StageResult, published
+from distilflow.tasks.artifacts import InArtifact, StageOutput, published
 from distilflow.tasks.context import StageContext
-from distilflow.tasks.data import TaskData
 from distilflow.tasks.errors import DistilflowError
-from distilflow.tasks.evaluate import Evaluation, evaluate_saved
+from distilflow.tasks.evaluate import Evaluation, Evaluator
+from distilflow.tasks.journey import JourneyEntry
 from distilflow.tasks.models import (compute_dtype, explained_load_errors, load_model, load_teacher,
                                     loading_safeguards, save_model, trust_summary)
+from distilflow.tasks.prototype import PrototypeOutput, ServedTeacher
 from distilflow.tasks.teachers import HttpTeacher, api_key
 from distilflow.tasks.tracking import FileTracker, TrackerCallback
 
@@ -56,17 +57,29 @@ INFLUENCE_SAMPLES = 16
 COUNT_TOKENS = {"include_num_input_tokens_seen": "non_padding"}
 
 
-def run(cfg: DistillConfig, upstream: dict[str, StageResult], ctx: StageContext) -> StageResult:
-    prototype, out = upstream["prototype"], ctx.out_dir
-    teacher_dir = prototype.path("teacher") if "teacher" in prototype.files else None
+@dataclass(kw_only=True)
+class DistillOutput(StageOutput):
+    """The trained student, and its row of the journey after each phase."""
+
+    student: InArtifact  # the model after the last phase, adapters merged
+    journey: list[JourneyEntry]  # state "student", one per phase, in order
+
+    @property
+    def last_phase(self) -> JourneyEntry:
+        """The student's row after the last phase: the model that ships on to compress."""
+        return self.journey[-1]
+
+
+def run(cfg: DistillConfig, prototype: PrototypeOutput, ctx: StageContext) -> DistillOutput:
+    out, teacher_dir = ctx.out_dir, prototype.teacher
     check_can_train(cfg, teacher_dir, ctx.device)
     # In memory: datasets would otherwise write its map caches into the upstream artifact.
-    dataset = load_from_disk(prototype.path("dataset"), keep_in_memory=True)
+    dataset = load_from_disk(prototype.dataset, keep_in_memory=True)
     model_dir, origin = initial_student(cfg.student, teacher_dir, dataset, ctx)
     served = None
     from_the_teacher = "logit_kd" in cfg.phases and cfg.logit_kd.teacher_logits != "choices"
     if from_the_teacher and teacher_dir is None:
-        served = served_teacher(prototype.path("teacher_endpoint"), cfg.logit_kd.top_k)
+        served = served_teacher(prototype.endpoint, cfg.logit_kd.top_k)
         teacher_logits.require_served_vocabulary(served, model_dir)
     elif from_the_teacher:
         cfg = with_logit_kd_loss_for_the_vocabularies(cfg, teacher_dir, model_dir, ctx)
@@ -80,21 +93,21 @@ def run(cfg: DistillConfig, upstream: dict[str, StageResult], ctx: StageContext)
         with ctx.tracker.child(phase) as tracker:
             tracker.set_tags({"distilflow.stage": "distill", "distilflow.phase": phase})
             phase_ctx = replace(ctx, checkpoint_dir=ctx.checkpoint_dir / phase, tracker=tracker)
-            model_dir = trained(phase, model_dir, prototype.path("dataset"), dataset, teacher_dir, cfg, phase_ctx,
+            model_dir = trained(phase, model_dir, prototype.dataset, dataset, teacher_dir, cfg, phase_ctx,
                                 served=served)
             evaluation = evaluated(model_dir, phase_ctx, desc=f"student eval ({phase})")
             tracker.log_metrics({f"student.{k}": v for k, v in evaluation.metrics.items()})
         (out / f"student_eval_{phase}.json").write_text(json.dumps(evaluation.report(), indent=1))
         ctx.tracker.log_artifact(out / f"student_eval_{phase}.json")
         metrics.update({f"{phase}.{k}": v for k, v in evaluation.metrics.items()})
-        journey.append({**evaluation.journey_entry("student"), "phase": phase})
+        journey.append(evaluation.journey_entry("student", phase=phase))
 
     shutil.copytree(model_dir, out / "student")
     metrics.update({f"student.{k}": v for k, v in evaluation.metrics.items()})
     ctx.tracker.log_metrics(metrics)
-    scores = ", ".join(f"{e['phase']} {e['task_score']:.3f}" for e in journey)
-    return StageResult(stage="distill", files={"student": "student"}, journey=journey,
-                       summary=f"Student: {origin}; task score after {scores}\n")
+    scores = ", ".join(f"{e.phase} {e.task_score:.3f}" for e in journey)
+    return DistillOutput(student=out / "student", journey=journey,
+                         summary=f"Student: {origin}; task score after {scores}\n")
 
 
 def check_can_train(cfg: DistillConfig, teacher_dir: Path | None, device: torch.device) -> None:
@@ -114,10 +127,9 @@ def check_can_train(cfg: DistillConfig, teacher_dir: Path | None, device: torch.
                               "top-k prompt log-probs, cached once)")
 
 
-def served_teacher(endpoint_file: Path, top_k: int) -> HttpTeacher:
+def served_teacher(endpoint: ServedTeacher, top_k: int) -> HttpTeacher:
     """The prototype's HTTP teacher, connected again for its prompt log-probs (the key from the environment)."""
-    cfg = HttpTeacherConfig.model_validate(json.loads(endpoint_file.read_text())["teacher"])
-    teacher = HttpTeacher.connect(cfg, api_key(cfg, os.environ), "prototype.teacher")
+    teacher = HttpTeacher.connect(endpoint.config, api_key(endpoint.config, os.environ), "prototype.teacher")
     teacher.require_prompt_logprobs(top_k)
     return teacher
 
@@ -219,7 +231,7 @@ def trimmed(model, tokenizer, origin: str, dataset: Dataset, cfg: StudentConfig,
     """The student with only the tokens of the distillation set, the chat template and the labels."""
     full_size = model.config.get_text_config().vocab_size
     model, tokenizer, kept = vocab.trim(model, tokenizer, vocab.task_texts(tokenizer, dataset),
-                                        vocab.required_texts(tokenizer, ctx.task), cfg.vocabulary_size)
+                                        vocab.required_texts(tokenizer, ctx.evaluator.task), cfg.vocabulary_size)
     ctx.tracker.log_metrics({"student.vocabulary_size": len(kept), "student.vocabulary_size_before": full_size})
     log.info("student vocabulary trimmed to %d of %d tokens", len(kept), full_size)
     return model, tokenizer, f"{origin}, vocabulary trimmed to {len(kept)} of {full_size} tokens"
@@ -271,11 +283,11 @@ def teacher_sources(phase: str, start: str | Path, dataset: Dataset, teacher_dir
     ctx.tracker.log_metrics(cache.metrics)
     ctx.tracker.set_tags({"distilflow.teacher_logits": str(cache.directory)})
     if ids is None:
-        return {"logits_file": str(cache.path("logits"))}
+        return {"logits_file": str(cache.logits)}
     # A trimmed student: the teacher's cache (shared with any student of the same tokenization) in its ids.
     ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     in_student_ids = ctx.checkpoint_dir / teacher_logits.FILE
-    save_file(teacher_logits.in_student_ids(load_file(cache.path("logits")), ids), in_student_ids)
+    save_file(teacher_logits.in_student_ids(load_file(cache.logits), ids), in_student_ids)
     return {"logits_file": str(in_student_ids)}
 
 
@@ -492,7 +504,7 @@ def grpo(student, tokenizer, dataset: Dataset, cfg: DistillConfig, ctx: StageCon
     """
     settings = cfg.grpo
     stop_at_turn_end(student, tokenizer)
-    rewards = [task_check_reward(ctx.task)]
+    rewards = [task_check_reward(ctx.evaluator.task)]
     if settings.teacher_agreement_bonus:
         rewards.append(teacher_agreement)
     args = training_args(GRPOConfig, settings, ctx,
@@ -541,7 +553,7 @@ def evaluated(model_dir: Path, ctx: StageContext, desc: str) -> Evaluation:
     saved = ctx.checkpoint_dir / "evaluation.json"
     if saved.is_file():
         return Evaluation(**json.loads(saved.read_text()))
-    evaluation = evaluate_saved(model_dir, ctx.examples.eval, ctx.task, ctx.eval, ctx.device, desc=desc)
+    evaluation = ctx.evaluator.saved(model_dir, desc=desc)
     saved.write_text(json.dumps(asdict(evaluation)))
     return evaluation
 
@@ -556,7 +568,7 @@ def launch(phase: str, start: str | Path, out_dir: Path, dataset_dir: Path, sour
     metrics.unlink(missing_ok=True)
     request = {
         "phase": phase, "start": str(start), "out_dir": str(out_dir), "dataset_dir": str(dataset_dir),
-        "sources": sources, "distill": cfg.model_dump(mode="json"), "task": ctx.task.model_dump(mode="json"),
+        "sources": sources, "distill": cfg.model_dump(mode="json"), "evaluator": ctx.evaluator.request(),
         "seed": ctx.seed, "device": ctx.device.type, "checkpoint_dir": str(ctx.checkpoint_dir),
         "workdir": str(ctx.workdir), "metrics": str(metrics)}
     launcher = accelerate_launch(cfg, ctx.device)
@@ -601,7 +613,7 @@ def _worker(request: dict) -> None:
     ctx = StageContext(
         workdir=Path(request["workdir"]), out_dir=Path(request["out_dir"]),
         checkpoint_dir=Path(request["checkpoint_dir"]), device=device, seed=request["seed"],
-        task=TaskConfig.model_validate(request["task"]), examples=TaskData(train=[], eval=[]), eval=EvalConfig(),
+        evaluator=replace(Evaluator.from_request(request["evaluator"]), device=device),
         tracker=FileTracker(Path(request["metrics"])))
     train_phase(request["phase"], request["start"], Path(request["out_dir"]),
                 load_from_disk(request["dataset_dir"], keep_in_memory=True), request["sources"],

@@ -9,12 +9,11 @@ from pathlib import Path
 import torch
 
 from distilflow.configs.schema import EvalConfig, TaskConfig
-from distilflow.tasks import checks, data, decoding, fresh_process
+from distilflow.tasks import checks, data, decoding, fresh_process, journey
 from distilflow.tasks.errors import DistilflowError
+from distilflow.tasks.journey import JourneyEntry
 from distilflow.tasks.models import load_model, parameter_count, resolve_device, size_on_disk
 
-JOURNEY_FIELDS = ("task_score", "task_score_ci", "perplexity", "size_bytes", "params", "bits_per_param",
-                  "tokens_per_s")
 CONFIDENCE = 0.95
 Z_95 = 1.959963984540054  # the standard normal's 97.5th percentile
 BOOTSTRAP_RESAMPLES = 2000
@@ -33,10 +32,10 @@ class Evaluation:
         self.metrics["bits_per_param"] = 8 * size_bytes / self.metrics["params"]
         return self
 
-    def journey_entry(self, state: str) -> dict:
+    def journey_entry(self, state: str, **details) -> JourneyEntry:
         """The state's row of the journey; a field this model cannot be measured by (a black-box
         teacher has no weights to size) is None."""
-        return {"state": state, **{k: self.metrics.get(k) for k in JOURNEY_FIELDS}}
+        return JourneyEntry(state, **{k: self.metrics.get(k) for k in journey.FIELDS}, **details)
 
     def report(self) -> dict:
         return {"metrics": self.metrics, "per_class_accuracy": self.per_class, "predictions": self.predictions,
@@ -136,46 +135,68 @@ def bootstrap_interval(scores: list[float], resamples: int = BOOTSTRAP_RESAMPLES
     return [low, high]
 
 
-def evaluate_saved(model_dir: Path, rows: list[dict], task: TaskConfig, cfg: EvalConfig, device, *,
-                   smoke_prompts: int = 0, max_new_tokens: int = 16, desc: str = "evaluating") -> Evaluation:
-    """Load ``model_dir`` the way a user would (plain ``from_pretrained``) and evaluate it.
-
-    With ``smoke_prompts``, also answer that many held-out prompts by free greedy generation (what a
-    server without guided decoding returns) and record how many pass the task's check, and latency.
+@dataclass(frozen=True)
+class Evaluator:
+    """The one evaluator, bound once per run: the task's held-out ``rows``, scored by the task's check with the
+    ``settings`` (eval), on the run's ``device``. Every stage measures its models with it, so their numbers compare.
     """
-    model, tokenizer = load_model(model_dir, device)
-    evaluation = evaluate(model, tokenizer, rows, task, cfg, desc=desc).add_size(size_on_disk(model_dir))
-    if smoke_prompts:
-        sample = rows[:smoke_prompts]
-        start = time.perf_counter()
-        answers = decoding.generate(model, tokenizer, Prompting().prompts(tokenizer, sample, task),
-                                    max_new_tokens=max_new_tokens, batch_size=1)
-        evaluation.metrics["smoke_latency_s"] = (time.perf_counter() - start) / len(sample)
-        evaluation.metrics["smoke_pass_rate"] = sum(checks.is_valid(a, task) for a in answers) / len(sample)
-        evaluation.smoke = [{"input": task.template.format(**row), "answer": a, "label": checks.label(row, task)}
-                            for row, a in zip(sample, answers)]
-    return evaluation
 
+    task: TaskConfig
+    rows: list[dict]
+    settings: EvalConfig
+    device: torch.device
 
-def evaluate_in_fresh_process(model_dir: Path, rows: list[dict], task: TaskConfig, cfg: EvalConfig, device, *,
-                              smoke_prompts: int = 0, max_new_tokens: int = 16,
-                              timeout_s: int = 1800) -> Evaluation:
-    """``evaluate_saved`` in a new Python process: proves the files on disk, not objects in memory."""
-    request = {"model_dir": str(model_dir), "device": str(device), "rows": rows, "task": task.model_dump(mode="json"),
-               "eval": cfg.model_dump(mode="json"), "smoke_prompts": smoke_prompts, "max_new_tokens": max_new_tokens}
-    try:
-        answer = fresh_process.call("distilflow.tasks.evaluate", request, timeout_s=timeout_s)
-    except subprocess.CalledProcessError as err:
-        raise DistilflowError(f"{model_dir}: failed to load or answer in a fresh process:\n"
-                              f"{err.stderr[-3000:]}") from None
-    return Evaluation(**answer)
+    def model(self, model, tokenizer, *, prompting: Prompting = Prompting(), desc: str = "evaluating") -> Evaluation:
+        """A model in memory; its size comes from its saved files (``Evaluation.add_size``)."""
+        return evaluate(model, tokenizer, self.rows, self.task, self.settings, prompting=prompting, desc=desc)
+
+    def saved(self, model_dir: Path, *, smoke_prompts: int = 0, max_new_tokens: int = 16,
+              desc: str = "evaluating") -> Evaluation:
+        """Load ``model_dir`` the way a user would (plain ``from_pretrained``) and evaluate it.
+
+        With ``smoke_prompts``, also answer that many held-out prompts by free greedy generation (what a
+        server without guided decoding returns) and record how many pass the task's check, and latency.
+        """
+        model, tokenizer = load_model(model_dir, self.device)
+        evaluation = self.model(model, tokenizer, desc=desc).add_size(size_on_disk(model_dir))
+        if smoke_prompts:
+            sample = self.rows[:smoke_prompts]
+            start = time.perf_counter()
+            answers = decoding.generate(model, tokenizer, Prompting().prompts(tokenizer, sample, self.task),
+                                        max_new_tokens=max_new_tokens, batch_size=1)
+            evaluation.metrics["smoke_latency_s"] = (time.perf_counter() - start) / len(sample)
+            evaluation.metrics["smoke_pass_rate"] = sum(checks.is_valid(a, self.task) for a in answers) / len(sample)
+            evaluation.smoke = [{"input": self.task.template.format(**row), "answer": a,
+                                 "label": checks.label(row, self.task)} for row, a in zip(sample, answers)]
+        return evaluation
+
+    def in_fresh_process(self, model_dir: Path, *, smoke_prompts: int = 0, max_new_tokens: int = 16,
+                         timeout_s: int = 1800) -> Evaluation:
+        """``saved`` in a new Python process: proves the files on disk, not objects in memory."""
+        request = {"evaluator": self.request(), "model_dir": str(model_dir), "smoke_prompts": smoke_prompts,
+                   "max_new_tokens": max_new_tokens}
+        try:
+            answer = fresh_process.call("distilflow.tasks.evaluate", request, timeout_s=timeout_s)
+        except subprocess.CalledProcessError as err:
+            raise DistilflowError(f"{model_dir}: failed to load or answer in a fresh process:\n"
+                                  f"{err.stderr[-3000:]}") from None
+        return Evaluation(**answer)
+
+    def request(self) -> dict:
+        """The evaluator as JSON, for another process (``from_request``)."""
+        return {"task": self.task.model_dump(mode="json"), "rows": self.rows,
+                "eval": self.settings.model_dump(mode="json"), "device": str(self.device)}
+
+    @classmethod
+    def from_request(cls, request: dict) -> "Evaluator":
+        return cls(TaskConfig.model_validate(request["task"]), request["rows"],
+                   EvalConfig.model_validate(request["eval"]), resolve_device(request["device"].split(":")[0]))
 
 
 def _evaluate_request(request: dict) -> dict:
-    evaluation = evaluate_saved(
-        Path(request["model_dir"]), request["rows"], TaskConfig.model_validate(request["task"]),
-        EvalConfig.model_validate(request["eval"]), resolve_device(request["device"].split(":")[0]),
-        smoke_prompts=request["smoke_prompts"], max_new_tokens=request["max_new_tokens"])
+    evaluator = Evaluator.from_request(request["evaluator"])
+    evaluation = evaluator.saved(Path(request["model_dir"]), smoke_prompts=request["smoke_prompts"],
+                                 max_new_tokens=request["max_new_tokens"])
     return asdict(evaluation)
 
 
@@ -220,68 +241,6 @@ def generation_speed(model, tokenizer, prompt: str, new_tokens: int) -> dict[str
     first = timed(1)
     total = timed(new_tokens)
     return {"tokens_per_s": new_tokens / total, "ttft_s": first}
-
-
-def journey_table(journey: list[dict]) -> str:
-    """The journey as markdown tables (they read as plain text in a terminal too): what the evaluator
-    measured of each state, then how each state serves (where any was served).
-
-    Entries may carry a ``phase`` (e.g. the student after each training phase); it is shown beside the state.
-    """
-    bar = next((e["task_score"] for e in journey if e["state"] == "teacher"), None)
-    lines = ["| state | task score | 95% CI | retention | perplexity | size (MB) | params (M) | bits/param |",
-             "|---|---|---|---|---|---|---|---|"]
-    for e in journey:
-        if e["task_score"] is None:
-            continue  # a served artifact only (the teacher's own GGUF file): in the serving table
-        retention = e["task_score"] / bar if bar else None
-        cells = [_cell(e["task_score"], ".3f"), _interval(e.get("task_score_ci")), _cell(retention, ".2f"),
-                 _cell(e["perplexity"], ".1f"),
-                 _cell(e["size_bytes"], ".1f", scale=1e-6), _cell(e["params"], ".1f", scale=1e-6),
-                 _cell(e["bits_per_param"], ".2f")]
-        lines.append(f"| {_state(e)} | {' | '.join(cells)} |")
-    if any(e.get("serving") or e.get("cost_usd_per_mtok") for e in journey):
-        lines += ["", serving_table(journey)]
-    return "\n".join(lines)
-
-
-def serving_table(journey: list[dict]) -> str:
-    """Each state as its serving engine served it: speed, latency, memory, engine task score and cost."""
-    concurrency = next((e["serving"]["concurrency"] for e in journey if (e.get("serving") or {}).get("concurrency")),
-                       "N")
-    lines = [f"| state | engine | artifact | size (MB) | tokens/s batch 1 | TTFT (s) | latency p50 / p95 (s) | "
-             f"tokens/s at {concurrency} | peak memory (MB) | engine task score | $/1M tokens batch 1 | "
-             f"$/1M tokens at {concurrency} |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for e in journey:
-        served, cost = e.get("serving") or {}, e.get("cost_usd_per_mtok") or {}
-        if served.get("not_measured"):
-            price = f" | {_cell(cost.get('batch1'), '.3g')} | {_cell(cost.get('throughput'), '.3g')}" if any(cost.values()) \
-                else " | – | –"
-            lines.append(f"| {_state(e)} | {served.get('engine') or '–'} | not served: {served['not_measured']} | "
-                         f"– | – | – | – | – | – | –{price} |")
-            continue
-        latency = f"{_cell(served.get('latency_p50_s'), '.3f')} / {_cell(served.get('latency_p95_s'), '.3f')}"
-        cells = [served.get("engine") or "–", served.get("artifact") or "–",
-                 _cell(served.get("artifact_bytes"), ".1f", scale=1e-6), _cell(served.get("batch1_tokens_per_s"), ".1f"),
-                 _cell(served.get("ttft_s"), ".3f"), latency, _cell(served.get("throughput_tokens_per_s"), ".1f"),
-                 _cell(served.get("peak_memory_mb"), ".0f"), _cell(served.get("task_score"), ".3f"),
-                 _cell(cost.get("batch1"), ".3g"), _cell(cost.get("throughput"), ".3g")]
-        lines.append(f"| {_state(e)} | {' | '.join(cells)} |")
-    return "\n".join(lines)
-
-
-def _state(entry: dict) -> str:
-    return f"{entry['state']} ({entry['phase']})" if entry.get("phase") else entry["state"]
-
-
-def _interval(bounds: list[float] | None) -> str:
-    return "–" if bounds is None else f"{bounds[0]:.3f}–{bounds[1]:.3f}"
-
-
-def _cell(value, spec: str, scale: float = 1.0) -> str:
-    """A number in the table; "–" where the state has none (e.g. the size of a black-box teacher)."""
-    return "–" if value is None else format(value * scale, spec)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from distilflow.configs.schema import DeployConfig, HttpTeacherConfig, ServingConfig, TaskConfig, TeacherConfig
 from distilflow.tasks import data
-from distilflow.tasks.evaluate import journey_table
+from distilflow.tasks.journey import JourneyEntry, table
 from distilflow.tasks.models import gguf_package_file
 
 LLAMA_CPP_PORT = 8080  # llama-server's default
@@ -33,9 +33,9 @@ def context_length(model_dir: Path, cfg: DeployConfig) -> int:
     return cfg.serve.max_model_len or checkpoint_config(model_dir)["max_position_embeddings"]
 
 
-def compression_line(model_dir: Path, compress_journey: list[dict]) -> str:
+def compression_line(model_dir: Path, compress_journey: list[JourneyEntry]) -> str:
     """What the compress stage did, and the checkpoint's quantization as its config.json states it."""
-    done = "; ".join(e["scheme"] for e in compress_journey if e.get("scheme"))
+    done = "; ".join(e.scheme for e in compress_journey if e.scheme)
     quantization = checkpoint_config(model_dir).get("quantization_config")
     if not quantization:
         return done or "none (bf16 weights)"
@@ -197,25 +197,25 @@ def _package_license(package: str) -> str | None:
 
 # --- the model card --------------------------------------------------------------------------------
 
-def journey_chart(journey: list[dict], path: Path) -> Path:
+def journey_chart(journey: list[JourneyEntry], path: Path) -> Path:
     """Task score and size of every model state, side by side (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    journey = [e for e in journey if e["task_score"] is not None]  # not the served-only entries
-    labels = [f"{e['state']}\n({e['phase']})" if e.get("phase") else e["state"] for e in journey]
+    journey = [e for e in journey if e.task_score is not None]  # not the served-only entries
+    labels = [f"{e.state}\n({e.phase})" if e.phase else e.state for e in journey]
     figure, (score, size) = plt.subplots(1, 2, figsize=(10, 3.6))
     for axis, key, scale, fmt, color, title in (
             (score, "task_score", 1, "{:.2f}", "#4c72b0", "task score (held-out)"),
             (size, "size_bytes", 1e6, "{:.3g}", "#dd8452", "size on disk (MB)")):
         # A black-box (HTTP) teacher has a score but no size: its bar is left out, its label stays.
-        values = [e[key] / scale if e.get(key) is not None else 0.0 for e in journey]
+        values = [getattr(e, key) / scale if getattr(e, key) is not None else 0.0 for e in journey]
         axis.bar(labels, values, color=color)
         axis.set(title=title)
         for x, e in enumerate(journey):
-            axis.annotate(fmt.format(values[x]) if e.get(key) is not None else "n/a", (x, values[x]),
+            axis.annotate(fmt.format(values[x]) if getattr(e, key) is not None else "n/a", (x, values[x]),
                           ha="center", va="bottom", fontsize=8)
         axis.tick_params(axis="x", labelsize=8)
     score.set(ylim=(0, 1))
@@ -225,12 +225,12 @@ def journey_chart(journey: list[dict], path: Path) -> Path:
     return path
 
 
-def cost_chart(journey: list[dict], path: Path) -> Path | None:
+def cost_chart(journey: list[JourneyEntry], path: Path) -> Path | None:
     """Task score against dollars per million output tokens, at batch 1 and at the measured throughput,
     for every state with a cost (PNG); None when no state has one. The score is the serving engine's where
     the state was served, else the HF evaluator's."""
-    points = [(e, kind, e["cost_usd_per_mtok"][kind]) for e in journey for kind in ("batch1", "throughput")
-              if (e.get("cost_usd_per_mtok") or {}).get(kind)]
+    points = [(e, kind, e.cost_usd_per_mtok[kind]) for e in journey for kind in ("batch1", "throughput")
+              if (e.cost_usd_per_mtok or {}).get(kind)]
     if not points:
         return None
     import matplotlib
@@ -238,17 +238,16 @@ def cost_chart(journey: list[dict], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    concurrency = next((e["serving"]["concurrency"] for e, _, _ in points if (e.get("serving") or {}).get("concurrency")),
-                       "N")
+    concurrency = next((e.serving["concurrency"] for e, _, _ in points if (e.serving or {}).get("concurrency")), "N")
     figure, axis = plt.subplots(figsize=(7.5, 4.5))
     for entry, kind, cost in points:
-        score = (entry.get("serving") or {}).get("task_score")
-        score = entry.get("task_score") if score is None else score
+        score = (entry.serving or {}).get("task_score")
+        score = entry.task_score if score is None else score
         if score is None:
             continue
         axis.scatter(cost, score, marker="o" if kind == "batch1" else "s",
                      facecolors="none" if kind == "batch1" else "#4c72b0", edgecolors="#4c72b0", s=50)
-        axis.annotate(state_label(entry), (cost, score), fontsize=8, textcoords="offset points",
+        axis.annotate(entry.label, (cost, score), fontsize=8, textcoords="offset points",
                       xytext=(4, 4) if kind == "batch1" else (4, -11))  # the two points of a state stay apart
     axis.scatter([], [], marker="o", facecolors="none", edgecolors="#4c72b0", label="batch 1")
     axis.scatter([], [], marker="s", color="#4c72b0", label=f"{concurrency} requests in flight")
@@ -261,12 +260,8 @@ def cost_chart(journey: list[dict], path: Path) -> Path | None:
     return path
 
 
-def state_label(entry: dict) -> str:
-    return f"{entry['state']} ({entry['phase']})" if entry.get("phase") else entry["state"]
-
-
 def model_card(*, cfg: DeployConfig, task: TaskConfig, teacher: dict, student_summary: str, compression: str,
-               journey: list[dict], exports: list[str], smoke: list[str], vllm_command: str,
+               journey: list[JourneyEntry], exports: list[str], smoke: list[str], vllm_command: str,
                gguf_file: str | None, data_card: str, cost_chart: bool = False,
                serving: ServingConfig = ServingConfig()) -> str:
     """README.md of the bundle: what the model is, how well it does, how to serve it, where not to use it."""
@@ -305,7 +300,7 @@ intervals overlap may not truly differ. Retention is the task score over the tea
 is each state served by a real server, as a client sees it.
 {serving_note(serving)}
 
-{journey_table(journey)}
+{table(journey)}
 
 ![task score and size of each state](journey.png)
 {"" if not cost_chart else chr(10) + "![task score against serving cost](cost.png)" + chr(10)}

@@ -5,28 +5,55 @@ import json
 import math
 import statistics
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from distilflow.configs.schema import ModelTrust, PrototypeConfig, TaskConfig
+from distilflow.configs.schema import HttpTeacherConfig, ModelTrust, PrototypeConfig, TaskConfig
 from distilflow.tasks import checks, data, decoding, package
-from distilflow.tasks.artifacts import StageResult
+from distilflow.tasks.artifacts import InArtifact, StageOutput
 from distilflow.tasks.context import StageContext
 from distilflow.tasks.data import TaskData
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.evaluate import Evaluation, Prompting, task_score
+from distilflow.tasks.journey import JourneyEntry
 from distilflow.tasks.judge import judge_filter, judge_scores
 from distilflow.tasks.models import save_model, size_on_disk
 from distilflow.tasks.teachers import FREE_TEXT, GUIDED_CHOICE, LOG_LIKELIHOOD, open_teacher
 
 
-def run(cfg: PrototypeConfig, upstream: dict[str, StageResult], ctx: StageContext) -> StageResult:
-    task, out, inputs = ctx.task, ctx.out_dir, ctx.examples.train
-    data.check_few_shot_pool(ctx.examples, task, cfg)
+@dataclass(kw_only=True)
+class ServedTeacher:
+    """The prototype's HTTP teacher: its config, and what its server reported about the model it serves (logit KD
+    asks it again, for its prompt log-probs)."""
+
+    config: HttpTeacherConfig
+    served: dict
+
+
+@dataclass(kw_only=True)
+class PrototypeOutput(StageOutput):
+    """The distillation set and the bar every later model is measured against."""
+
+    dataset: InArtifact  # a `datasets` Arrow dir in TRL's prompt-completion chat form (``write_dataset``)
+    dataset_jsonl: InArtifact  # the same rows as JSON lines
+    data_card: InArtifact
+    teacher_eval: InArtifact  # the teacher's evaluation report on the held-out split
+    few_shot: tuple[dict, ...]  # the examples the teacher answered with
+    teacher: InArtifact | None  # its weights; None for a black-box (HTTP) teacher
+    endpoint: ServedTeacher | None  # a black-box teacher's endpoint; None for a local one
+    teacher_card: dict  # where the teacher came from and its license fields (``package.teacher_card``)
+    baseline: JourneyEntry  # the teacher's row of the journey
+
+
+def run(cfg: PrototypeConfig, ctx: StageContext) -> PrototypeOutput:
+    task, out = ctx.evaluator.task, ctx.out_dir
+    examples = data.load_task_data(task, ctx.seed)
+    inputs = examples.train
     teacher = open_teacher(cfg.teacher, ctx.device)
-    prompting, shot_scores = choose_prompting(teacher, cfg, ctx)
+    prompting, shot_scores = choose_prompting(teacher, cfg, examples.pool, task, ctx.seed)
     answers, distributions = teacher_answers(teacher, inputs, task, prompting, cfg, ctx.seed)
     kept, rejected = rejection_sample(inputs, answers, task, min_score=cfg.min_score, min_agreement=cfg.min_agreement,
                                       min_confidence=cfg.min_confidence, distributions=distributions)
@@ -46,25 +73,24 @@ def run(cfg: PrototypeConfig, upstream: dict[str, StageResult], ctx: StageContex
             "more (prototype.num_samples, prototype.temperature)")
     write_dataset(kept, task, teacher.name, cfg, out / "dataset", out / "dataset.jsonl", shots=prompting.shots)
 
-    baseline = teacher.evaluate(ctx.examples.eval, task, ctx.eval, prompting)
-    files = {"dataset": "dataset", "dataset_jsonl": "dataset.jsonl", "data_card": "data_card.md",
-             "teacher_eval": "teacher_eval.json", "teacher_card": "teacher_card.json"}
+    baseline = teacher.evaluate(ctx.evaluator, prompting)
+    endpoint = None
     if not teacher.black_box:  # a black-box teacher has no weights to save: pruning and online KD need them
         save_model(teacher.model, teacher.tokenizer, out / "teacher")
         baseline.add_size(size_on_disk(out / "teacher"))
-        files["teacher"] = "teacher"
     else:  # where offline logit KD asks for the served teacher's log-probs
+        endpoint = ServedTeacher(config=cfg.teacher, served=teacher.served)
         (out / "teacher_endpoint.json").write_text(json.dumps(
             {"teacher": cfg.teacher.model_dump(mode="json"), "served": teacher.served}, indent=1))
-        files["teacher_endpoint"] = "teacher_endpoint.json"
     (out / "teacher_eval.json").write_text(json.dumps(baseline.report(), indent=1))
     (out / "few_shot.json").write_text(json.dumps(list(prompting.shots), indent=1))
-    card = data_card(kept, rejected, ctx.examples, cfg, task, teacher) + "\n" + baseline_card(baseline, task)
+    card = data_card(kept, rejected, examples, cfg, task, teacher) + "\n" + baseline_card(baseline, task)
     (out / "data_card.md").write_text(card)
-    (out / "teacher_card.json").write_text(json.dumps(package.teacher_card(cfg.teacher), indent=1))
+    teacher_card = package.teacher_card(cfg.teacher)
+    (out / "teacher_card.json").write_text(json.dumps(teacher_card, indent=1))
 
     metrics = {"kept": len(kept), "rejected": sum(rejected.values()), "teacher.black_box": float(teacher.black_box),
-               "data.duplicates_removed": ctx.examples.duplicates, "data.few_shot_pool": len(ctx.examples.pool),
+               "data.duplicates_removed": examples.duplicates, "data.few_shot_pool": len(examples.pool),
                **shot_scores, **{f"rejected.{reason}": n for reason, n in rejected.items()},
                **answer_length_metrics(kept),
                **{f"teacher.{k}": v for k, v in baseline.metrics.items() if v is not None}}
@@ -74,8 +100,11 @@ def run(cfg: PrototypeConfig, upstream: dict[str, StageResult], ctx: StageContex
                           **loading_tags(cfg)})
     for name in ("data_card.md", "dataset.jsonl", "teacher_eval.json"):
         ctx.tracker.log_artifact(out / name)
-    return StageResult(stage="prototype", files=files,
-                       journey=[baseline.journey_entry("teacher")], summary=card)
+    return PrototypeOutput(
+        dataset=out / "dataset", dataset_jsonl=out / "dataset.jsonl", data_card=out / "data_card.md",
+        teacher_eval=out / "teacher_eval.json", few_shot=prompting.shots,
+        teacher=None if teacher.black_box else out / "teacher", endpoint=endpoint, teacher_card=teacher_card,
+        baseline=baseline.journey_entry("teacher"), summary=card)
 
 
 def loading_tags(cfg: PrototypeConfig) -> dict[str, str]:
@@ -86,7 +115,8 @@ def loading_tags(cfg: PrototypeConfig) -> dict[str, str]:
             for choice in ("allow_pickle", "trust_remote_code")}
 
 
-def choose_prompting(teacher, cfg: PrototypeConfig, ctx: StageContext) -> tuple[Prompting, dict]:
+def choose_prompting(teacher, cfg: PrototypeConfig, pool: list[dict], task: TaskConfig,
+                     seed: int) -> tuple[Prompting, dict]:
     """The few-shot set the teacher answers best with, among ``cfg.shot_candidates`` seeded draws.
 
     A small teacher's score swings with its examples (0.53 to 0.73 across four draws for the
@@ -94,9 +124,8 @@ def choose_prompting(teacher, cfg: PrototypeConfig, ctx: StageContext) -> tuple[
     split) that are not among their own shots. Calibration needs the teacher's log-likelihoods:
     a served teacher that chooses by its guided choice is never calibrated.
     """
-    task, pool = ctx.task, ctx.examples.pool
     calibrate = cfg.calibrate and teacher.choice_method == LOG_LIKELIHOOD
-    candidates = [Prompting(tuple(data.few_shot_examples(pool, task, cfg.few_shot, ctx.seed + i)), calibrate)
+    candidates = [Prompting(tuple(data.few_shot_examples(pool, task, cfg.few_shot, seed + i)), calibrate)
                   for i in range(cfg.shot_candidates)]
     if len(candidates) == 1:
         return candidates[0], {}

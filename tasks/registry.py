@@ -7,14 +7,15 @@ version gets `candidate` only. MLflow client calls only, so this imports without
 """
 
 import hashlib
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from distilflow.configs.schema import GateConfig, PipelineConfig
+from distilflow.tasks import journey
 from distilflow.tasks.artifacts import manifest_digest
 from distilflow.tasks.errors import DistilflowError
+from distilflow.tasks.journey import JourneyEntry
 
 CHAMPION, PREVIOUS, CANDIDATE = "champion", "previous", "candidate"
 SCORE_TAG = "journey.deployed.task_score"
@@ -76,29 +77,28 @@ class Release:
         return {**asdict(self), "passed": self.passed}
 
 
-def gate_checks(gate: GateConfig, journey: list[dict], champion_score: float | None) -> list[Check]:
+def gate_checks(gate: GateConfig, states: list[JourneyEntry], champion_score: float | None) -> list[Check]:
     """The configured checks of ``gate`` on the journey's `deployed` entry (``None`` limits are skipped).
 
     ``champion_score`` is the current champion's task score (``None``: no champion to compare with).
     """
-    deployed = next(e for e in journey if e["state"] == "deployed")
-    teacher = next((e for e in journey if e["state"] == "teacher"), None)
-    score = deployed["task_score"]
+    deployed, teacher = journey.find(states, "deployed"), journey.find(states, "teacher")
+    score = deployed.task_score
     checks = []
     if gate.min_task_score is not None:
         checks.append(_at_least("deploy.gate.min_task_score", "task score", score, gate.min_task_score))
     if gate.min_retention is not None:
-        if teacher and teacher["task_score"] > 0:
-            checks.append(_at_least("deploy.gate.min_retention", "retention", score / teacher["task_score"],
+        if teacher and teacher.task_score > 0:
+            checks.append(_at_least("deploy.gate.min_retention", "retention", score / teacher.task_score,
                                     gate.min_retention))
         else:
             checks.append(Check("deploy.gate.min_retention", False, "no teacher score above 0 to retain"))
     if gate.max_size_mb is not None:
-        checks.append(_at_most("deploy.gate.max_size_mb", "size (MB)", deployed["size_bytes"] / 1e6, gate.max_size_mb))
+        checks.append(_at_most("deploy.gate.max_size_mb", "size (MB)", deployed.size_bytes / 1e6, gate.max_size_mb))
     if gate.max_latency_s is not None:
-        checks.append(_at_most("deploy.gate.max_latency_s", "smoke-test latency (s)", deployed["smoke_latency_s"],
+        checks.append(_at_most("deploy.gate.max_latency_s", "smoke-test latency (s)", deployed.smoke_latency_s,
                                gate.max_latency_s))
-    engine_score = (deployed.get("serving") or {}).get("task_score")
+    engine_score = (deployed.serving or {}).get("task_score")
     if gate.max_engine_gap is not None and engine_score is not None:
         checks.append(engine_parity(gate.max_engine_gap, deployed))
     if gate.max_regression is not None and champion_score is not None:
@@ -106,24 +106,24 @@ def gate_checks(gate: GateConfig, journey: list[dict], champion_score: float | N
     return checks
 
 
-def engine_parity(max_gap: float | str, deployed: dict) -> Check:
+def engine_parity(max_gap: float | str, deployed: JourneyEntry) -> Check:
     """The deployed artifact's task score in its serving engine against the HF evaluator's. ``auto``
     allows 2 held-out items or 0.02, whichever is larger."""
-    served = deployed["serving"]
-    gap = abs(served["task_score"] - deployed["task_score"])
+    served = deployed.serving
+    gap = abs(served["task_score"] - deployed.task_score)
     limit = max(2 / served["task_requests"], 0.02) if max_gap == "auto" else max_gap
     passed = gap <= limit or math.isclose(gap, limit)  # scores are k/n: 0.925 - 0.9 is a hair above 0.025
     return Check("deploy.gate.max_engine_gap", passed,
                  f"task score {served['task_score']:.3f} in {served['engine']} ({served['artifact']}) vs "
-                 f"{deployed['task_score']:.3f} in the HF evaluator: gap {gap:.3f} {'<=' if passed else '>'} "
+                 f"{deployed.task_score:.3f} in the HF evaluator: gap {gap:.3f} {'<=' if passed else '>'} "
                  f"{limit:.3f}")
 
 
-def regression_check(deployed: dict, champion_score: float, max_regression: float) -> Check:
+def regression_check(deployed: JourneyEntry, champion_score: float, max_regression: float) -> Check:
     """Did the new model score below the champion by more than ``max_regression`` plus the held-out split's
     noise? It fails only when even the top of its 95% confidence interval is below the champion's score minus
     ``max_regression``: a drop the held-out split cannot tell from chance does not block."""
-    score, interval = deployed["task_score"], deployed.get("task_score_ci")
+    score, interval = deployed.task_score, deployed.task_score_ci
     top = interval[1] if interval else score  # a journey from before intervals: the score alone
     limit = champion_score - max_regression
     passed = top >= limit
@@ -148,13 +148,13 @@ def release(cfg: PipelineConfig, bundle: Path, tracking_uri: str, mlflow_run_id:
 
     client = MlflowClient(tracking_uri)
     name = cfg.deploy.model_name
-    journey = json.loads((bundle / "journey.json").read_text())
+    states = journey.read(bundle)
     champion = alias_version(client, name, CHAMPION)
-    version = str(register(client, name, bundle, mlflow_run_id, version_tags(cfg, journey, flow_run_id)).version)
+    version = str(register(client, name, bundle, mlflow_run_id, version_tags(cfg, states, flow_run_id)).version)
     # MLflow hands versions back as int or str depending on the call: compare them as strings.
     replaced = str(champion.version) if champion is not None and str(champion.version) != version else None
     champion_score = float(champion.tags[SCORE_TAG]) if replaced and SCORE_TAG in champion.tags else None
-    outcome = Release(name, version, gate_checks(cfg.deploy.gate, journey, champion_score),
+    outcome = Release(name, version, gate_checks(cfg.deploy.gate, states, champion_score),
                       champion=str(champion.version) if champion else None)
 
     if outcome.passed:
@@ -205,10 +205,11 @@ def alias_version(client, name: str, alias: str):
         raise
 
 
-def version_tags(cfg: PipelineConfig, journey: list[dict], flow_run_id: str) -> dict[str, str]:
+def version_tags(cfg: PipelineConfig, states: list[JourneyEntry], flow_run_id: str) -> dict[str, str]:
     """What a version is, at a glance in the registry: its journey numbers, teacher, config and run."""
-    numbers = {f"journey.{e['state']}.{k}": str(v) for e in journey if e["state"] in ("teacher", "deployed")
-               for k, v in e.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    shown = [e for e in (journey.find(states, "teacher"), journey.find(states, "deployed")) if e]
+    numbers = {f"journey.{e.state}.{k}": str(v) for e in shown
+               for k, v in e.as_json().items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return {**numbers, "teacher": cfg.prototype.teacher.label, "config_hash": config_hash(cfg),
             "prefect.flow_run_id": flow_run_id}
 

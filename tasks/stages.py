@@ -7,16 +7,17 @@ directly to measure what orchestration costs.
 import logging
 import os
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+import typing
+from dataclasses import replace
 from pathlib import Path
 
 from distilflow.configs.schema import HttpTeacherConfig, ModelTrust, PipelineConfig
 from distilflow.tasks import artifacts, compress, deploy, distill, history, prototype, serving
-from distilflow.tasks.artifacts import StageResult
+from distilflow.tasks.artifacts import StageOutput
 from distilflow.tasks.context import StageContext
 from distilflow.tasks.data import TaskData, check_few_shot_pool, load_task_data
 from distilflow.tasks.errors import DistilflowError
+from distilflow.tasks.evaluate import Evaluator
 from distilflow.tasks.models import check_model_files, layer_count, resolve_device, teacher_source
 from distilflow.tasks.teachers import check_endpoint, served_model
 from distilflow.tasks.tracking import LogTracker, Recorder, Tracker, check_tracking_store, tracking_source
@@ -24,21 +25,9 @@ from distilflow.tasks.tracking import LogTracker, Recorder, Tracker, check_track
 log = logging.getLogger("distilflow")
 
 
-@dataclass(frozen=True)
-class Stage:
-    """A stage function (its config section, the results it needs, its context -> its result) and the stages
-    whose results it reads."""
-
-    run: Callable[..., StageResult]
-    needs: tuple[str, ...]
-
-
-STAGES = {
-    "prototype": Stage(prototype.run, needs=()),
-    "distill": Stage(distill.run, needs=("prototype",)),
-    "compress": Stage(compress.run, needs=("prototype", "distill")),
-    "deploy": Stage(deploy.run, needs=("prototype", "distill", "compress")),
-}
+# Each stage function takes its config section, the outputs of the stages it reads (its signature says which,
+# in order) and its context, and returns its own output dataclass.
+STAGES = {"prototype": prototype.run, "distill": distill.run, "compress": compress.run, "deploy": deploy.run}
 
 
 def preflight(cfg: PipelineConfig, tracking_uri: str) -> None:
@@ -133,7 +122,7 @@ def length_warnings(cfg: PipelineConfig, examples: TaskData) -> list[str]:
     return warnings
 
 
-def cache_key(name: str, cfg: PipelineConfig, upstream: dict[str, StageResult]) -> str:
+def cache_key(name: str, cfg: PipelineConfig, *upstream: StageOutput) -> str:
     """Everything a stage's output depends on: its section, the task (and its data's bytes), the
     evaluator, seed and device kind, the digests of the upstream artifacts it reads, and for the
     prototype what each HTTP teacher's server reports about the model it serves. The serving
@@ -149,19 +138,16 @@ def cache_key(name: str, cfg: PipelineConfig, upstream: dict[str, StageResult]) 
         evaluator,
         cfg.run.seed,
         resolve_device(cfg.run.device).type,
-        {n: upstream[n].digest for n in STAGES[name].needs},
+        [output.digest for output in upstream],
         *([served] if served else []),
     )
 
 
-def run_stage(name: str, cfg: PipelineConfig, upstream: dict[str, StageResult],
-              tracker: Tracker = LogTracker()) -> StageResult:
-    """Run stage ``name`` (or reuse its verified artifact) and track it in a child of ``tracker``."""
-    stage = STAGES[name]
-    missing = [n for n in stage.needs if n not in upstream]
-    if missing:
-        raise ValueError(f"stage {name} needs the results of {missing}")
-    key = cache_key(name, cfg, upstream)
+def run_stage(name: str, cfg: PipelineConfig, *upstream: StageOutput, tracker: Tracker = LogTracker()) -> StageOutput:
+    """Run stage ``name`` on the outputs of the stages it reads (``upstream``, in its signature's order), or reuse
+    its verified artifact, and track it in a child of ``tracker``."""
+    run = STAGES[name]
+    key = cache_key(name, cfg, *upstream)
     workdir = cfg.run.workdir
     checkpoint_dir = workdir / "checkpoints" / name / key
     with tracker.child(name) as stage_tracker:
@@ -169,16 +155,16 @@ def run_stage(name: str, cfg: PipelineConfig, upstream: dict[str, StageResult],
 
         def produce(out_dir):
             recorder = Recorder(stage_tracker, out_dir)
-            ctx = StageContext(
-                workdir=workdir, out_dir=out_dir, checkpoint_dir=checkpoint_dir,
-                device=resolve_device(cfg.run.device), seed=cfg.run.seed, task=cfg.task,
-                examples=load_task_data(cfg.task, cfg.run.seed), eval=cfg.eval, tracker=recorder)
+            device = resolve_device(cfg.run.device)
+            evaluator = Evaluator(cfg.task, load_task_data(cfg.task, cfg.run.seed).eval, cfg.eval, device)
+            ctx = StageContext(workdir=workdir, out_dir=out_dir, checkpoint_dir=checkpoint_dir, device=device,
+                               seed=cfg.run.seed, evaluator=evaluator, tracker=recorder)
             log.info("%s: running (key %s)", name, key)
-            result = stage.run(getattr(cfg, name), upstream, ctx)
+            result = run(getattr(cfg, name), *upstream, ctx)
             return replace(result, params=recorder.params, metrics=recorder.metrics, tags=recorder.tags,
                            artifacts=recorder.artifacts)
 
-        result = artifacts.cached_or_run(name, key, workdir, produce)
+        result = artifacts.cached_or_run(name, key, workdir, produce, typing.get_type_hints(run)["return"])
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # only a crash leaves checkpoints worth keeping
         if result.cached:
             log.info("%s: reusing %s", name, result.directory)
@@ -186,7 +172,7 @@ def run_stage(name: str, cfg: PipelineConfig, upstream: dict[str, StageResult],
     return result
 
 
-def log_tracked(tracker: Tracker, result: StageResult) -> None:
+def log_tracked(tracker: Tracker, result: StageOutput) -> None:
     """Log what the stage recorded (``tracking.Recorder``) into its run, fresh or reused alike; its artifacts are
     read from its published directory."""
     tracker.log_params(result.params)

@@ -28,13 +28,20 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoTokenizer
 
 from distilflow.tasks import artifacts
-from distilflow.tasks.artifacts import StageResult
+from distilflow.tasks.artifacts import InArtifact, StageOutput
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.kd import TAIL_FLOOR
 
 log = logging.getLogger("distilflow")
 
 FILE = "teacher_logits.safetensors"
+
+
+@dataclass(kw_only=True)
+class TeacherLogits(StageOutput):
+    """A published cache of the teacher's top-k log-probs (``FILE``)."""
+
+    logits: InArtifact
 
 
 @dataclass(frozen=True)
@@ -249,7 +256,7 @@ def _tokens_digest(examples: list[Example]) -> str:
 
 
 def cached(teacher_dir: Path, examples: list[Example], top_k: int, temperature: float, workdir: Path,
-           load_teacher) -> StageResult:
+           load_teacher) -> TeacherLogits:
     """The teacher's log-probs for ``examples``, from the cache or computed now (``load_teacher()`` is
     only called then) and published atomically."""
     return _cached(cache_key(teacher_dir, examples, top_k, temperature), str(teacher_dir),
@@ -257,15 +264,15 @@ def cached(teacher_dir: Path, examples: list[Example], top_k: int, temperature: 
                    workdir)
 
 
-def cached_from_endpoint(teacher, examples: list[Example], top_k: int, workdir: Path) -> StageResult:
+def cached_from_endpoint(teacher, examples: list[Example], top_k: int, workdir: Path) -> TeacherLogits:
     """A served ``teacher``'s log-probs for ``examples``, from the cache or asked for now."""
     return _cached(served_cache_key(teacher.served, examples, top_k), teacher.name,
                    lambda: compute_from_endpoint(teacher, examples, top_k), examples, top_k, 1.0, workdir)
 
 
 def _cached(key: str, teacher: str, computed, examples: list[Example], top_k: int, temperature: float,
-            workdir: Path) -> StageResult:
-    def produce(out_dir: Path) -> StageResult:
+            workdir: Path) -> TeacherLogits:
+    def produce(out_dir: Path) -> TeacherLogits:
         start = time.perf_counter()
         tensors = computed()
         save_file(tensors, out_dir / FILE, metadata={"top_k": str(top_k), "temperature": str(temperature),
@@ -274,11 +281,11 @@ def _cached(key: str, teacher: str, computed, examples: list[Example], top_k: in
         metrics = {"teacher_logits.positions": len(tensors["tail_logprob"]), "teacher_logits.top_k": top_k,
                    "teacher_logits.mass_in_top_k": kept_mass, "teacher_logits.bytes": (out_dir / FILE).stat().st_size,
                    "teacher_logits.seconds": time.perf_counter() - start}
-        return StageResult(stage="teacher_logits", files={"logits": FILE}, metrics=metrics,
-                           summary=f"top-{top_k} teacher log-probs for {len(examples)} examples; "
-                                   f"mean mass in top-k {kept_mass:.3f}\n")
+        return TeacherLogits(logits=out_dir / FILE, metrics=metrics,
+                             summary=f"top-{top_k} teacher log-probs for {len(examples)} examples; "
+                                     f"mean mass in top-k {kept_mass:.3f}\n")
 
-    result = artifacts.cached_or_run("teacher_logits", key, workdir, produce)
+    result = artifacts.cached_or_run("teacher_logits", key, workdir, produce, TeacherLogits)
     log.info("teacher logits %s: %s", "reused" if result.cached else "computed", result.directory)
     return result
 

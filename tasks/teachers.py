@@ -19,10 +19,10 @@ from contextlib import contextmanager
 import torch
 from tqdm.auto import tqdm
 
-from distilflow.configs.schema import EvalConfig, HttpTeacherConfig, LocalTeacherConfig, TaskConfig
+from distilflow.configs.schema import HttpTeacherConfig, LocalTeacherConfig, TaskConfig
 from distilflow.tasks import data, decoding
 from distilflow.tasks.errors import DistilflowError, ServiceError
-from distilflow.tasks.evaluate import Evaluation, Prompting, evaluate, score_answers
+from distilflow.tasks.evaluate import Evaluation, Evaluator, Prompting, score_answers
 from distilflow.tasks.models import load_teacher
 
 log = logging.getLogger("distilflow")
@@ -104,9 +104,8 @@ class LocalTeacher:
         prompts = [data.render(self.tokenizer, chat) for chat in chats]
         return decoding.answer(self.model, self.tokenizer, prompts, check, **sampling)
 
-    def evaluate(self, rows: list[dict], task: TaskConfig, cfg: EvalConfig, prompting: Prompting,
-                 desc: str = "teacher baseline") -> Evaluation:
-        return evaluate(self.model, self.tokenizer, rows, task, cfg, prompting=prompting, desc=desc)
+    def evaluate(self, evaluator: Evaluator, prompting: Prompting, desc: str = "teacher baseline") -> Evaluation:
+        return evaluator.model(self.model, self.tokenizer, prompting=prompting, desc=desc)
 
 
 class HttpTeacher:
@@ -294,13 +293,13 @@ class HttpTeacher:
                 raise DistilflowError(f"{self.key}: {url} does not exist, so the token ids of this side cannot be "
                                       f"checked against the served model's (vLLM serves /tokenize)") from None
 
-    def evaluate(self, rows: list[dict], task: TaskConfig, cfg: EvalConfig, prompting: Prompting,
-                 desc: str = "teacher baseline") -> Evaluation:
+    def evaluate(self, evaluator: Evaluator, prompting: Prompting, desc: str = "teacher baseline") -> Evaluation:
         """Task score and serving speed; perplexity, size and parameters need weights: they stay None."""
+        rows, task = evaluator.rows, evaluator.task
         answers = [a[0] for a in self.answer(rows, task, prompting, desc=desc)]
         evaluation = score_answers(answers, rows, task, [data.user_message(row, task) for row in rows])
         evaluation.metrics["tokens_per_s"] = self.generation_speed(prompting.chats(rows[:1], task)[0],
-                                                                   cfg.speed_new_tokens)
+                                                                   evaluator.settings.speed_new_tokens)
         return evaluation
 
     def generation_speed(self, chat: list[dict], new_tokens: int) -> float | None:

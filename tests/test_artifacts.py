@@ -2,12 +2,18 @@
 
 import json
 import os
+from dataclasses import dataclass
 
 import pytest
 
 from distilflow.tasks import artifacts
 from distilflow.flows.cli import main
-from distilflow.tasks.artifacts import StageResult
+from distilflow.tasks.artifacts import InArtifact, StageOutput
+
+
+@dataclass(kw_only=True)
+class DemoOutput(StageOutput):
+    model: InArtifact
 
 
 def producer(calls: list, content: str = "weights"):
@@ -15,24 +21,25 @@ def producer(calls: list, content: str = "weights"):
         calls.append(out_dir)
         (out_dir / "model").mkdir()
         (out_dir / "model" / "weights.bin").write_text(content)
-        return StageResult(stage="demo", files={"model": "model"}, metrics={"score": 1.0})
+        return DemoOutput(model=out_dir / "model", metrics={"score": 1.0})
     return produce
 
 
 def test_first_run_publishes_result_and_manifest(tmp_path):
     calls = []
-    result = artifacts.cached_or_run("demo", "k1", tmp_path, producer(calls))
+    result = artifacts.cached_or_run("demo", "k1", tmp_path, producer(calls), DemoOutput)
     assert result.directory == tmp_path / "artifacts" / "demo" / "k1"
-    assert result.path("model").joinpath("weights.bin").read_text() == "weights"
+    assert result.model.joinpath("weights.bin").read_text() == "weights"
     assert not result.cached and result.digest
     manifest = json.loads((result.directory / "manifest.json").read_text())["files"]
     assert set(manifest) == {"model/weights.bin", "result.json"}
+    assert json.loads((result.directory / "result.json").read_text())["model"] == "model"  # where it lies: its own
 
 
 def test_second_run_reuses_the_verified_artifact(tmp_path):
     calls = []
-    first = artifacts.cached_or_run("demo", "k1", tmp_path, producer(calls))
-    second = artifacts.cached_or_run("demo", "k1", tmp_path, producer(calls))
+    first = artifacts.cached_or_run("demo", "k1", tmp_path, producer(calls), DemoOutput)
+    second = artifacts.cached_or_run("demo", "k1", tmp_path, producer(calls), DemoOutput)
     assert len(calls) == 1 and second.cached and second.digest == first.digest
     assert second.metrics == {"score": 1.0}
 
@@ -40,17 +47,17 @@ def test_second_run_reuses_the_verified_artifact(tmp_path):
 @pytest.mark.parametrize("damage", ["edit", "delete", "add"])
 def test_a_damaged_artifact_is_recomputed(tmp_path, damage):
     calls = []
-    result = artifacts.cached_or_run("demo", "k1", tmp_path, producer(calls))
-    weights = result.path("model") / "weights.bin"
+    result = artifacts.cached_or_run("demo", "k1", tmp_path, producer(calls), DemoOutput)
+    weights = result.model / "weights.bin"
     if damage == "edit":
         weights.write_text("tampered")
     elif damage == "delete":
         weights.unlink()
     else:
         (result.directory / "stray.txt").write_text("?")
-    again = artifacts.cached_or_run("demo", "k1", tmp_path, producer(calls))
+    again = artifacts.cached_or_run("demo", "k1", tmp_path, producer(calls), DemoOutput)
     assert len(calls) == 2 and not again.cached
-    assert (again.path("model") / "weights.bin").read_text() == "weights"
+    assert (again.model / "weights.bin").read_text() == "weights"
     assert not (again.directory / "stray.txt").exists()
 
 
@@ -60,7 +67,7 @@ def test_a_crash_leaves_no_artifact_and_no_partial_dir(tmp_path):
         raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError):
-        artifacts.cached_or_run("demo", "k1", tmp_path, crash)
+        artifacts.cached_or_run("demo", "k1", tmp_path, crash, DemoOutput)
     stage_dir = tmp_path / "artifacts" / "demo"
     assert [p.name for p in stage_dir.iterdir()] == ["k1.lock"]
 
@@ -87,7 +94,7 @@ def test_a_crashed_runs_partial_dir_is_cleared_by_the_next_run(tmp_path):
     stale = tmp_path / "artifacts" / "demo" / ".k1.partial-deadbeef"
     stale.mkdir(parents=True)
     (stale / "half.bin").write_text("half")
-    artifacts.cached_or_run("demo", "k1", tmp_path, producer([]))
+    artifacts.cached_or_run("demo", "k1", tmp_path, producer([]), DemoOutput)
     assert not stale.exists()
 
 
@@ -97,11 +104,11 @@ def test_published_files_are_readable_by_anyone_even_when_written_private(tmp_pa
         weights = out_dir / "model" / "model.safetensors"
         weights.write_bytes(b"weights")
         weights.chmod(0o600)  # what safetensors writes
-        return StageResult(stage="demo", files={"model": "model"})
+        return DemoOutput(model=out_dir / "model")
 
-    result = artifacts.cached_or_run("demo", "k1", tmp_path, produce)
-    assert result.path("model").stat().st_mode & 0o555 == 0o555
-    assert (result.path("model") / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    result = artifacts.cached_or_run("demo", "k1", tmp_path, produce, DemoOutput)
+    assert result.model.stat().st_mode & 0o555 == 0o555
+    assert (result.model / "model.safetensors").stat().st_mode & 0o777 == 0o644
 
 
 def signed_bundle(tmp_path):
@@ -179,9 +186,9 @@ def test_a_nested_manifest_is_covered_by_the_stage_manifest(tmp_path):
 @pytest.mark.parametrize("manifest", ["{not json", "[1, 2]", '{"files": {"a": 1}}', "\xff\xfe"])
 def test_a_stage_artifact_with_a_corrupt_manifest_is_recomputed(tmp_path, manifest):
     calls = []
-    artifacts.cached_or_run("demo", "k1", tmp_path, producer(calls))
+    artifacts.cached_or_run("demo", "k1", tmp_path, producer(calls), DemoOutput)
     (tmp_path / "artifacts" / "demo" / "k1" / "manifest.json").write_bytes(manifest.encode("latin-1"))
-    result = artifacts.cached_or_run("demo", "k1", tmp_path, producer(calls))
+    result = artifacts.cached_or_run("demo", "k1", tmp_path, producer(calls), DemoOutput)
     assert len(calls) == 2 and not result.cached
 
 

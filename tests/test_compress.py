@@ -6,9 +6,9 @@ import pytest
 
 from distilflow.configs.loader import load_config
 from distilflow.configs.schema import BudgetConfig
-from distilflow.tasks import compress
+from distilflow.tasks import compress, journey
 from distilflow.tasks.errors import DistilflowError
-from distilflow.tasks.evaluate import JOURNEY_FIELDS, Evaluation
+from distilflow.tasks.evaluate import Evaluation
 from distilflow.tasks.stages import run_stage
 from tests.conftest import REPO, TINY_CONFIG
 
@@ -122,39 +122,39 @@ def stage(tmp_path_factory):
     overrides = {"run.workdir": str(tmp_path_factory.mktemp("work")), "compress.prune": PRUNE,
                  "compress.candidates": [*CANDIDATES, {"quantize": {"scheme": "fp8"}}], "compress.budget": {"max_size_bytes": 10**9}}
     cfg = load_config(TINY_CONFIG, overrides)
-    results = {}
-    for name in ("prototype", "distill", "compress"):
-        results[name] = run_stage(name, cfg, dict(results))
-    return cfg, results
+    prototype = run_stage("prototype", cfg)
+    distill = run_stage("distill", cfg, prototype)
+    return cfg, {"prototype": prototype, "distill": distill, "compress": run_stage("compress", cfg, prototype, distill)}
 
 
 def candidates(stage):
-    return json.loads(stage[1]["compress"].path("candidates").read_text())
+    return json.loads(stage[1]["compress"].candidates.read_text())
 
 
 def test_every_candidate_is_measured_from_disk_with_the_journey_fields(stage):
     table = candidates(stage)
     assert [r["candidate"] for r in table["candidates"]] == [c.label for c in stage[0].compress.candidates]
     for entry in table["candidates"]:
-        assert set(JOURNEY_FIELDS) <= entry.keys() and entry["size_bytes"] > 0 and entry["params"] > 0
+        assert set(journey.FIELDS) <= entry.keys() and entry["size_bytes"] > 0 and entry["params"] > 0
         assert (stage[1]["compress"].directory / "candidates" / entry["candidate"] / "config.json").is_file()
 
 
 def test_the_shipped_model_is_the_chosen_candidate_as_compressed_tensors(stage):
     result = stage[1]["compress"]
     chosen = candidates(stage)["chosen"]
-    assert result.path("model").name == chosen == "mlp0.5-depth1_w4a16-rtn"  # the smallest
-    config = json.loads((result.path("model") / "config.json").read_text())
+    assert result.model.name == chosen == "mlp0.5-depth1_w4a16-rtn"  # the smallest
+    config = json.loads((result.model / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
     assert (config["num_hidden_layers"], config["intermediate_size"]) == (1, 64)
 
 
 def test_a_pruned_choice_puts_pruned_then_quantized_in_the_journey(stage):
-    journey = stage[1]["compress"].journey
-    assert [e["state"] for e in journey] == ["pruned", "quantized"]
-    assert journey[0]["params"] < stage[1]["distill"].journey[0]["params"]
-    assert journey[1]["candidate"] == "mlp0.5-depth1_w4a16-rtn" and journey[1]["scheme"] == "w4a16-rtn"
-    assert set(JOURNEY_FIELDS) <= journey[0].keys() & journey[1].keys()
+    result = stage[1]["compress"]
+    assert [e.state for e in result.journey] == ["pruned", "quantized"]
+    assert result.pruned.params < stage[1]["distill"].last_phase.params
+    assert result.pruned_model == result.directory / "pruned" / "mlp0.5-depth1"
+    assert result.quantized.candidate == "mlp0.5-depth1_w4a16-rtn" and result.quantized.scheme == "w4a16-rtn"
+    assert set(journey.FIELDS) <= result.pruned.as_json().keys() & result.quantized.as_json().keys()
 
 
 def test_the_summary_tables_every_candidate_and_marks_the_choice(stage):
@@ -166,7 +166,7 @@ def test_the_summary_tables_every_candidate_and_marks_the_choice(stage):
 
 def test_the_pareto_chart_and_the_pruning_scores_are_written(stage):
     result = stage[1]["compress"]
-    assert result.path("pareto").stat().st_size > 0
+    assert result.pareto.stat().st_size > 0
     assert (result.directory / "pruned" / "mlp0.5-depth1-importance.png").stat().st_size > 0
     scores = json.loads((result.directory / "pruned" / "mlp0.5-depth1-importance.json").read_text())
     assert len(scores["kept_layers"]) == 1 and len(scores["mlp"]) == 2

@@ -20,6 +20,7 @@ from distilflow.configs.loader import load_config, parse_overrides
 from distilflow.tasks import distill, kd, teacher_logits
 from distilflow.tasks.context import StageContext
 from distilflow.tasks.data import load_task_data
+from distilflow.tasks.evaluate import Evaluator
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.prototype import write_dataset
 from distilflow.tasks.stages import run_stage
@@ -39,9 +40,10 @@ def tiny_dataset(cfg, directory: Path, size: int = 12):
 
 
 def context(cfg, tmp_path: Path, tracker=LogTracker()) -> StageContext:
+    cpu = torch.device("cpu")
+    evaluator = Evaluator(cfg.task, load_task_data(cfg.task, cfg.run.seed).eval, cfg.eval, cpu)
     return StageContext(workdir=tmp_path, out_dir=tmp_path / "out", checkpoint_dir=tmp_path / "checkpoints",
-                        device=torch.device("cpu"), seed=0, task=cfg.task,
-                        examples=load_task_data(cfg.task, cfg.run.seed), eval=cfg.eval, tracker=tracker)
+                        device=cpu, seed=0, evaluator=evaluator, tracker=tracker)
 
 
 # --- the divergence ---------------------------------------------------------------------------------------
@@ -377,8 +379,8 @@ def three_phases(tmp_path_factory):
                                     **{f"distill.{phase}.{key}": value for phase in ("sft", "logit_kd", "grpo")
                                        for key, value in TRAINER_SETTINGS.items()}})
     tracker = MlflowTracker.start(f"sqlite:///{work / 'mlflow.db'}", "tiny", work / "mlartifacts", "test", {})
-    prototype = run_stage("prototype", cfg, {}, tracker)
-    result = run_stage("distill", cfg, {"prototype": prototype}, tracker)
+    prototype = run_stage("prototype", cfg, tracker=tracker)
+    result = run_stage("distill", cfg, prototype, tracker=tracker)
     return cfg, tracker, result
 
 
@@ -391,9 +393,9 @@ def phase_runs(tracker) -> dict:
 
 def test_journey_has_the_student_after_each_phase_in_order(three_phases):
     _, _, result = three_phases
-    assert [(e["state"], e["phase"]) for e in result.journey] == [("student", "sft"), ("student", "logit_kd"),
+    assert [(e.state, e.phase) for e in result.journey] == [("student", "sft"), ("student", "logit_kd"),
                                                                    ("student", "grpo")]
-    assert all(0 <= e["task_score"] <= 1 and e["params"] > 0 for e in result.journey)
+    assert all(0 <= e.task_score <= 1 and e.params > 0 for e in result.journey)
 
 
 def test_each_phase_is_a_child_run_of_the_distill_run_with_its_curve(three_phases):
@@ -434,8 +436,8 @@ def test_offline_logit_kd_reuses_the_cached_teacher_logits_in_the_workdir(three_
 
 def test_the_published_student_is_the_last_phases_model(three_phases):
     _, _, result = three_phases
-    assert (result.path("student") / "model.safetensors").is_file()
-    assert result.metrics["student.task_score"] == result.journey[-1]["task_score"]
+    assert (result.student / "model.safetensors").is_file()
+    assert result.metrics["student.task_score"] == result.last_phase.task_score
     for phase in ("sft", "logit_kd", "grpo"):
         assert (result.directory / f"student_eval_{phase}.json").is_file()
 
@@ -449,14 +451,14 @@ import json, sys
 from distilflow.configs.loader import load_config
 from distilflow.tasks.stages import run_stage
 cfg = load_config(sys.argv[1], {"run.workdir": sys.argv[2], **json.loads(sys.argv[3])})
-run_stage("distill", cfg, {"prototype": run_stage("prototype", cfg, {})})
+run_stage("distill", cfg, run_stage("prototype", cfg))
 """
 
 
 def test_a_killed_run_resumes_at_its_phase_and_checkpoint_with_the_step_count_continuing(tmp_path):
     work = tmp_path / "work"
     cfg = load_config(TINY_CONFIG, {"run.workdir": str(work), **RESUMABLE})
-    prototype = run_stage("prototype", cfg, {})
+    prototype = run_stage("prototype", cfg)
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(TINY_CONFIG), str(work), json.dumps(RESUMABLE)],
                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = work / "checkpoints" / "distill"
@@ -472,7 +474,7 @@ def test_a_killed_run_resumes_at_its_phase_and_checkpoint_with_the_step_count_co
                     if (p / "trainer_state.json").is_file())
 
     records = tmp_path / "rerun.jsonl"
-    run_stage("distill", cfg, {"prototype": prototype}, FileTracker(records))
+    run_stage("distill", cfg, prototype, tracker=FileTracker(records))
     logged = [json.loads(line) for line in records.read_text().splitlines()]
     steps = [r["step"] for r in logged if "metrics" in r and "logit_kd.loss" in r["metrics"]]
     assert not any("metrics" in r and "sft.loss" in r["metrics"] for r in logged), "sft was not trained again"
@@ -483,12 +485,12 @@ def test_a_killed_run_resumes_at_its_phase_and_checkpoint_with_the_step_count_co
 def test_two_processes_train_a_phase_together_and_publish_one_model(tmp_path):
     cfg = load_config(TINY_CONFIG, {"run.workdir": str(tmp_path), "distill.processes": 2})
     records = tmp_path / "records.jsonl"
-    prototype = run_stage("prototype", cfg, {})
-    result = run_stage("distill", cfg, {"prototype": prototype}, FileTracker(records))
+    prototype = run_stage("prototype", cfg)
+    result = run_stage("distill", cfg, prototype, tracker=FileTracker(records))
     metrics = {k: v for line in records.read_text().splitlines()
                for k, v in json.loads(line).get("metrics", {}).items()}
     assert metrics["effective.world_size"] == 2
-    assert (result.path("student") / "model.safetensors").is_file()
+    assert (result.student / "model.safetensors").is_file()
 
 
 def test_the_recipe_study_shares_the_demos_task_and_workdir_and_runs_every_phase():

@@ -3,8 +3,9 @@
 import pytest
 
 from distilflow.configs.schema import PythonCheck
-from distilflow.tasks.evaluate import (bootstrap_interval, journey_table, score_answers, score_interval,
-                                       wilson_interval)
+from distilflow.tasks import journey
+from distilflow.tasks.evaluate import bootstrap_interval, score_answers, score_interval, wilson_interval
+from distilflow.tasks.journey import JourneyEntry
 from distilflow.tasks.tracking import numeric_metrics
 
 
@@ -39,7 +40,7 @@ def test_an_evaluation_carries_its_task_score_and_interval(tiny_cfg, tmp_path):
     evaluation = score_answers(["bug"] * 6 + ["payment"] * 2, rows, tiny_cfg.task, ["p"] * 8)
     assert evaluation.metrics["task_score"] == 0.75
     assert evaluation.metrics["task_score_ci"] == wilson_interval(6, 8)
-    assert evaluation.journey_entry("student")["task_score_ci"] == wilson_interval(6, 8)
+    assert evaluation.journey_entry("student").task_score_ci == wilson_interval(6, 8)
 
     (tmp_path / "half.py").write_text("def half(answer, row):\n    return 0.5\n")
     check = PythonCheck.model_validate({"type": "python", "function": "half.py:half"}, context={"base_dir": tmp_path})
@@ -48,11 +49,10 @@ def test_an_evaluation_carries_its_task_score_and_interval(tiny_cfg, tmp_path):
 
 
 def test_the_journey_table_shows_each_states_interval():
-    journey = [{"state": "teacher", "task_score": 0.7, "task_score_ci": [0.653, 0.743], "perplexity": 20.0,
-                "size_bytes": 2e8, "params": 1e8, "bits_per_param": 16.0, "tokens_per_s": 10.0},
-               {"state": "deployed", "task_score": 0.8, "task_score_ci": None, "perplexity": None,
-                "size_bytes": None, "params": None, "bits_per_param": None, "tokens_per_s": None}]
-    lines = journey_table(journey).splitlines()
+    states = [JourneyEntry("teacher", task_score=0.7, task_score_ci=[0.653, 0.743], perplexity=20.0, size_bytes=2e8,
+                           params=1e8, bits_per_param=16.0, tokens_per_s=10.0),
+              JourneyEntry("deployed", task_score=0.8)]
+    lines = journey.table(states).splitlines()
     assert lines[0].startswith("| state | task score | 95% CI | retention |")
     assert lines[2].startswith("| teacher | 0.700 | 0.653–0.743 | 1.00 |")
     assert lines[3].startswith("| deployed | 0.800 | – | 1.14 |")

@@ -16,9 +16,9 @@ from mlflow import MlflowClient
 
 from distilflow.configs.loader import load_config
 from distilflow.configs.schema import JudgeConfig, PythonCheck
+from distilflow.tasks import journey
 from distilflow.tasks.data import TaskData
 from distilflow.tasks.errors import DistilflowError
-from distilflow.tasks.evaluate import JOURNEY_FIELDS
 from distilflow.tasks.judge import SCORES, judge_filter, judge_scores, parse_score, require_discerning_judge
 from distilflow.tasks.prototype import data_card, most_confident_per_label, rejection_sample
 from distilflow.tasks.stages import run_stage
@@ -95,8 +95,8 @@ def test_a_label_free_filter_without_its_signal_is_refused_naming_the_key(overri
 def test_the_teacher_alone_labels_the_distillation_set_with_its_probabilities(tmp_path):
     cfg = load_config(TINY_CONFIG, {"run.workdir": str(tmp_path), **SMALL, "prototype.num_samples": 1,
                                     "prototype.temperature": 0.0, "prototype.min_confidence": 0.25})
-    result = run_stage("prototype", cfg, {})
-    rows = [json.loads(line) for line in result.path("dataset_jsonl").read_text().splitlines()]
+    result = run_stage("prototype", cfg)
+    rows = [json.loads(line) for line in result.dataset_jsonl.read_text().splitlines()]
     assert len(rows) == 12 and {row["label_source"] for row in rows} == {"teacher"}
     assert all(not row["label"] for row in rows)
     # greedy: the answer is the most probable of the four queues, so at least 1/4
@@ -112,12 +112,12 @@ def test_no_held_out_input_reaches_the_teachers_prompts_or_the_distillation_set(
     cfg = load_config(TINY_CONFIG, {"run.workdir": str(tmp_path / "work"), **SMALL, "task.data": str(tripled),
                                     "task.max_train": None, "prototype.num_samples": 1,
                                     "prototype.shot_candidates": 2, "prototype.shot_dev_size": 4})
-    result = run_stage("prototype", cfg, {})
+    result = run_stage("prototype", cfg)
     held_out = {" ".join(p["prompt"].split("Ticket: ")[-1].split("<|im_end|>")[0].split()).casefold()
-                for p in json.loads(result.path("teacher_eval").read_text())["predictions"]}
+                for p in json.loads(result.teacher_eval.read_text())["predictions"]}
     trained = [json.loads(line)["prompt"][-1]["content"]
-               for line in result.path("dataset_jsonl").read_text().splitlines()]
-    shots = [shot["text"] for shot in json.loads((result.directory / "few_shot.json").read_text())]
+               for line in result.dataset_jsonl.read_text().splitlines()]
+    shots = [shot["text"] for shot in result.few_shot]
     assert len(held_out) == 8 and result.metrics["data.duplicates_removed"] == 400
     assert not held_out & {" ".join(text.removeprefix("Ticket: ").split()).casefold() for text in trained + shots}
     assert "400 rows dropped before the split as duplicate inputs" in result.summary
@@ -181,8 +181,8 @@ def test_data_card_counts_rejections_labels_and_answer_lengths(tiny_cfg):
 def test_judge_scores_travel_with_the_kept_answers(tmp_path):
     cfg = load_config(TINY_CONFIG, {"run.workdir": str(tmp_path), **SMALL, "prototype.num_samples": 1,
                                     "prototype.judge": {"rubric": "The queue fits the ticket.", "threshold": 1}})
-    result = run_stage("prototype", cfg, {})
-    dataset = load_from_disk(result.path("dataset"))
+    result = run_stage("prototype", cfg)
+    dataset = load_from_disk(result.dataset)
     assert len(dataset) + result.metrics["rejected"] == 12
     assert all(score in range(1, 6) for score in dataset["judge_score"])
     assert "Judge (`teacher`)" in result.summary
@@ -194,7 +194,7 @@ def test_no_kept_answer_fails_the_stage_with_the_counts(tmp_path):
                                     "task.max_answer_tokens": 4,
                                     "task.check": {"type": "python", "function": f"{tmp_path / 'never.py'}:never"}})
     with pytest.raises(DistilflowError, match="no teacher answer was kept \\(low_score: 12 of 12\\)"):
-        run_stage("prototype", cfg, {})
+        run_stage("prototype", cfg)
     assert [p.name for p in (tmp_path / "work" / "artifacts" / "prototype").iterdir()
             if not p.name.endswith(".lock")] == []
 
@@ -213,25 +213,25 @@ def black_box(openai_server, tmp_path_factory):
                                         "prototype.teacher": http_teacher(openai_server),
                                         "distill.student": {"path": str(TINY_TEACHER)},
                                         "prototype.judge": {"rubric": "The queue fits the ticket.", "threshold": 1}})
-        return run_stage("prototype", cfg, {}), workdir
+        return run_stage("prototype", cfg), workdir
 
 
 def test_black_box_stage_writes_dataset_card_and_baseline(black_box):
     result, _ = black_box
-    dataset = load_from_disk(result.path("dataset"))
+    dataset = load_from_disk(result.dataset)
     assert len(dataset) == result.metrics["kept"] > 0
     assert {"prompt", "completion", "answer", "score", "judge_score", "teacher"} <= set(dataset.column_names)
-    assert json.loads(result.path("teacher_eval").read_text())["metrics"]["task_score"] >= 0
-    assert "## Data card" in result.path("data_card").read_text() and "## Teacher baseline" in result.summary
+    assert json.loads(result.teacher_eval.read_text())["metrics"]["task_score"] >= 0
+    assert "## Data card" in result.data_card.read_text() and "## Teacher baseline" in result.summary
 
 
 def test_black_box_stage_says_it_has_no_teacher_weights(black_box):
     result, _ = black_box
-    assert "teacher" not in result.files and result.metrics["teacher.black_box"] == 1.0
+    assert result.teacher is None and result.endpoint is not None and result.metrics["teacher.black_box"] == 1.0
     assert "black-box" in result.summary and "no student pruned from it" in result.summary
     assert "Labels chosen by the server's guided choice" in result.summary
-    entry = result.journey[0]
-    assert set(JOURNEY_FIELDS) <= entry.keys() and entry["size_bytes"] is None and entry["task_score"] >= 0
+    entry = result.baseline.as_json()
+    assert set(journey.FIELDS) <= entry.keys() and entry["size_bytes"] is None and entry["task_score"] >= 0
 
 
 def test_api_key_is_written_nowhere(black_box, openai_server):

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 from mlflow import MlflowClient
@@ -9,13 +10,16 @@ from mlflow import MlflowClient
 from distilflow.configs.schema import GateConfig
 from distilflow.tasks import registry
 from distilflow.tasks.artifacts import write_manifest
+from distilflow.tasks.journey import JourneyEntry
+from distilflow.tasks.journey import write as write_journey
 
 
-def journey(score: float, teacher: float = 0.5, size_bytes: int = 2_000_000, latency: float = 0.1) -> list[dict]:
+def journey(score: float, teacher: float = 0.5, size_bytes: int = 2_000_000,
+            latency: float = 0.1) -> list[JourneyEntry]:
     common = {"perplexity": 9.0, "params": 1000, "bits_per_param": 4.5, "tokens_per_s": 10.0}
-    return [{"state": "teacher", "task_score": teacher, "size_bytes": 8_000_000, **common},
-            {"state": "deployed", "task_score": score, "size_bytes": size_bytes, "smoke_latency_s": latency,
-             "smoke_pass_rate": 1.0, **common}]
+    return [JourneyEntry("teacher", task_score=teacher, size_bytes=8_000_000, **common),
+            JourneyEntry("deployed", task_score=score, size_bytes=size_bytes, smoke_latency_s=latency,
+                         smoke_pass_rate=1.0, **common)]
 
 
 def failed(checks) -> list[str]:
@@ -59,8 +63,9 @@ def test_gate_tolerates_the_configured_regression():
     assert failed(registry.gate_checks(GateConfig(max_regression=0.05), journey(0.46), champion_score=0.5)) == []
 
 
-def with_interval(entries: list[dict], low: float, high: float) -> list[dict]:
-    return [{**e, "task_score_ci": [low, high]} if e["state"] == "deployed" else e for e in entries]
+def with_interval(entries: list[JourneyEntry], low: float, high: float) -> list[JourneyEntry]:
+    teacher, deployed = entries
+    return [teacher, replace(deployed, task_score_ci=[low, high])]
 
 
 def test_gate_lets_a_drop_inside_the_noise_band_through():
@@ -109,7 +114,7 @@ def bundle(tmp_path, name: str, score: float):
     directory = tmp_path / name
     directory.mkdir()
     (directory / "model.safetensors").write_bytes(name.encode())
-    (directory / "journey.json").write_text(json.dumps(journey(score)))
+    write_journey(journey(score), directory)
     write_manifest(directory)
     return directory
 

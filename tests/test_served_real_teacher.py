@@ -87,10 +87,10 @@ def test_logit_kd_runs_end_to_end_from_the_served_teacher(demo_teacher, served_t
                              "distill.logit_kd.max_steps": 4, "distill.logit_kd.per_device_train_batch_size": 4,
                              "distill.logit_kd.max_length": 128, "eval.perplexity_examples": 4,
                              "eval.speed_new_tokens": 4})
-    prototype = run_stage("prototype", cfg, {})
+    prototype = run_stage("prototype", cfg)
     assert "from the server's prompt log-probs, calibrated" in prototype.summary
-    distill = run_stage("distill", cfg, {"prototype": prototype})
+    distill = run_stage("distill", cfg, prototype)
     [cache] = (tmp_path / "work" / "artifacts" / "teacher_logits").glob("*/teacher_logits.safetensors")
     with safe_open(cache, "pt") as logits:
         assert logits.get_tensor("topk_ids").shape[1] == TOP_K
-    assert distill.metrics["logit_kd.task_score"] >= 0 and (distill.path("student") / "config.json").is_file()
+    assert distill.metrics["logit_kd.task_score"] >= 0 and (distill.student / "config.json").is_file()

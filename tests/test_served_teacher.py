@@ -158,13 +158,13 @@ def test_logit_kd_from_a_served_teacher_trains_on_its_cached_log_probs(openai_se
     cfg = load_config(TINY_CONFIG, {"run.workdir": str(tmp_path), **SMALL,
                                     "prototype.teacher": served_yaml(openai_server, tokenizer=str(TINY_TEACHER)),
                                     "distill.student": {"path": str(TINY_TEACHER)}, "distill.phases": ["logit_kd"]})
-    prototype = run_stage("prototype", cfg, {})
-    distill = run_stage("distill", cfg, {"prototype": prototype})
+    prototype = run_stage("prototype", cfg)
+    distill = run_stage("distill", cfg, prototype)
     [cache] = (tmp_path / "artifacts" / "teacher_logits").glob("*/teacher_logits.safetensors")
     with safe_open(cache, "pt") as logits:
         assert logits.metadata()["teacher"] == f"tiny-teacher at {openai_server.base_url}"
         assert logits.get_tensor("topk_ids").shape[1] == cfg.distill.logit_kd.top_k
-    assert 0 <= distill.metrics["logit_kd.task_score"] <= 1 and (distill.path("student") / "config.json").is_file()
+    assert 0 <= distill.metrics["logit_kd.task_score"] <= 1 and (distill.student / "config.json").is_file()
 
 
 def test_soft_label_kd_from_a_served_teacher_learns_its_label_probabilities(openai_server, key, tmp_path):
@@ -172,12 +172,12 @@ def test_soft_label_kd_from_a_served_teacher_learns_its_label_probabilities(open
                                     "prototype.teacher": served_yaml(openai_server, tokenizer=str(TINY_TEACHER)),
                                     "distill.student": {"path": str(TINY_TEACHER)}, "distill.phases": ["logit_kd"],
                                     "distill.logit_kd.teacher_logits": "choices"})
-    prototype = run_stage("prototype", cfg, {})
-    rows = [json.loads(line) for line in prototype.path("dataset_jsonl").read_text().splitlines()]
+    prototype = run_stage("prototype", cfg)
+    rows = [json.loads(line) for line in prototype.dataset_jsonl.read_text().splitlines()]
     assert rows and all(sum(row["choice_probs"].values()) == pytest.approx(1.0) for row in rows)
     assert all(row["confidence"] == row["choice_probs"][row["answer"]] for row in rows)
-    distill = run_stage("distill", cfg, {"prototype": prototype})
-    assert 0 <= distill.metrics["logit_kd.task_score"] <= 1 and (distill.path("student") / "config.json").is_file()
+    distill = run_stage("distill", cfg, prototype)
+    assert 0 <= distill.metrics["logit_kd.task_score"] <= 1 and (distill.student / "config.json").is_file()
 
 
 def test_a_student_whose_token_ids_differ_from_the_served_teachers_is_refused(openai_server, key, other_tokenizer):
@@ -236,10 +236,10 @@ def test_the_prototype_key_follows_the_model_the_server_reports(tmp_path, monkey
                                     "distill.student": {"path": str(TINY_TEACHER)}})
     with serving(tmp_path, port=port):
         card = served_model(cfg.prototype.teacher, {KEY_ENV: "test-key-not-a-secret"})
-        original = cache_key("prototype", cfg, {})
-        assert cache_key("prototype", cfg, {}) == original  # the server's per-call fields are left out
+        original = cache_key("prototype", cfg)
+        assert cache_key("prototype", cfg) == original  # the server's per-call fields are left out
     with serving(tmp_path, model=copy, port=port):
-        assert cache_key("prototype", cfg, {}) != original
+        assert cache_key("prototype", cfg) != original
     assert card["root"] == str(TINY_TEACHER) and card["max_model_len"] == 512
 
 
@@ -283,7 +283,7 @@ def test_a_stage_is_retried_through_a_restart_of_its_teachers_server(tmp_path, m
     # The server dies when the stage sends its 6th answer request (of 24), and comes back on the same port.
     with serving(tmp_path, "--exit-at-request", "6", port=port) as (_, first), \
             restarted_when_it_exits(first, tmp_path, port), prefect_test_harness(server_startup_timeout=120):
-        state = retried(stage_task, cfg)("prototype", cfg, {}, tracker.run_id, return_state=True)
+        state = retried(stage_task, cfg)("prototype", cfg, (), tracker.run_id, return_state=True)
         with get_client(sync_client=True) as client:
             attempts = client.read_task_run(state.state_details.task_run_id).run_count
         assert first.returncode == 1  # it did die mid-stage

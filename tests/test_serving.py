@@ -2,16 +2,16 @@
 asked over HTTP; the cost arithmetic; the engine-parity gate; states that have no servable form."""
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from distilflow.configs.loader import load_config
 from distilflow.configs.schema import CostConfig, GateConfig, ServingConfig
-from distilflow.tasks import checks, data, deploy, gguf_export, registry, serving
-from distilflow.tasks.artifacts import StageResult
+from distilflow.tasks import checks, data, deploy, gguf_export, journey, registry, serving
 from distilflow.tasks.errors import DistilflowError
-from distilflow.tasks.evaluate import journey_table
+from distilflow.tasks.journey import JourneyEntry
 from tests.conftest import REPO, TINY_CONFIG, TINY_TEACHER
 
 FAST = ServingConfig(concurrency=2, decode_tokens=8, speed_repeats=1, latency_requests=3)
@@ -144,10 +144,10 @@ def test_user_prices_go_on_top_of_the_defaults():
 
 # --- engine parity --------------------------------------------------------------------------------------
 
-def deployed(hf_score: float, engine_score: float, items: int = 80) -> dict:
-    return {"state": "deployed", "task_score": hf_score, "size_bytes": 1, "smoke_latency_s": 0.1,
-            "serving": {"engine": "llama.cpp", "artifact": "model-q4_0.gguf", "task_score": engine_score,
-                        "task_requests": items}}
+def deployed(hf_score: float, engine_score: float, items: int = 80) -> JourneyEntry:
+    return JourneyEntry("deployed", task_score=hf_score, size_bytes=1, smoke_latency_s=0.1,
+                        serving={"engine": "llama.cpp", "artifact": "model-q4_0.gguf", "task_score": engine_score,
+                                 "task_requests": items})
 
 
 def test_engine_score_within_two_items_of_the_evaluators_passes_the_gate():
@@ -170,21 +170,17 @@ def test_auto_gap_is_two_items_or_two_percent_whichever_is_larger():
 
 
 def test_a_deployed_artifact_that_was_not_served_is_not_checked_for_parity():
-    entry = {**deployed(0.9, 0.0), "serving": serving.not_measured(CPU, "deploy.gguf is none")}
+    entry = replace(deployed(0.9, 0.0), serving=serving.not_measured(CPU, "deploy.gguf is none"))
     assert registry.gate_checks(GateConfig(), [entry], champion_score=None) == []
 
 
 # --- states without a servable form ---------------------------------------------------------------------
 
-def result(stage: str, directory, **files) -> StageResult:
-    return StageResult(stage=stage, files=files, directory=directory)
-
-
 @pytest.fixture
-def upstream(tmp_path):
-    (tmp_path / "student").mkdir()
-    return {"prototype": result("prototype", tmp_path), "distill": result("distill", tmp_path, student="student"),
-            "compress": result("compress", tmp_path)}
+def models(tmp_path):
+    """A run with an HTTP teacher, trained through sft then grpo, not pruned, and no GGUF export."""
+    return deploy.ServableModels(teacher=None, teacher_gguf=None, student=tmp_path / "student", student_phase="grpo",
+                                 pruned=None, bundle=tmp_path, gguf_file=None)
 
 
 @pytest.mark.parametrize("state, engine, gguf, why", [
@@ -193,34 +189,34 @@ def upstream(tmp_path):
     ("deployed", CPU, None, "deploy.gguf is none: no CPU artifact to serve"),
     ("deployed", None, "m.gguf", "eval.serving.engine is none"),
 ])
-def test_a_state_without_a_servable_form_says_why(upstream, tmp_path, state, engine, gguf, why):
-    form = deploy.servable_form({"state": state}, False, engine, upstream, tmp_path, gguf, {})
+def test_a_state_without_a_servable_form_says_why(models, tmp_path, state, engine, gguf, why):
+    form = deploy.servable_form(JourneyEntry(state), engine, replace(models, gguf_file=gguf and tmp_path / gguf))
     assert form == why
 
 
-def test_only_the_last_phases_student_is_served(upstream, tmp_path):
-    assert deploy.servable_form({"state": "student"}, True, CPU, upstream, tmp_path, None, {}) == tmp_path / "student"
-    assert deploy.servable_form({"state": "student"}, False, CPU, upstream, tmp_path, None, {}) == \
+def test_only_the_last_phases_student_is_served(models, tmp_path):
+    assert deploy.servable_form(JourneyEntry("student", phase="grpo"), CPU, models) == tmp_path / "student"
+    assert deploy.servable_form(JourneyEntry("student", phase="sft"), CPU, models) == \
         "only the last phase's student is kept"
 
 
 def test_journey_prints_a_serving_table_with_cost_and_the_reasons_states_were_not_served(measured):
     served = {k: v for k, v in measured.items() if k != "answers"}
-    journey = [{"state": "teacher", "task_score": 0.5, "perplexity": 2.0, "size_bytes": 2e6, "params": 1e6,
-                "bits_per_param": 16.0, "serving": served, "cost_usd_per_mtok": serving.cost_entry(served)},
-               {"state": "quantized", "task_score": 0.5, "perplexity": 2.0, "size_bytes": 1e6, "params": 1e6,
-                "bits_per_param": 8.0, "serving": serving.not_measured(CPU, "compressed-tensors: vLLM (GPU) only")}]
-    table = journey_table(journey)
+    states = [JourneyEntry("teacher", task_score=0.5, perplexity=2.0, size_bytes=2e6, params=1e6, bits_per_param=16.0,
+                           serving=served, cost_usd_per_mtok=serving.cost_entry(served)),
+              JourneyEntry("quantized", task_score=0.5, perplexity=2.0, size_bytes=1e6, params=1e6, bits_per_param=8.0,
+                           serving=serving.not_measured(CPU, "compressed-tensors: vLLM (GPU) only"))]
+    table = journey.table(states)
     assert "| state | task score | 95% CI | retention | perplexity | size (MB) | params (M) | bits/param |" in table
     assert "tokens/s batch 1" in table and "$/1M tokens at 2" in table
     assert "| teacher | llama.cpp | tiny-q4_0.gguf |" in table
     assert "| quantized | llama.cpp | not served: compressed-tensors: vLLM (GPU) only |" in table
 
 
-def test_a_gguf_teacher_is_served_from_the_file_it_came_as():
+def test_a_gguf_teacher_is_served_from_the_file_it_came_as(models):
     from distilflow.tasks import package
 
     card = package.teacher_card(load_config(REPO / "configs" / "demo.yaml").prototype.teacher)
     assert Path(card["gguf_file"]).name == "SmolLM2-135M-Instruct.Q4_1.gguf" and Path(card["gguf_file"]).is_file()
-    form = deploy.servable_form({"state": "teacher-gguf"}, False, CPU, {}, Path("."), None, card)
+    form = deploy.servable_form(JourneyEntry("teacher-gguf"), CPU, replace(models, teacher_gguf=card["gguf_file"]))
     assert form == Path(card["gguf_file"])

@@ -7,8 +7,7 @@ import pytest
 from datasets import load_from_disk
 from transformers import AutoModelForCausalLM
 
-from distilflow.tasks import artifacts
-from distilflow.tasks.evaluate import JOURNEY_FIELDS
+from distilflow.tasks import artifacts, journey
 from distilflow.tasks.prototype import rejection_sample
 from distilflow.tasks.stages import run_stage
 
@@ -28,56 +27,53 @@ def stage_results(tmp_path_factory):
     from tests.conftest import TINY_CONFIG
 
     cfg = load_config(TINY_CONFIG, {"run.workdir": str(tmp_path_factory.mktemp("work"))})
-    results = {}
-    for name in ("prototype", "distill", "compress", "deploy"):
-        results[name] = run_stage(name, cfg, dict(results))
-    return cfg, results
+    prototype = run_stage("prototype", cfg)
+    distill = run_stage("distill", cfg, prototype)
+    compress = run_stage("compress", cfg, prototype, distill)
+    deploy = run_stage("deploy", cfg, prototype, distill, compress)
+    return cfg, {"prototype": prototype, "distill": distill, "compress": compress, "deploy": deploy}
 
 
 def test_prototype_writes_dataset_card_and_teacher_baseline(stage_results):
     cfg, results = stage_results
     result = results["prototype"]
-    dataset = load_from_disk(result.path("dataset"))
+    dataset = load_from_disk(result.dataset)
     assert len(dataset) == result.metrics["kept"] > 0
     assert result.metrics["kept"] + result.metrics["rejected"] == cfg.task.max_train * cfg.prototype.num_samples
     assert all(a in cfg.task.check.choices for a in dataset["answer"])
     assert set(dataset["label_source"]) == {"teacher"}  # tiny.yaml's training inputs are unlabelled
-    assert "Data card" in result.path("data_card").read_text()
-    assert result.journey[0]["state"] == "teacher"
-    assert set(JOURNEY_FIELDS) <= result.journey[0].keys()
+    assert "Data card" in result.data_card.read_text()
+    assert result.baseline.state == "teacher"
+    assert set(journey.FIELDS) <= result.baseline.as_json().keys()
 
 
 def test_distill_trains_a_smaller_student(stage_results):
     cfg, results = stage_results
-    student = AutoModelForCausalLM.from_pretrained(results["distill"].path("student"))
+    student = AutoModelForCausalLM.from_pretrained(results["distill"].student)
     assert student.config.num_hidden_layers == cfg.distill.student.teacher_layers
-    entry = results["distill"].journey[0]
-    assert entry["state"] == "student" and entry["params"] < results["prototype"].journey[0]["params"]
+    entry = results["distill"].last_phase
+    assert entry.state == "student" and entry.params < results["prototype"].baseline.params
 
 
 def test_compress_writes_a_smaller_quantized_checkpoint(stage_results):
     _, results = stage_results
-    config = json.loads((results["compress"].path("model") / "config.json").read_text())
+    config = json.loads((results["compress"].model / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
-    quantized, student = results["compress"].journey[0], results["distill"].journey[0]
-    assert quantized["size_bytes"] < student["size_bytes"]
-    assert quantized["bits_per_param"] < student["bits_per_param"]
+    quantized, student = results["compress"].quantized, results["distill"].last_phase
+    assert quantized.size_bytes < student.size_bytes
+    assert quantized.bits_per_param < student.bits_per_param
 
 
 def test_deploy_bundle_holds_model_card_journey_and_a_valid_manifest(stage_results):
     _, results = stage_results
-    bundle = results["deploy"].path("bundle")
+    bundle = results["deploy"].bundle
     for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json",
                  "README.md", "journey.json", "eval_report.json", "manifest.json"):
         assert (bundle / name).is_file(), name
     assert artifacts.manifest_problems(bundle) == []
-    journey = json.loads((bundle / "journey.json").read_text())
-    assert [e["state"] for e in journey] == ["teacher", "student", "quantized", "deployed"]
+    written = json.loads((bundle / "journey.json").read_text())
+    assert [e["state"] for e in written] == ["teacher", "student", "quantized", "deployed"]
+    assert written == journey.to_json(results["deploy"].journey)
     assert "| deployed |" in (bundle / "README.md").read_text()
-    deployed = results["deploy"].journey[0]
-    assert 0 <= deployed["smoke_pass_rate"] <= 1 and deployed["smoke_latency_s"] > 0
-
-
-def test_stage_needs_its_upstream_results(tiny_cfg):
-    with pytest.raises(ValueError, match="needs the results of"):
-        run_stage("distill", tiny_cfg, {})
+    deployed = results["deploy"].deployed
+    assert 0 <= deployed.smoke_pass_rate <= 1 and deployed.smoke_latency_s > 0

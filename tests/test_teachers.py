@@ -10,7 +10,8 @@ import torch
 from distilflow.configs.schema import HttpTeacherConfig, JsonSchemaCheck, LocalTeacherConfig, RegexCheck
 from distilflow.tasks import data
 from distilflow.tasks.errors import DistilflowError
-from distilflow.tasks.evaluate import JOURNEY_FIELDS, Prompting
+from distilflow.tasks import journey
+from distilflow.tasks.evaluate import Evaluator, Prompting
 from distilflow.tasks.teachers import HttpTeacher, LocalTeacher, open_teacher
 from tests.conftest import TINY_TEACHER, free_port
 
@@ -119,9 +120,9 @@ def test_model_the_endpoint_does_not_serve_is_named(http_cfg):
 
 
 def test_black_box_baseline_has_a_score_and_speed_but_no_weights(http_cfg, tiny_cfg, split):
-    baseline = open_teacher(http_cfg, CPU).evaluate(split.eval[:4], tiny_cfg.task, tiny_cfg.eval, Prompting())
-    entry = baseline.journey_entry("teacher")
-    assert set(JOURNEY_FIELDS) <= entry.keys()
+    evaluator = Evaluator(tiny_cfg.task, split.eval[:4], tiny_cfg.eval, CPU)
+    entry = open_teacher(http_cfg, CPU).evaluate(evaluator, Prompting()).journey_entry("teacher").as_json()
+    assert set(journey.FIELDS) <= entry.keys()
     assert 0 <= entry["task_score"] <= 1 and entry["tokens_per_s"] > 0
     assert entry["size_bytes"] is None and entry["params"] is None and entry["perplexity"] is None
 

@@ -19,6 +19,7 @@ from datetime import date
 from pathlib import Path
 
 from distilflow.flows.cli import ENV_DEFAULTS
+from distilflow.tasks import journey
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "demo.yaml"
@@ -62,15 +63,14 @@ def main() -> None:
                          "--set", f"run.workdir={direct_dir}", "--out", str(scratch / "direct.json")], env)
     cached_s, _ = timed(cli + ["--set", f"run.workdir={orchestrated_dir}"], env)
 
-    journey = report["journey"]
-    teacher = next(e for e in journey if e["state"] == "teacher")
-    deployed = next(e for e in journey if e["state"] == "deployed")
+    states = journey.from_json(report["journey"])
+    teacher, deployed = journey.find(states, "teacher"), journey.find(states, "deployed")
     result = {
         "date": date.today().isoformat(), "device": f"{platform.processor() or platform.machine()}, "
                                                     f"{os.cpu_count()} cores, no GPU",
-        "journey": journey,
-        "retention": deployed["task_score"] / teacher["task_score"],
-        "size_reduction_vs_teacher_bf16": teacher["size_bytes"] / deployed["size_bytes"],
+        "journey": report["journey"],
+        "retention": deployed.task_score / teacher.task_score,
+        "size_reduction_vs_teacher_bf16": teacher.size_bytes / deployed.size_bytes,
         "orchestrated_s": orchestrated_s, "direct_s": direct_s, "cached_rerun_s": cached_s,
         "stage_seconds": {"orchestrated": stage_seconds(report),
                           "direct": json.loads((scratch / "direct.json").read_text())["stage_seconds"]},

@@ -40,7 +40,7 @@ def run_mode(mode: str, cfg, dataset, teacher_dir: Path, student_dir: Path, work
                                       cfg.distill.logit_kd.temperature, work,
                                       load_teacher=lambda: load_model(teacher_dir, device)[0])
         cache_seconds = time.perf_counter() - start
-        sources["logits_file"] = cache.path("logits")
+        sources["logits_file"] = cache.logits
     else:
         sources["teacher"] = load_model(teacher_dir, device)[0]
     if device.type == "cuda":

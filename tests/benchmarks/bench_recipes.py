@@ -62,18 +62,18 @@ def kept_precision(dataset_jsonl: Path, truth: dict[str, str], template_prefix: 
 def run_recipe(name: str, overrides: dict, truth: dict[str, str]) -> dict:
     cfg = load_config(CONFIG, overrides)
     start = time.perf_counter()
-    prototype = run_stage("prototype", cfg, {})
+    prototype = run_stage("prototype", cfg)
     prototype_s = time.perf_counter() - start
-    distill = run_stage("distill", cfg, {"prototype": prototype})
+    distill = run_stage("distill", cfg, prototype)
     distill_s = time.perf_counter() - start - prototype_s
-    teacher = prototype.journey[0]
+    teacher = prototype.baseline
     return {"filter": name, "overrides": overrides, "kept": prototype.metrics["kept"],
             "rejected": {k.removeprefix("rejected."): v for k, v in prototype.metrics.items()
                          if k.startswith("rejected.")},
-            "kept_precision": kept_precision(prototype.path("dataset_jsonl"), truth),
-            "teacher": {k: teacher[k] for k in ("task_score", "task_score_ci")},
-            "phases": [{k: e[k] for k in ("phase", "task_score", "task_score_ci", "perplexity")}
-                       for e in distill.journey],
+            "kept_precision": kept_precision(prototype.dataset_jsonl, truth),
+            "teacher": {"task_score": teacher.task_score, "task_score_ci": teacher.task_score_ci},
+            "phases": [{"phase": e.phase, "task_score": e.task_score, "task_score_ci": e.task_score_ci,
+                        "perplexity": e.perplexity} for e in distill.journey],
             "seconds": {"prototype": prototype_s, "distill": distill_s,
                         "cached": {"prototype": prototype.cached, "distill": distill.cached}}}
 

@@ -29,7 +29,7 @@ from mlflow import MlflowClient
 from distilflow.configs.loader import load_config
 from distilflow.configs.schema import BudgetConfig
 from distilflow.flows.cli import ENV_DEFAULTS
-from distilflow.tasks import compress, gguf_export
+from distilflow.tasks import compress, gguf_export, journey
 from distilflow.tasks.errors import DistilflowError
 from tests.benchmarks.bench_cpu import stage_seconds, timed
 
@@ -129,7 +129,7 @@ def main() -> None:
         rows += [{**row, "student": run["student"], "distill_s": run["stage_seconds"]["distill"]}
                  for row in candidate_rows(compress_dir(run["report"], workdir), scratch)]
         print(f"{run['student']}: {run['wall_s']:.0f} s", flush=True)
-    teacher = next(e for e in runs[0]["report"]["journey"] if e["state"] == "teacher")
+    teacher = journey.find(journey.from_json(runs[0]["report"]["journey"]), "teacher").as_json()
     result = {"date": date.today().isoformat(),
               "device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU",
               "teacher": teacher, "choice": choice(rows, teacher), "candidates": rows,

@@ -18,7 +18,7 @@ import torch
 from distilflow.configs.loader import load_config
 from distilflow.configs.schema import LocalTeacherConfig
 from distilflow.tasks import data
-from distilflow.tasks.evaluate import Prompting
+from distilflow.tasks.evaluate import Evaluator, Prompting
 from distilflow.tasks.models import load_model, save_model, size_on_disk
 from distilflow.tasks.teachers import LocalTeacher, open_teacher
 
@@ -31,7 +31,7 @@ def measure(model_dir: str, mode: dict, cfg, split, device) -> dict:
     teacher = open_teacher(LocalTeacherConfig(path=model_dir, **mode), device)
     loaded_bytes = torch.cuda.memory_allocated()
     prompting = Prompting(tuple(data.few_shot_examples(split.pool, cfg.task, cfg.prototype.few_shot, 0)))
-    baseline = teacher.evaluate(split.eval, cfg.task, cfg.eval, prompting)
+    baseline = teacher.evaluate(Evaluator(cfg.task, split.eval, cfg.eval, device), prompting)
     answers = [p["answer"] for p in baseline.predictions]
     with tempfile.TemporaryDirectory() as saved:
         save_model(teacher.model, teacher.tokenizer, Path(saved))

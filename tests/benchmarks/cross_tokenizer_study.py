@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from distilflow.configs.loader import load_config
+from distilflow.tasks import journey
 from distilflow.tasks.stages import run_stage
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "cross-tokenizer-study.yaml"
@@ -31,13 +32,13 @@ VARIANTS = {
 def run_study(variants: list[str], overrides: dict) -> dict:
     cfg = load_config(CONFIG, overrides)
     start = time.perf_counter()
-    prototype = run_stage("prototype", cfg, {})
-    results = {"prototype": {"journey": prototype.journey, "metrics": prototype.metrics,
+    prototype = run_stage("prototype", cfg)
+    results = {"prototype": {"journey": [prototype.baseline.as_json()], "metrics": prototype.metrics,
                              "seconds": time.perf_counter() - start}}
     for name in variants:
         start = time.perf_counter()
-        distill = run_stage("distill", load_config(CONFIG, {**overrides, **VARIANTS[name]}), {"prototype": prototype})
-        results[name] = {"journey": distill.journey, "metrics": distill.metrics,
+        distill = run_stage("distill", load_config(CONFIG, {**overrides, **VARIANTS[name]}), prototype)
+        results[name] = {"journey": journey.to_json(distill.journey), "metrics": distill.metrics,
                          "seconds": time.perf_counter() - start}
         print(json.dumps({name: results[name]}, indent=1), flush=True)
     return results

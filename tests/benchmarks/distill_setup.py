@@ -14,6 +14,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from distilflow.configs.loader import load_config
 from distilflow.tasks.context import StageContext
 from distilflow.tasks.data import load_task_data
+from distilflow.tasks.evaluate import Evaluator
 from distilflow.tasks.prototype import write_dataset
 from distilflow.tasks.tracking import Tracker
 
@@ -65,9 +66,9 @@ def task_dataset(cfg, directory: Path, context_tickets: int = 1):
 
 
 def context(cfg, workdir: Path, device: torch.device, tracker: Tracker) -> StageContext:
+    evaluator = Evaluator(cfg.task, load_task_data(cfg.task, 0).eval, cfg.eval, device)
     return StageContext(workdir=workdir, out_dir=workdir / "out", checkpoint_dir=workdir / "checkpoints",
-                        device=device, seed=cfg.run.seed, task=cfg.task, examples=load_task_data(cfg.task, 0),
-                        eval=cfg.eval, tracker=tracker)
+                        device=device, seed=cfg.run.seed, evaluator=evaluator, tracker=tracker)
 
 
 def logged(records_file: Path) -> list[dict]:

@@ -11,19 +11,25 @@ import time
 from pathlib import Path
 
 from distilflow.configs.loader import load_config, parse_overrides
-from distilflow.tasks.stages import STAGES, run_stage
+from distilflow.tasks import journey
+from distilflow.tasks.stages import run_stage
 
 
 def run_direct(config: str, overrides: dict) -> dict:
     cfg = load_config(config, overrides)
-    results, seconds = {}, {}
-    for name, stage in STAGES.items():
+    seconds = {}
+
+    def timed(name: str, *upstream):
         start = time.perf_counter()
-        results[name] = run_stage(name, cfg, {n: results[n] for n in stage.needs})
+        output = run_stage(name, cfg, *upstream)
         seconds[name] = time.perf_counter() - start
-    return {"bundle": str(results["deploy"].path("bundle")), "stage_seconds": seconds,
-            "journey": [e for r in results.values() for e in r.journey if r.stage != "deploy"]
-            + results["deploy"].journey}
+        return output
+
+    prototype = timed("prototype")
+    distill = timed("distill", prototype)
+    compress = timed("compress", prototype, distill)
+    deploy = timed("deploy", prototype, distill, compress)
+    return {"bundle": str(deploy.bundle), "stage_seconds": seconds, "journey": journey.to_json(deploy.journey)}
 
 
 if __name__ == "__main__":
