@@ -413,10 +413,6 @@ class PrototypeConfig(Section):
         if self.min_agreement is not None and (self.num_samples < 2 or self.temperature == 0):
             raise ValueError("prototype.min_agreement compares several sampled answers per input: set "
                              "prototype.num_samples >= 2 and prototype.temperature > 0")
-        for key in ("min_confidence", "keep_most_confident"):
-            if getattr(self, key) is not None and isinstance(self.teacher, HttpTeacherConfig):
-                raise ValueError(f"prototype.{key} needs the teacher's probabilities, but prototype.teacher is an "
-                                 "HTTP endpoint (text only); use min_agreement or judge instead")
         return self
 
 
@@ -1010,17 +1006,23 @@ class PipelineConfig(Section):
                              "distribution cannot be rebuilt; set it to 1.0")
         return self
 
+    @property
+    def label_probability_keys(self) -> list[str]:
+        """The settings that read the teacher's probability of each label (preflight asks a served teacher's
+        server whether it can give them)."""
+        used = {"prototype.min_confidence": self.prototype.min_confidence is not None,
+                "prototype.keep_most_confident": self.prototype.keep_most_confident is not None,
+                "distill.logit_kd.teacher_logits: choices": "logit_kd" in self.distill.phases
+                and self.distill.logit_kd.teacher_logits == "choices"}
+        return [key for key, is_set in used.items() if is_set]
+
     @model_validator(mode="after")
     def _choice_probabilities_need_a_choice_task(self):
-        needs = {"prototype.min_confidence": self.prototype.min_confidence is not None,
-                 "prototype.keep_most_confident": self.prototype.keep_most_confident is not None,
-                 "distill.logit_kd.teacher_logits: choices": "logit_kd" in self.distill.phases
-                 and self.distill.logit_kd.teacher_logits == "choices"}
-        for key, used in needs.items():
-            if used and self.task.check.type != "choice":
+        for key in self.label_probability_keys:
+            if self.task.check.type != "choice":
                 raise ValueError(f"{key} uses the teacher's probability of each label, which only a choice task "
                                  f"has (task.check.type is {self.task.check.type})")
-            if used and isinstance(self.prototype.teacher, HttpTeacherConfig) and not self.prototype.teacher.tokenizer:
+            if isinstance(self.prototype.teacher, HttpTeacherConfig) and not self.prototype.teacher.tokenizer:
                 raise ValueError(f"{key} uses the teacher's probability of each label, but prototype.teacher is "
                                  "an HTTP endpoint without a tokenizer: its labels are the server's guided choices, "
                                  "with no probabilities. Set prototype.teacher.tokenizer to the served model's "

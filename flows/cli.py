@@ -2,7 +2,7 @@
 
 Exit codes: 0 done, 2 a problem with the input (config, data, model files, tracking store, a full disk) or a
 bundle that fails `verify`, 3 the new model failed the deploy gate (it is registered as `candidate`;
-`champion` did not move), 130 / 143 stopped by Ctrl-C / SIGTERM, 1 anything else (a bug). An error is one
+`champion` did not move), 130 / 143 / 129 stopped by Ctrl-C / SIGTERM / SIGHUP, 1 anything else (a bug). An error is one
 `error:` line; a run's log file (named there) holds the traceback, which --verbose also prints.
 """
 
@@ -77,12 +77,11 @@ def run(args) -> int:
 def validate(args) -> int:
     from distilflow.configs.loader import load_config, parse_overrides
     from distilflow.tasks.data import load_task_data
-    from distilflow.tasks.stages import check_hub_models, length_warnings, preflight
+    from distilflow.tasks.stages import length_warnings, preflight
     from distilflow.tasks.tracking import tracking_uri
 
     cfg = load_config(args.config, parse_overrides(args.set))
-    preflight(cfg, tracking_uri(cfg.run.mlflow_tracking_uri, cfg.run.workdir))
-    check_hub_models(cfg)
+    preflight(cfg, tracking_uri(cfg.run.mlflow_tracking_uri, cfg.run.workdir))  # exactly what a run checks first
     examples = load_task_data(cfg.task, cfg.run.seed)
     for warning in length_warnings(cfg, examples):
         print(f"warning: {warning}", file=sys.stderr)

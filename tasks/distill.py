@@ -72,7 +72,6 @@ class DistillOutput(StageOutput):
 
 def run(cfg: DistillConfig, prototype: PrototypeOutput, ctx: StageContext) -> DistillOutput:
     out, teacher_dir = ctx.out_dir, prototype.teacher
-    check_can_train(cfg, teacher_dir, ctx.device)
     # In memory: datasets would otherwise write its map caches into the upstream artifact.
     dataset = load_from_disk(prototype.dataset, keep_in_memory=True)
     model_dir, origin = initial_student(cfg.student, teacher_dir, dataset, ctx)
@@ -108,23 +107,6 @@ def run(cfg: DistillConfig, prototype: PrototypeOutput, ctx: StageContext) -> Di
     scores = ", ".join(f"{e.phase} {e.task_score:.3f}" for e in journey)
     return DistillOutput(student=out / "student", journey=journey,
                          summary=f"Student: {origin}; task score after {scores}\n")
-
-
-def check_can_train(cfg: DistillConfig, teacher_dir: Path | None, device: torch.device) -> None:
-    """Fail before any training on what no phase could do."""
-    if cfg.qlora and device.type != "cuda":
-        raise DistilflowError(f"distill.qlora trains on a 4-bit base through bitsandbytes, which needs a GPU; "
-                              f"this run's device is {device.type}. Set distill.qlora: false")
-    if cfg.processes > 1 and device.type == "cuda" and cfg.processes > torch.cuda.device_count():
-        raise DistilflowError(f"distill.processes is {cfg.processes} but only {torch.cuda.device_count()} GPUs "
-                              "are visible")
-    if teacher_dir is None and cfg.student.teacher_layers:
-        raise DistilflowError("distill.student.teacher_layers derives the student from the teacher's weights, but "
-                              "the teacher is a black box (an HTTP endpoint); set distill.student.path instead")
-    if teacher_dir is None and "logit_kd" in cfg.phases and cfg.logit_kd.teacher_logits == "online":
-        raise DistilflowError("distill.logit_kd.teacher_logits: online runs the teacher beside the student, but the "
-                              "teacher is a black box (an HTTP endpoint) without weights here; use offline (its "
-                              "top-k prompt log-probs, cached once)")
 
 
 def served_teacher(endpoint: ServedTeacher, top_k: int) -> HttpTeacher:

@@ -45,7 +45,7 @@ def load_teacher(cfg: LocalTeacherConfig, device: torch.device, key: str = "prot
     source, gguf_file = teacher_source(cfg, key)
     log.info("loading teacher %s%s (%s)", source, f" ({gguf_file})" if gguf_file else "", trust_summary(cfg))
     files = {"gguf_file": gguf_file} if gguf_file else {}
-    quantization = bitsandbytes_loading(cfg, device, key) if cfg.load_in_4bit or cfg.load_in_8bit else {}
+    quantization = bitsandbytes_loading(cfg, device) if cfg.load_in_4bit or cfg.load_in_8bit else {}
     safeguards = loading_safeguards(source if not gguf_file else None, cfg, key)
     with explained_load_errors(source, gguf_file, key):
         tokenizer = gguf_tokenizer(Path(source) / gguf_file, cfg.trust_remote_code) if gguf_file else \
@@ -157,12 +157,9 @@ def _load_error(source, key: str, err: Exception) -> DistilflowError:
     return DistilflowError(f"{key}: cannot load {source}: {err}")
 
 
-def bitsandbytes_loading(cfg: LocalTeacherConfig, device: torch.device, key: str = "prototype.teacher") -> dict:
-    """``from_pretrained`` arguments that quantize the teacher while loading it (NF4 or int8)."""
-    option = "load_in_4bit" if cfg.load_in_4bit else "load_in_8bit"
-    if device.type != "cuda":
-        raise DistilflowError(f"{key}.{option} needs a CUDA GPU (bitsandbytes' quantized kernels); this run's "
-                              f"device is {device.type}. Remove {option}, or run on a GPU.")
+def bitsandbytes_loading(cfg: LocalTeacherConfig, device: torch.device) -> dict:
+    """``from_pretrained`` arguments that quantize the teacher while loading it (NF4 or int8) on a CUDA ``device``
+    (preflight refuses them on any other)."""
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=torch.bfloat16) if cfg.load_in_4bit \
         else BitsAndBytesConfig(load_in_8bit=True)

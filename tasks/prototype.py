@@ -146,22 +146,20 @@ def teacher_answers(teacher, inputs: list[dict], task: TaskConfig, prompting: Pr
     drawn from those same probabilities."""
     sampling = {"temperature": cfg.temperature, "num_samples": cfg.num_samples, "seed": seed}
     if task.check.type != "choice" or teacher.choice_method != LOG_LIKELIHOOD:
-        require_no_probability_filter(cfg, teacher)
         return teacher.answer(inputs, task, prompting, desc="teacher answering", **sampling), None
     scores = teacher.choice_scores(inputs, task, prompting, desc="teacher answering")
     probabilities = [dict(zip(task.check.choices, row)) for row in scores.softmax(1).tolist()]
     return decoding.pick(scores, task.check.choices, **sampling), probabilities
 
 
-def require_no_probability_filter(cfg: PrototypeConfig, teacher) -> None:
-    """The confidence filters read the teacher's label probabilities, which a served teacher gives only when its
-    server returns prompt log-probs (checked when it connects: without them, its labels are guided choices)."""
-    for key in ("min_confidence", "keep_most_confident"):
-        if getattr(cfg, key) is not None:
-            raise DistilflowError(f"prototype.{key} reads the teacher's probability of each label, but "
-                                  f"{teacher.name} gives none ({choice_method(teacher, cfg)}): serve it with "
-                                  "prompt log-probs (vLLM) and set prototype.teacher.tokenizer, or unset "
-                                  f"prototype.{key}")
+def require_label_probabilities(keys: list[str], teacher, cfg: PrototypeConfig) -> None:
+    """``keys`` (the confidence filters, soft-label KD) read the teacher's probability of each label, which a served
+    teacher gives only when its server returns prompt log-probs (found when it connects: without them, its labels
+    are guided choices). Preflight asks, before any stage."""
+    if keys and teacher.choice_method != LOG_LIKELIHOOD:
+        raise DistilflowError(f"{keys[0]} reads the teacher's probability of each label, but {teacher.name} gives "
+                              f"none ({choice_method(teacher, cfg)}): serve it with prompt log-probs (vLLM), or "
+                              f"unset {keys[0]}")
 
 
 # Why an answer left the distillation set, and the setting that decided it (the data card's table).

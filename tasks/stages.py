@@ -11,6 +11,8 @@ import typing
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from distilflow.configs.schema import HttpTeacherConfig, ModelTrust, PipelineConfig
 from distilflow.tasks import artifacts, compress, deploy, distill, history, prototype, serving
 from distilflow.tasks.artifacts import StageOutput
@@ -31,27 +33,52 @@ STAGES = {"prototype": prototype.run, "distill": distill.run, "compress": compre
 
 
 def preflight(cfg: PipelineConfig, tracking_uri: str) -> None:
-    """Everything that can be checked before the first stage: task data (and its few-shot pool), workdir,
-    device, tracking store, and each HTTP teacher's endpoint (its key, the model served, prompt log-probs deep
-    enough for logit KD).
+    """Every rule about the device, a server or files, checked before the first stage (the config's own rules
+    are its pydantic models'): task data (and its few-shot pool), workdir, run history, what needs a GPU, serving
+    engine and its price, tracking store, each HTTP teacher's endpoint (its key, the model served, prompt log-probs
+    deep enough for logit KD, label probabilities where a setting reads them), local model files and hub ids.
+    `distilflow validate` runs exactly this.
 
     A run that would fail on its input fails here, in seconds, with nothing written.
     """
     check_few_shot_pool(load_task_data(cfg.task, cfg.run.seed), cfg.task, cfg.prototype)
     artifacts.check_writable(cfg.run.workdir)
     history.check_home(history.distilflow_home())
-    engine = serving.choose_engine(cfg.eval.serving, resolve_device(cfg.run.device).type)
+    device = resolve_device(cfg.run.device)
+    check_device(cfg, device, torch.cuda.device_count())
+    engine = serving.choose_engine(cfg.eval.serving, device.type)
     if engine:
         serving.priced(engine, cfg.deploy.cost)  # a device kind with no price fails now, not after training
     check_tracking_store(tracking_uri, tracking_source(cfg.run.mlflow_tracking_uri))
     for key, teacher in http_teachers(cfg).items():
         top_k = cfg.distill.logit_kd.top_k if key == "prototype.teacher" and "logit_kd" in cfg.distill.phases \
             else None
-        check_endpoint(teacher, os.environ, key, top_k)
+        connected = check_endpoint(teacher, os.environ, key, top_k)
+        if key == "prototype.teacher":
+            prototype.require_label_probabilities(cfg.label_probability_keys, connected, cfg.prototype)
     for key, model in local_models(cfg).items():
         directory = check_model_files(model, key)
         if key == "prototype.teacher" and directory and cfg.distill.student.teacher_layers:
             check_teacher_layers(cfg.distill.student.teacher_layers, layer_count(directory), directory)
+    check_hub_models(cfg)
+
+
+def check_device(cfg: PipelineConfig, device: torch.device, gpus: int) -> None:
+    """What needs a CUDA GPU (bitsandbytes: a teacher quantized while loading, QLoRA's 4-bit base), and no more
+    distill processes than the ``gpus`` visible."""
+    teachers = {"prototype.teacher": cfg.prototype.teacher,
+                "prototype.judge.teacher": cfg.prototype.judge and cfg.prototype.judge.teacher}
+    needs_cuda = {f"{key}.{option}": ("bitsandbytes' quantized kernels", f"Remove {option}, or run on a GPU")
+                  for key, teacher in teachers.items() for option in ("load_in_4bit", "load_in_8bit")
+                  if getattr(teacher, option, False)}
+    if cfg.distill.qlora:
+        needs_cuda["distill.qlora"] = ("it trains on a 4-bit base through bitsandbytes", "Set distill.qlora: false")
+    for key, (why, fix) in needs_cuda.items():
+        if device.type != "cuda":
+            raise DistilflowError(f"{key} needs a CUDA GPU ({why}); this run's device is {device.type}. {fix}")
+    if device.type == "cuda" and cfg.distill.processes > gpus:
+        raise DistilflowError(f"distill.processes is {cfg.distill.processes} but only {gpus} GPUs are visible; "
+                              "lower it, or make more GPUs visible (CUDA_VISIBLE_DEVICES)")
 
 
 def local_models(cfg: PipelineConfig) -> dict[str, ModelTrust]:
@@ -74,8 +101,8 @@ def http_teachers(cfg: PipelineConfig) -> dict[str, HttpTeacherConfig]:
 
 
 def check_hub_models(cfg: PipelineConfig) -> None:
-    """`distilflow validate` only (it asks the network): every model given by hub id is in the local cache or on
-    the Hugging Face hub."""
+    """Every model given by hub id is in the local cache or on the Hugging Face hub (asked over the network, once
+    per run)."""
     from transformers import AutoConfig
 
     for key, model in local_models(cfg).items():

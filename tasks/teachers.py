@@ -65,12 +65,14 @@ def served_model(cfg: HttpTeacherConfig, environ, key: str = "prototype.teacher"
     return HttpTeacher(cfg, client_for(cfg, api_key(cfg, environ, key)), key).model_card()
 
 
-def check_endpoint(cfg: HttpTeacherConfig, environ, key: str, top_k: int | None = None) -> None:
+def check_endpoint(cfg: HttpTeacherConfig, environ, key: str, top_k: int | None = None) -> "HttpTeacher":
     """Before any stage: the endpoint answers, accepts the key and serves ``cfg.model`` (with ``cfg.tokenizer``
-    matching it); with ``top_k``, it returns that many prompt log-probs per position (logit KD needs them)."""
+    matching it); with ``top_k``, it returns that many prompt log-probs per position (logit KD needs them).
+    Returns the teacher, connected."""
     teacher = HttpTeacher.connect(cfg, api_key(cfg, environ, key), key)
     if top_k is not None:
         teacher.require_prompt_logprobs(top_k)
+    return teacher
 
 
 def client_for(cfg: HttpTeacherConfig, api_key: str | None):

@@ -210,12 +210,6 @@ def test_bitsandbytes_loading_of_a_gguf_file_is_refused(tmp_path):
     assert "apply to Hugging Face checkpoints, not GGUF files" in error_of(write(tmp_path, raw))
 
 
-def test_student_cut_from_a_black_box_teacher_is_refused(tmp_path):
-    raw = tiny_yaml()
-    raw["prototype"]["teacher"] = {"base_url": "http://127.0.0.1:8000/v1", "model": "m"}
-    assert "set distill.student.path instead" in error_of(write(tmp_path, raw))
-
-
 # ---- names MLflow or Prefect would refuse: the message names the key the user set --------------------------
 
 @pytest.mark.parametrize("name", ["support/tickets", "support tickets", "tickets-é", "-leading", "x" * 101])

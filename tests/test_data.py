@@ -84,17 +84,6 @@ def test_a_pool_too_small_for_the_few_shot_settings_names_the_keys(tiny_cfg):
             data.check_few_shot_pool(split, tiny_cfg.task, tiny_cfg.prototype.model_copy(update=settings))
 
 
-def test_a_pool_too_small_is_caught_by_validate_before_any_stage(tiny_cfg, tmp_path):
-    from distilflow.configs.loader import load_config
-    from distilflow.tasks.stages import preflight
-    from tests.conftest import TINY_CONFIG
-
-    cfg = load_config(TINY_CONFIG, {"run.workdir": str(tmp_path / "work"), "task.few_shot_pool": 1})
-    with pytest.raises(DistilflowError, match="task.few_shot_pool is 1.*prototype.few_shot \\(2\\)"):
-        preflight(cfg, f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert not (tmp_path / "work").exists()
-
-
 def test_few_shot_examples_show_every_label(tiny_cfg):
     split = data.load_task_data(tiny_cfg.task, 0)
     shots = data.few_shot_examples(split.pool, tiny_cfg.task, k=4, seed=0)

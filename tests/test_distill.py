@@ -256,42 +256,6 @@ def test_a_student_with_another_vocabulary_is_refused_naming_both_tokenizers(tmp
     assert str(TINY_TEACHER) in message and str(other) in message and "sft" in message
 
 
-# --- what no phase can do ---------------------------------------------------------------------------------
-
-def test_qlora_on_a_cpu_is_refused_before_training(tiny_cfg):
-    cfg = load_config(TINY_CONFIG, {"distill.qlora": True}).distill
-    with pytest.raises(DistilflowError, match="distill.qlora.*needs a GPU"):
-        distill.check_can_train(cfg, TINY_TEACHER, torch.device("cpu"))
-
-
-def test_online_logit_kd_from_a_black_box_teacher_is_refused(tiny_cfg):
-    cfg = tiny_cfg.distill.model_copy(update={"phases": ["sft", "logit_kd"],
-                                              "logit_kd": tiny_cfg.distill.logit_kd.model_copy(
-                                                  update={"teacher_logits": "online"}),
-                                              "student": tiny_cfg.distill.student.model_copy(
-                                                  update={"teacher_layers": None, "path": str(TINY_TEACHER)})})
-    with pytest.raises(DistilflowError, match="teacher_logits: online .* black box"):
-        distill.check_can_train(cfg, None, torch.device("cpu"))
-
-
-def test_a_student_derived_from_a_black_box_teacher_is_refused(tiny_cfg):
-    with pytest.raises(DistilflowError, match="teacher_layers.*black box"):
-        distill.check_can_train(tiny_cfg.distill, None, torch.device("cpu"))
-
-
-@pytest.mark.parametrize("overrides, message", [
-    ({"distill.logit_kd.on_policy_fraction": 0.5}, "on_policy_fraction > 0 needs teacher_logits: online"),
-    ({"distill.phases": ["sft", "grpo", "sft"]}, "each phase may appear once"),
-    ({"distill.phases": ["rlhf"]}, "distill.phases.0"),
-    ({"distill.grpo.num_generations": 3}, "must be a multiple of num_generations"),
-    ({"distill.phases": ["logit_kd"], "distill.logit_kd.teacher_logits": "choices",
-      "task.check": {"type": "regex", "pattern": "[a-z]+"}}, "teacher_logits: choices .* only a choice task"),
-])
-def test_bad_distill_settings_name_the_key(overrides, message):
-    with pytest.raises(DistilflowError, match=message):
-        load_config(TINY_CONFIG, overrides)
-
-
 # --- training settings in TRL's and PEFT's own words -----------------------------------------------------
 
 TRAINER_SETTINGS = {"lr_scheduler_type": "cosine", "warmup_steps": 0.1, "weight_decay": 0.01, "max_grad_norm": 0.5}

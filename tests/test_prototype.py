@@ -77,21 +77,6 @@ def test_confidence_per_label_keeps_each_labels_most_confident_answers(tiny_cfg)
     assert rejected == Counter(less_confident=3)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"prototype.min_agreement": 0.6, "prototype.num_samples": 1}, "min_agreement .*num_samples >= 2"),
-    ({"prototype.min_agreement": 0.6, "prototype.temperature": 0.0}, "min_agreement .*temperature > 0"),
-    ({"prototype.min_confidence": 0.5, "task.check": {"type": "regex", "pattern": "[a-z]+"}},
-     "min_confidence .* only a choice task"),
-    ({"prototype.min_confidence": 0.5, "prototype.teacher": {"base_url": "http://127.0.0.1:9/v1", "model": "m"},
-      "distill.student": {"path": str(TINY_TEACHER)}}, "min_confidence .* HTTP endpoint"),
-    ({"prototype.keep_most_confident": 0.5, "task.check": {"type": "regex", "pattern": "[a-z]+"}},
-     "keep_most_confident .* only a choice task"),
-])
-def test_a_label_free_filter_without_its_signal_is_refused_naming_the_key(overrides, message):
-    with pytest.raises(DistilflowError, match=message):
-        load_config(TINY_CONFIG, overrides)
-
-
 def test_the_teacher_alone_labels_the_distillation_set_with_its_probabilities(tmp_path):
     cfg = load_config(TINY_CONFIG, {"run.workdir": str(tmp_path), **SMALL, "prototype.num_samples": 1,
                                     "prototype.temperature": 0.0, "prototype.min_confidence": 0.25})

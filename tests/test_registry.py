@@ -1,6 +1,5 @@
 """The deploy gate and the MLflow registry's aliases, on a real sqlite store (end to end: test_release.py)."""
 
-import json
 import shutil
 from dataclasses import replace
 

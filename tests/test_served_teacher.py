@@ -23,8 +23,8 @@ from distilflow.flows.cli import main
 from distilflow.tasks import checks, data, decoding, teacher_logits
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.evaluate import Prompting
-from distilflow.tasks.prototype import data_card, teacher_answers
-from distilflow.tasks.stages import cache_key, run_stage
+from distilflow.tasks.prototype import data_card
+from distilflow.tasks.stages import cache_key, preflight, run_stage
 from distilflow.tasks.teachers import GUIDED_CHOICE, LOG_LIKELIHOOD, LocalTeacher, open_teacher, served_model
 from tests.conftest import TINY_CONFIG, TINY_TEACHER, free_port, serving
 
@@ -128,15 +128,6 @@ def test_served_label_probabilities_equal_local_ones_within_fp_noise(tiny_cfg, t
                                atol=1e-4, rtol=0)
 
 
-def test_a_confidence_filter_on_a_teacher_that_cannot_score_labels_is_named(tiny_cfg, plain_server, key, held_out):
-    rows, prompting = held_out
-    teacher = open_teacher(served(plain_server, tokenizer=str(TINY_TEACHER)), CPU)
-    cfg = tiny_cfg.prototype.model_copy(update={"min_confidence": 0.5})
-    with pytest.raises(DistilflowError, match=r"prototype.min_confidence reads the teacher's probability of each "
-                                              r"label, but .* gives none \(the server's guided choice"):
-        teacher_answers(teacher, rows[:2], tiny_cfg.task, prompting, cfg, seed=0)
-
-
 # --- logit KD from the served teacher ------------------------------------------------------------------------
 
 def test_the_logit_cache_built_through_the_server_equals_the_local_one(tiny_cfg, tiny_teacher, openai_server, key):
@@ -167,15 +158,20 @@ def test_logit_kd_from_a_served_teacher_trains_on_its_cached_log_probs(openai_se
     assert 0 <= distill.metrics["logit_kd.task_score"] <= 1 and (distill.student / "config.json").is_file()
 
 
-def test_soft_label_kd_from_a_served_teacher_learns_its_label_probabilities(openai_server, key, tmp_path):
+def test_a_served_teachers_label_probabilities_filter_its_answers_and_become_soft_labels(openai_server, key, tmp_path):
+    """With its tokenizer and a server that returns prompt log-probs, a served teacher scores labels as a local one
+    does: the confidence filters and soft-label KD work on it."""
     cfg = load_config(TINY_CONFIG, {"run.workdir": str(tmp_path), **SMALL,
                                     "prototype.teacher": served_yaml(openai_server, tokenizer=str(TINY_TEACHER)),
+                                    "prototype.keep_most_confident": 0.5,
                                     "distill.student": {"path": str(TINY_TEACHER)}, "distill.phases": ["logit_kd"],
                                     "distill.logit_kd.teacher_logits": "choices"})
+    preflight(cfg, f"sqlite:///{tmp_path / 'mlflow.db'}")
     prototype = run_stage("prototype", cfg)
     rows = [json.loads(line) for line in prototype.dataset_jsonl.read_text().splitlines()]
     assert rows and all(sum(row["choice_probs"].values()) == pytest.approx(1.0) for row in rows)
     assert all(row["confidence"] == row["choice_probs"][row["answer"]] for row in rows)
+    assert prototype.metrics["rejected.less_confident"] > 0
     distill = run_stage("distill", cfg, prototype)
     assert 0 <= distill.metrics["logit_kd.task_score"] <= 1 and (distill.student / "config.json").is_file()
 
@@ -194,7 +190,10 @@ def test_a_student_whose_token_ids_differ_from_the_served_teachers_is_refused(op
      r"distill.logit_kd.top_k is 64, but .* refused 64 prompt log-probs .* --max-logprobs 64"),
     ("plain_server", {"distill.phases": ["logit_kd"]},
      r"distill.logit_kd.top_k is 16, but .* returns no prompt log-probs"),
-], ids=["unserved-model", "top-k-above-max-logprobs", "no-prompt-logprobs"])
+    ("plain_server", {"prototype.teacher.tokenizer": str(TINY_TEACHER), "prototype.min_confidence": 0.5},
+     r"prototype.min_confidence reads the teacher's probability of each label, but .* gives none \(the server's "
+     r"guided choice"),
+], ids=["unserved-model", "top-k-above-max-logprobs", "no-prompt-logprobs", "no-label-probabilities"])
 def test_validate_checks_the_endpoint_before_any_stage(request, key, tmp_path, capsys, server, overrides, message):
     endpoint = request.getfixturevalue(server)
     settings = {"run.workdir": str(tmp_path), "prototype.teacher": served_yaml(endpoint),
@@ -210,16 +209,6 @@ def test_validate_names_a_key_the_endpoint_rejects(openai_server, monkeypatch, t
     assert main(["validate", str(TINY_CONFIG), *[f"--set={k}={v}" for k, v in settings.items()]]) == 2
     error = capsys.readouterr().err
     assert "prototype.teacher.api_key_env: " in error and "rejected the API key" in error and "not-the-key" not in error
-
-
-def test_a_served_teacher_with_online_or_softened_logit_kd_is_refused_at_validation():
-    served_teacher = {"prototype.teacher": {"base_url": "http://127.0.0.1:1/v1", "model": "m"},
-                      "distill.student": {"path": str(TINY_TEACHER)}, "distill.phases": ["logit_kd"]}
-    with pytest.raises(DistilflowError, match="teacher_logits: online runs the teacher's weights"):
-        load_config(TINY_CONFIG, {**served_teacher, "distill.logit_kd.teacher_logits": "online"})
-    with pytest.raises(DistilflowError, match="temperature is 2, but an HTTP teacher's server returns log-probs at "
-                                              "temperature 1"):
-        load_config(TINY_CONFIG, {**served_teacher, "distill.logit_kd.temperature": 2.0})
 
 
 # --- what the key knows about the server -------------------------------------------------------------------------

@@ -38,16 +38,6 @@ def test_local_teacher_answers_with_the_tasks_labels(tiny_cfg, split):
     assert len(answers) == 4 and all(len(a) == 3 and set(a) <= set(tiny_cfg.task.check.choices) for a in answers)
 
 
-def test_4bit_teacher_on_cpu_is_a_clear_error():
-    with pytest.raises(DistilflowError, match="prototype.teacher.load_in_4bit needs a CUDA GPU"):
-        open_teacher(LocalTeacherConfig(path=str(TINY_TEACHER), load_in_4bit=True), CPU)
-
-
-def test_8bit_teacher_on_cpu_is_a_clear_error():
-    with pytest.raises(DistilflowError, match="prototype.teacher.load_in_8bit needs a CUDA GPU"):
-        open_teacher(LocalTeacherConfig(path=str(TINY_TEACHER), load_in_8bit=True), CPU)
-
-
 def test_http_teacher_answers_among_the_choices_by_guided_decoding(http_cfg, tiny_cfg, split):
     teacher = open_teacher(http_cfg, CPU)
     assert isinstance(teacher, HttpTeacher) and teacher.black_box
