@@ -225,7 +225,8 @@ def import_function(ref: str) -> Callable[[str, dict], float]:
     return function
 
 
-Check = Annotated[ChoiceCheck | RegexCheck | JsonSchemaCheck | PythonCheck, Field(discriminator="type")]
+# The task's check (`task.check`): what a valid answer is and how it is scored (tasks/checks.py applies it).
+TaskCheck = Annotated[ChoiceCheck | RegexCheck | JsonSchemaCheck | PythonCheck, Field(discriminator="type")]
 
 
 class TaskConfig(Section):
@@ -267,8 +268,8 @@ class TaskConfig(Section):
         if odd:
             raise ValueError(f"{{{odd[0]}}} is not a field name: use {{column}} with a data column's name")
         return template
-    check: Check = Field(description="What a valid answer is and how it is scored: the rejection-sampling "
-                                     "filter, the metric of every evaluation and the RL reward.")
+    check: TaskCheck = Field(description="What a valid answer is and how it is scored: the rejection-sampling "
+                                         "filter, the metric of every evaluation and the RL reward.")
     max_answer_tokens: int = Field(64, ge=1, description="Longest answer a model writes where it generates "
                                                          "freely (every check but choice).")
 

@@ -120,7 +120,14 @@ def quantize(model, tokenizer, cfg: QuantizeConfig, calibration_texts: list[str]
 def _no_pinned_memory_without_accelerator():
     """llm-compressor 0.14's AWQ pins its cached activations for fast host-to-GPU copies; torch refuses to pin
     without an accelerator ("Cannot access accelerator device"), so on CPU the pinning, only an
-    optimisation, is skipped."""
+    optimisation, is skipped.
+
+    Upstream: vllm-project/llm-compressor PR #2813 moved the pinning to just before AWQ's grid search
+    (``IntermediatesCache.pin_memory``); llmcompressor 0.14.0.1, the newest release and the one pinned here, still
+    pins whether or not there is an accelerator. Remove this patch with the first release whose
+    ``IntermediatesCache._pin_intermediate`` skips pinning without one: tests/test_quantize.py's
+    ``test_llm_compressor_still_pins_awq_activations_without_an_accelerator`` fails on that release.
+    """
     if torch.accelerator.is_available():
         yield
         return

@@ -28,7 +28,9 @@ class GateFailed(DistilflowError):
 
 
 @dataclass(frozen=True)
-class Check:
+class GateCheck:
+    """One check of the deploy gate: its config key, whether the new model passed it, and the numbers compared."""
+
     key: str
     passed: bool
     detail: str
@@ -38,7 +40,7 @@ class Check:
 class Release:
     model_name: str
     version: str
-    checks: list[Check]
+    checks: list[GateCheck]
     champion: str | None  # the champion's version after this release
     aliases: list[str] = field(default_factory=list)
 
@@ -77,7 +79,7 @@ class Release:
         return {**asdict(self), "passed": self.passed}
 
 
-def gate_checks(gate: GateConfig, states: list[JourneyEntry], champion_score: float | None) -> list[Check]:
+def gate_checks(gate: GateConfig, states: list[JourneyEntry], champion_score: float | None) -> list[GateCheck]:
     """The configured checks of ``gate`` on the journey's `deployed` entry (``None`` limits are skipped).
 
     ``champion_score`` is the current champion's task score (``None``: no champion to compare with).
@@ -92,7 +94,7 @@ def gate_checks(gate: GateConfig, states: list[JourneyEntry], champion_score: fl
             checks.append(_at_least("deploy.gate.min_retention", "retention", score / teacher.task_score,
                                     gate.min_retention))
         else:
-            checks.append(Check("deploy.gate.min_retention", False, "no teacher score above 0 to retain"))
+            checks.append(GateCheck("deploy.gate.min_retention", False, "no teacher score above 0 to retain"))
     if gate.max_size_mb is not None:
         checks.append(_at_most("deploy.gate.max_size_mb", "size (MB)", deployed.size_bytes / 1e6, gate.max_size_mb))
     if gate.max_latency_s is not None:
@@ -106,20 +108,20 @@ def gate_checks(gate: GateConfig, states: list[JourneyEntry], champion_score: fl
     return checks
 
 
-def engine_parity(max_gap: float | str, deployed: JourneyEntry) -> Check:
+def engine_parity(max_gap: float | str, deployed: JourneyEntry) -> GateCheck:
     """The deployed artifact's task score in its serving engine against the HF evaluator's. ``auto``
     allows 2 held-out items or 0.02, whichever is larger."""
     served = deployed.serving
     gap = abs(served["task_score"] - deployed.task_score)
     limit = max(2 / served["task_requests"], 0.02) if max_gap == "auto" else max_gap
     passed = gap <= limit or math.isclose(gap, limit)  # scores are k/n: 0.925 - 0.9 is a hair above 0.025
-    return Check("deploy.gate.max_engine_gap", passed,
+    return GateCheck("deploy.gate.max_engine_gap", passed,
                  f"task score {served['task_score']:.3f} in {served['engine']} ({served['artifact']}) vs "
                  f"{deployed.task_score:.3f} in the HF evaluator: gap {gap:.3f} {'<=' if passed else '>'} "
                  f"{limit:.3f}")
 
 
-def regression_check(deployed: JourneyEntry, champion_score: float, max_regression: float) -> Check:
+def regression_check(deployed: JourneyEntry, champion_score: float, max_regression: float) -> GateCheck:
     """Did the new model score below the champion by more than ``max_regression`` plus the held-out split's
     noise? It fails only when even the top of its 95% confidence interval is below the champion's score minus
     ``max_regression``: a drop the held-out split cannot tell from chance does not block."""
@@ -129,17 +131,17 @@ def regression_check(deployed: JourneyEntry, champion_score: float, max_regressi
     passed = top >= limit
     measured = f"task score {score:.3f} (95% CI {interval[0]:.3f}–{interval[1]:.3f}), top of its interval " \
         f"{top:.3f}" if interval else f"task score {score:.3f}"
-    return Check("deploy.gate.max_regression", passed,
+    return GateCheck("deploy.gate.max_regression", passed,
                  f"{measured} {'>=' if passed else '<'} {limit:.3f} (champion's {champion_score:.3f} "
                  f"- max_regression {max_regression:g})" + ("" if passed else ": a drop beyond the noise"))
 
 
-def _at_least(key: str, what: str, value: float, limit: float) -> Check:
-    return Check(key, value >= limit, f"{what} {value:.3f} {'>=' if value >= limit else '<'} {limit:.3f}")
+def _at_least(key: str, what: str, value: float, limit: float) -> GateCheck:
+    return GateCheck(key, value >= limit, f"{what} {value:.3f} {'>=' if value >= limit else '<'} {limit:.3f}")
 
 
-def _at_most(key: str, what: str, value: float, limit: float) -> Check:
-    return Check(key, value <= limit, f"{what} {value:.3f} {'<=' if value <= limit else '>'} {limit:.3f}")
+def _at_most(key: str, what: str, value: float, limit: float) -> GateCheck:
+    return GateCheck(key, value <= limit, f"{what} {value:.3f} {'<=' if value <= limit else '>'} {limit:.3f}")
 
 
 def release(cfg: PipelineConfig, bundle: Path, tracking_uri: str, mlflow_run_id: str, flow_run_id: str) -> Release:

@@ -39,6 +39,16 @@ def test_a_group_size_that_does_not_divide_a_layer_is_an_error():
         quantize.group_size_for(widths(576), QuantizeConfig(group_size=128))
 
 
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="pinning works where there is an accelerator")
+def test_llm_compressor_still_pins_awq_activations_without_an_accelerator():
+    """Why quantize._no_pinned_memory_without_accelerator exists: when this fails, llm-compressor stopped pinning
+    on a CPU-only machine, and the patch can go."""
+    from llmcompressor.pipelines.cache import IntermediatesCache, IntermediateValue
+
+    with pytest.raises(RuntimeError, match="accelerator"):
+        IntermediatesCache._pin_intermediate(IntermediateValue(value=torch.ones(2), device=torch.device("cpu")))
+
+
 @pytest.mark.parametrize(("cfg", "modifiers"), [
     (QuantizeConfig(method="gptq"), ["GPTQModifier"]),
     (QuantizeConfig(method="awq"), ["AWQModifier", "QuantizationModifier"]),
