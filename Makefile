@@ -27,7 +27,7 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -m slow
 
-# Benchmarks 1 and 4 of tests/benchmarks/RESULTS.md (about 3 demo runs: ~25 min on 2 cores).
+# The CPU benchmarks of docs/results/orchestration.md (about 3 demo runs: ~25 min on 2 cores).
 bench-cpu: setup
 	$(PY) -m tests.benchmarks.bench_cpu
 

@@ -883,7 +883,7 @@ class GateConfig(Section):
 # Round on-demand list prices, from third-party price surveys (2026; not checked against the providers' own
 # pages, which this project's machines cannot reach): AWS us-east-1 Linux, m7g.large $0.0816/h and t3.large
 # $0.0832/h for 2 vCPUs (~$0.04 per vCPU-hour); H100 SXM $3.50-5.00 and H200 $4.50-7.00 per GPU-hour at the
-# hyperscalers. README "Cost" cites them; set your own in deploy.cost.usd_per_hour.
+# hyperscalers. docs/deployment.md ("Cost") cites them; set your own in deploy.cost.usd_per_hour.
 DEFAULT_USD_PER_HOUR = {"cpu": 0.04, "nvidia-h100": 3.50, "nvidia-h200": 4.50}
 
 

@@ -20,6 +20,7 @@ from distilflow.tasks.journey import JourneyEntry, table
 from distilflow.tasks.models import gguf_package_file
 
 LLAMA_CPP_PORT = 8080  # llama-server's default
+MODEL_CARD_TEMPLATE = files("distilflow.tasks").joinpath("templates", "model_card.md")
 HOST_COMMENT = "# this machine's clients only; 0.0.0.0 inside a container (the Dockerfile passes --host 0.0.0.0)"
 
 
@@ -264,120 +265,16 @@ def model_card(*, cfg: DeployConfig, task: TaskConfig, teacher: dict, student_su
                journey: list[JourneyEntry], exports: list[str], smoke: list[str], vllm_command: str,
                gguf_file: str | None, data_card: str, cost_chart: bool = False,
                serving: ServingConfig = ServingConfig()) -> str:
-    """README.md of the bundle: what the model is, how well it does, how to serve it, where not to use it."""
-    license = teacher.get("license")
+    """README.md of the bundle: what the model is, how well it does, how to serve it, where not to use it
+    (the text is templates/model_card.md)."""
     metadata = ModelCardData(
-        license=license, license_name=teacher.get("license_name"), license_link=teacher.get("license_link"),
-        base_model=teacher.get("base_model"), library_name="transformers", pipeline_tag="text-generation",
+        license=teacher.get("license"), license_name=teacher.get("license_name"),
+        license_link=teacher.get("license_link"), base_model=teacher.get("base_model"), library_name="transformers",
+        pipeline_tag="text-generation",
         tags=["distilflow", "distillation", *(["compressed-tensors"] if "compressed-tensors" in compression else []),
               *(["gguf"] if gguf_file else [])])
-    license_text = (f"`{license}`" + (f" ({teacher['license_name']})" if teacher.get("license_name") else "")
-                    + (f", {teacher['license_link']}" if teacher.get("license_link") else "")
-                    + ", carried from the teacher") if license \
-        else "not stated in the teacher's files; check the teacher's terms before you ship this model"
-    return str(ModelCard(f"""---
-{metadata.to_yaml()}
----
-
-# {cfg.model_name}
-
-A small model distilled by distilflow from a larger teacher, for one task.
-
-| | |
-|---|---|
-| task | {_task_line(task)} |
-| teacher | {teacher.get("name", "")} `{teacher["source"]}` |
-| license | {license_text} |
-| student | {student_summary.strip()} |
-| compression | {compression} |
-| exports | {"; ".join(exports)} |
-
-## Journey
-
-Every state measured by the same evaluator on the {task.eval_size} held-out examples; 95% CI is the task
-score's confidence interval on them (Wilson's for accuracy, a bootstrap for mean scores): states whose
-intervals overlap may not truly differ. Retention is the task score over the teacher's. The second table
-is each state served by a real server, as a client sees it.
-{serving_note(serving)}
-
-{table(journey)}
-
-![task score and size of each state](journey.png)
-{"" if not cost_chart else chr(10) + "![task score against serving cost](cost.png)" + chr(10)}
-Smoke test (a fresh process loads the files as a user would and answers held-out prompts by free
-greedy generation, checked by the task's validator):
-{chr(10).join(f"- {line}" for line in smoke)}
-
-## Serving
-
-On a GPU with vLLM; `serve.sh` runs `vllm serve . --config serve.yaml`, which is
-
-```bash
-{vllm_command}
-```
-
-with the dtype, context length and quantization read from the checkpoint. Then:
-
-```bash
-./serve.sh
-curl -s localhost:{cfg.serve.port}/v1/chat/completions -H 'Content-Type: application/json' -d @request.json
-docker build -t {cfg.model_name} . && docker run --gpus all --ipc=host -p {cfg.serve.port}:{cfg.serve.port} {cfg.model_name}
-```
-
-`request.json` is the request a client sends: the system prompt and template the model was trained on
-(system: `{task.system_prompt}`; user: `{task.template}`), greedy, {_constraint_line(task)}, with its own
-answer length (`max_tokens: {cfg.max_new_tokens}`): `generation_config.json` sets greedy decoding and no
-length, so no server caps a client's `max_tokens` with it.
-{_gguf_serving(cfg, gguf_file)}
-With transformers: `AutoModelForCausalLM.from_pretrained(".")` and the tokenizer's chat template.
-
-Check the files before you ship them: `distilflow verify .` re-hashes every file against `manifest.json`.
-
-## Intended use and limits
-
-- For: {_task_line(task)}, on inputs like the training data (`{task.data.name}`).
-- Not for: open-ended chat, other tasks, or inputs unlike the training data; its answers outside
-  the labels are not meaningful. The scores above are from {task.eval_size} held-out examples; a
-  difference inside their 95% confidence intervals is noise.
-- It inherits the teacher's biases and errors: it was trained on the teacher's answers (see the data
-  card below for the filters they passed and where any labels came from).
-
-{data_card}"""))
-
-
-def serving_note(cfg: ServingConfig) -> str:
-    """What the serving table's numbers are, and what the cost figures assume."""
-    return (f"Batch-1 decode tokens/s and time to first token: one streamed {cfg.decode_tokens}-token answer "
-            f"(median of {cfg.speed_repeats}); latency p50/p95: the first {cfg.latency_requests} held-out task "
-            f"requests (at most), sent one at a time; throughput: output tokens/s with {cfg.concurrency} requests in flight; peak memory: "
-            "the server process's (on a GPU: the GPU memory it holds); engine task score: the whole held-out split "
-            "through the engine, constrained as request.json is. $/1M output tokens: the device's price per hour "
-            "(deploy.cost) over the tokens it makes in an hour at batch 1 or at that throughput. It assumes a "
-            "machine busy all the time, on-demand list prices, and counts output tokens only (prompt processing "
-            "is in the time, not in the count).")
-
-
-def _task_line(task: TaskConfig) -> str:
-    if task.check.type == "choice":
-        return f"answer with one of {', '.join(f'`{c}`' for c in task.check.choices)}"
-    return task.check.type
-
-
-def _constraint_line(task: TaskConfig) -> str:
-    if task.check.type == "choice":
-        return ("constrained to the labels with vLLM's structured outputs (`choice`), as the evaluator "
-                "scores them")
-    return "unconstrained"
-
-
-def _gguf_serving(cfg: DeployConfig, gguf_file: str | None) -> str:
-    if not gguf_file:
-        return ""
-    return f"""
-On CPUs with llama.cpp (`gguf/{gguf_file}`; the request carries a GBNF grammar with the same effect):
-
-```bash
-gguf/serve.sh                     # llama-server --model gguf/{gguf_file} --jinja ...
-docker build -t {cfg.model_name}-cpu gguf && docker run -p {LLAMA_CPP_PORT}:{LLAMA_CPP_PORT} {cfg.model_name}-cpu
-```
-"""
+    return str(ModelCard.from_template(
+        metadata, template_str=MODEL_CARD_TEMPLATE.read_text(), deploy=cfg, task=task, teacher=teacher,
+        student_summary=student_summary, compression=compression, journey_table=table(journey),
+        exports=exports, smoke=smoke, vllm_command=vllm_command, gguf_file=gguf_file, data_card=data_card,
+        cost_chart=cost_chart, serving=serving, llama_cpp_port=LLAMA_CPP_PORT))

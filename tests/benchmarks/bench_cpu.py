@@ -5,7 +5,7 @@ Three runs of configs/demo.yaml, each in its own process, as a user would start 
   orchestrated  `distilflow run` (Prefect flow runs + MLflow tracking), fresh workdir
   direct        the same stage functions called in a loop, no Prefect, no MLflow, fresh workdir
   cached        `distilflow run` again on the orchestrated workdir: every stage reused
-Writes tests/benchmarks/cpu-results.json; RESULTS.md quotes it.
+Writes tests/benchmarks/cpu-results.json; docs/results/orchestration.md quotes it.
 """
 
 import json

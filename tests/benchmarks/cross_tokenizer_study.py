@@ -4,7 +4,7 @@ student, once per variant of the knowledge-transfer recipe; prototype runs once 
     python -m tests.benchmarks.cross_tokenizer_study [--variants uld-few-shot uld] --out RESULT.json
 
 Stages are called directly (no Prefect, no MLflow; tracking goes to the log), as stages_direct.py does.
-Each variant prints its journey rows; the JSON holds them all, for tests/benchmarks/RESULTS.md.
+Each variant prints its journey rows; the JSON holds them all, for docs/results/cross-tokenizer.md.
 """
 
 import argparse
