@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
+from distilflow.tasks.environment import disk_full_named
 from distilflow.tasks.errors import DistilflowError
 
 log = logging.getLogger("distilflow")
@@ -124,7 +125,7 @@ def read_manifest(directory: Path) -> tuple[dict[str, str], dict[str, str]]:
                             f"{manifest} is a symlink, not the bundle's own manifest")
     try:
         data = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:
         raise ManifestError(f"{manifest}: not a distilflow manifest ({err})") from None
     if not isinstance(data, dict) or not _string_map(data.get("files")) or not _string_map(data.get("links", {})):
         raise ManifestError(f"{manifest}: not a distilflow manifest (JSON with a \"files\" map of path to sha256)")
@@ -175,7 +176,7 @@ def cached_or_run(stage: str, key: str, workdir: Path, produce: Callable[[Path],
                 return _load(final, cached=True)
             log.warning("%s: artifact %s no longer matches its manifest (%s); recomputing",
                         stage, final, "; ".join(problems[:3]))
-        with published(final) as partial:
+        with published(final) as partial, disk_full_named(stage, partial):
             partial.mkdir()
             result = produce(partial)
             (partial / RESULT).write_text(json.dumps(_to_json(result), indent=1))

@@ -202,7 +202,7 @@ def test_validate_counts_the_examples_longer_than_distills_max_length(capsys):
 
 
 def test_a_full_disk_anywhere_in_an_errors_chain_is_said_in_a_sentence():
-    from distilflow.flows.cli import resource_problem
+    from distilflow.tasks.environment import problem
 
     with pytest.raises(OSError) as caught:
         with open("/dev/full", "w") as full:  # a real ENOSPC
@@ -210,8 +210,8 @@ def test_a_full_disk_anywhere_in_an_errors_chain_is_said_in_a_sentence():
     try:
         raise RuntimeError("safetensors: failed writing") from caught.value
     except RuntimeError as wrapped:
-        assert resource_problem(wrapped).startswith("No space left on device; free space")
-    assert resource_problem(ValueError("a bug")) is None
+        assert problem(wrapped).startswith("a disk is full; free space")
+    assert problem(ValueError("a bug")) is None
 
 
 def test_a_hub_id_this_machine_cannot_fetch_fails_validate_not_the_run(capsys, monkeypatch):
