@@ -122,6 +122,8 @@ def _read_jsonl(text: str, path: Path) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise DistilflowError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        except RecursionError:
+            raise DistilflowError(f"{path}:{number}: nested too deeply to be an example") from None
         if not isinstance(row, dict):
             raise DistilflowError(f"{path}:{number}: expected a JSON object per line")
         rows.append(row)
@@ -133,6 +135,8 @@ def _read_json(text: str, path: Path) -> list[dict]:
         rows = json.loads(text)
     except json.JSONDecodeError as err:
         raise DistilflowError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    except RecursionError:
+        raise DistilflowError(f"{path}: nested too deeply to be a list of examples") from None
     if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
         raise DistilflowError(f"{path}: expected a JSON list of objects (or use .jsonl, one object per line)")
     return rows
