@@ -198,10 +198,12 @@ def written(rows: list[dict], directory: Path, suffix: str, encoding: str, delim
 
 
 def parquet_columns(rows: list[dict]) -> list[dict]:
-    """Parquet holds one type per column: a column of mixed types is written as JSON text."""
+    """Parquet holds one type per column, integers of 64 bits: a column of mixed types, of lists or of larger integers
+    is written as JSON text."""
     columns = {column for row in rows for column in row}
     mixed = {c for c in columns if len({type(row[c]) for row in rows if row.get(c) is not None}) > 1 or
-             any(isinstance(row.get(c), list) for row in rows)}
+             any(isinstance(row.get(c), list) or
+                 (isinstance(row.get(c), int) and not -2**63 <= row[c] < 2**63) for row in rows)}
     return [{c: (json.dumps(row.get(c)) if c in mixed else row.get(c)) for c in columns} for row in rows]
 
 
