@@ -28,7 +28,9 @@ def isolated_homes(tmp_path_factory):
     """Keep Prefect, MLflow and distilflow state of the test session out of the user's home."""
     home = tmp_path_factory.mktemp("homes")
     env = {"DISTILFLOW_HOME": str(home / "distilflow"), "PREFECT_HOME": str(home / "prefect"),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           # a temporary Prefect server has taken over 120 s to start on a busy 2-core machine
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600",
            "PREFECT_LOGGING_EXTRA_LOGGERS": "distilflow", "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
            "TOKENIZERS_PARALLELISM": "false"}
     saved = {k: os.environ.get(k) for k in env}

@@ -92,9 +92,7 @@ class Tally:
 
 
 def tagged_run(workdir: Path, tag: str, output: Path) -> subprocess.Popen:
-    # The temporary Prefect server has taken over 120 s to start on a busy 2-core machine.
-    return start_run(workdir, output=output, env={**os.environ, "DISTILFLOW_TEST_RUN": tag,
-                                                  "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600"})
+    return start_run(workdir, output=output, env={**os.environ, "DISTILFLOW_TEST_RUN": tag})
 
 
 def kill(process: subprocess.Popen, how: str) -> None:

@@ -330,10 +330,13 @@ def wrapped(error: BaseException) -> BaseException:
 
 def test_each_class_of_environment_fault_is_said_as_such_never_as_a_bug(tmp_path):
     (tmp_path / "a-file").write_text("")
-    read_only = OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / "ro"))  # as root, none arises here
+    # What cannot arise in this process (as root, without mounts, and no /dev/full on this machine kind) is made as the
+    # OS raises it; the tests above meet each for real.
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    read_only = OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / "ro"))
     forbidden = OSError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path / "forbidden"))
     faults = {
-        "a disk is full": raised(lambda: Path("/dev/full").write_text("x")),  # a real ENOSPC
+        "a disk is full": full,
         "the MLflow store's disk is full": RuntimeError("(sqlite3.OperationalError) database or disk is full"),
         f"cannot use {tmp_path / 'a-file' / 'x'}: a part of the path is a file": raised(
             lambda: open(tmp_path / "a-file" / "x", "w")),
