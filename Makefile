@@ -24,8 +24,9 @@ demo: setup
 test: setup
 	$(PY) -m pytest
 
+# The slow tests, and the property-based tests with many more generated inputs each.
 test-slow: setup
-	$(PY) -m pytest -m slow
+	$(PY) -m pytest -m "slow or properties" --hypothesis-profile=slow
 
 # The CPU benchmarks of docs/results/orchestration.md (about 3 demo runs: ~25 min on 2 cores).
 bench-cpu: setup

@@ -54,7 +54,7 @@ def parse_overrides(assignments: list[str]) -> dict[str, Any]:
             raise DistilflowError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set distill.lora.r=16")
         try:
             value = yaml.safe_load(text) if text else ""
-        except yaml.YAMLError as err:
+        except (yaml.YAMLError, RecursionError) as err:
             raise DistilflowError(f"--set {assignment!r}: the value is not valid YAML ({getattr(err, 'problem', err)}); "
                                   "quote it, e.g. --set 'task.system_prompt=\"a: b\"'") from None
         if value is not None and not isinstance(value, str) and _takes_text(key):
@@ -91,6 +91,8 @@ def _read_yaml(path: Path) -> dict:
         where = getattr(err, "problem_mark", None)
         line = f" line {where.line + 1}, column {where.column + 1}" if where else ""
         raise DistilflowError(f"{path}:{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    except RecursionError:
+        raise DistilflowError(f"{path}: nested too deeply to be a config (unclosed brackets?)") from None
     if not isinstance(data, dict):
         raise DistilflowError(f"{path}: expected a mapping of config sections (run, task, prototype, ...)")
     return data

@@ -8,7 +8,6 @@ bundle that fails `verify`, 3 the new model failed the deploy gate (it is regist
 
 import argparse
 import atexit
-import errno
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from distilflow.tasks import environment
 from distilflow.tasks.errors import DistilflowError
 
 # Prefect reads its settings at import, OpenMP when torch loads it: set this CLI's defaults first (a user's
@@ -29,6 +29,9 @@ ENV_DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "distilflow",
     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+    # MLflow's own console handler prints the tracebacks of errors it catches (a full disk's, one per call); without
+    # it, MLflow's records go through the CLI's handlers as any library's do: one line on the console.
+    "MLFLOW_CONFIGURE_LOGGING": "false",
     # torch's CPU threads sleep instead of spinning while they wait: on a small box, Prefect's server and
     # threads otherwise preempt a spinning thread and stall the others (the demo on 2 cores: 640 s -> 560 s).
     "OMP_WAIT_POLICY": "PASSIVE",
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, err, f"stopped by {signal.Signals(signal_number).name}: finished stages are kept, nothing "
                                 "half-written is published, and the same command resumes", 128 + signal_number)
     except Exception as err:
-        problem = resource_problem(err)
+        problem = environment.problem(err)
         if problem is None and args.verbose:
             raise
         return _fail(args, err, f"error: {problem}" if problem else
@@ -70,7 +73,7 @@ def run(args) -> int:
         check_prefect_api()
         _start_temporary_prefect_server()
         record = pipeline(config_path=str(args.config), overrides=overrides)
-    _print_report(record)
+    print(_report(record))
     return 0
 
 
@@ -123,13 +126,20 @@ REPORT_FIELDS = ("run_id", "mlflow_run_id", "mlflow_tracking_uri", "bundle", "jo
 
 
 def report(args) -> int:
-    from distilflow.tasks.history import distilflow_home, latest_run
+    from distilflow.tasks.history import INDEX, distilflow_home, latest_run
 
-    record = latest_run(distilflow_home())
+    home = distilflow_home()
+    record = latest_run(home)
     if args.json:
         print(json.dumps({k: record.get(k) for k in REPORT_FIELDS}))
-    else:
-        _print_report(record)
+        return 0
+    try:
+        text = _report(record)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:  # a record edited, or not ours
+        raise DistilflowError(f"the latest run's record (named by the last line of {home / INDEX}) is not one this "
+                              f"distilflow can print ({type(err).__name__}: {err}); `distilflow report --latest --json` "
+                              "shows what it holds; the next finished run records a new one") from err
+    print(text)
     return 0
 
 
@@ -149,30 +159,30 @@ def verify(args) -> int:
     return 0
 
 
-def _print_report(record: dict) -> None:
+def _report(record: dict) -> str:
     """The journey, where the bundle is, and the deploy gate's verdict: a bundle the gate rejected is marked so."""
     from distilflow.tasks import journey
     from distilflow.tasks.registry import CHAMPION
 
     release = record.get("release")
     rejected = release is not None and not release["passed"]
-    print(journey.table(journey.from_json(record["journey"])))
     gone = not Path(record["bundle"]).is_dir()
-    print(f"\nbundle:        {record['bundle']}{'  (REJECTED by the deploy gate: not the one to ship)' * rejected}"
-          f"{'  (no longer on disk)' * gone}")
-    print(f"MLflow run id: {record['mlflow_run_id']}  ({record['mlflow_tracking_uri']})")
-    print(f"run id:        {record['run_id']}")
+    lines = [journey.table(journey.from_json(record["journey"])),
+             f"\nbundle:        {record['bundle']}{'  (REJECTED by the deploy gate: not the one to ship)' * rejected}"
+             f"{'  (no longer on disk)' * gone}",
+             f"MLflow run id: {record['mlflow_run_id']}  ({record['mlflow_tracking_uri']})",
+             f"run id:        {record['run_id']}"]
     if release is None:
-        print("gate:          not recorded (a run from an older distilflow)")
-        return
+        return "\n".join(lines + ["gate:          not recorded (a run from an older distilflow)"])
     name, champion = release["model_name"], release["champion"]
-    print(f"model:         {name} version {release['version']} (aliases: {', '.join(release['aliases']) or 'none'})")
+    lines.append(f"model:         {name} version {release['version']} (aliases: {', '.join(release['aliases']) or 'none'})")
     if rejected:
         reasons = "; ".join(f"{c['key']}: {c['detail']}" for c in release["checks"] if not c["passed"])
         ship = f"version {champion}: ship models:/{name}@{CHAMPION}" if champion else "no version yet"
-        print(f"gate:          FAILED ({reasons}); `{CHAMPION}` is {ship}")
+        lines.append(f"gate:          FAILED ({reasons}); `{CHAMPION}` is {ship}")
     else:
-        print(f"gate:          passed; `{CHAMPION}` is version {champion}")
+        lines.append(f"gate:          passed; `{CHAMPION}` is version {champion}")
+    return "\n".join(lines)
 
 
 def _start_temporary_prefect_server() -> None:
@@ -183,13 +193,23 @@ def _start_temporary_prefect_server() -> None:
     from prefect.settings import get_current_settings
 
     from distilflow.tasks.artifacts import check_writable
+    from distilflow.tasks.history import check_home, distilflow_home
 
     settings = get_current_settings()
     if settings.api.url:
         return
     check_writable(Path(settings.home), "PREFECT_HOME", "the temporary Prefect server keeps its database there")
+    check_home(distilflow_home())  # the server's pid is recorded there
     server = SubprocessASGIServer()
-    server.start()
+    try:
+        server.start()
+    except RuntimeError as err:  # Prefect's own words for a server that did not answer in time
+        if "Timed out while attempting to connect to ephemeral Prefect API server" not in str(err):
+            raise
+        raise DistilflowError(
+            f"the temporary Prefect server did not answer within {settings.server.ephemeral.startup_timeout_seconds} s "
+            "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); on a busy machine raise it, or start a server "
+            "(`prefect server start`) and set PREFECT_API_URL") from err
     record = _servers_dir() / f"{server.server_process.pid}.json"
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"owner": os.getpid()}))
@@ -266,22 +286,6 @@ def _stopped_by(*signals: signal.Signals) -> Iterator[None]:
             signal.signal(each, handler)
 
 
-def resource_problem(error: BaseException) -> str | None:
-    """A full disk or a read-only file system anywhere in ``error``'s chain, said in a sentence."""
-    while error is not None:
-        if isinstance(error, OSError) and error.errno in RESOURCE_ERRNOS:
-            where = f" writing {error.filename}" if error.filename else ""
-            return f"{os.strerror(error.errno)}{where}; free space (or choose a writable run.workdir) and run again: " \
-                   "finished stages are kept"
-        if "database or disk is full" in str(error):
-            return "the MLflow store's disk is full; free space and run again: finished stages are kept"
-        error = error.__cause__ or error.__context__
-    return None
-
-
-RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
-
-
 class _BriefFormatter(logging.Formatter):
     """One line per record: the console leaves tracebacks to the log file (or to --verbose)."""
 
@@ -324,13 +328,29 @@ def _log_to_console(verbose: bool) -> None:
     logging.getLogger("distilflow").setLevel(logging.INFO)
 
 
+class _RunLog(logging.FileHandler):
+    """The run's log file. A write that fails (its disk filled) ends it with one warning, where logging would print
+    a traceback for every record after."""
+
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.failed = True
+        print(f"warning: cannot write the run's log {self.baseFilename} ({sys.exc_info()[1]}); it ends here",
+              file=sys.stderr)
+
+
 def _log_to_file(workdir: Path) -> Path | None:
     """Every log record of the run, tracebacks included, in WORKDIR/logs/ (None where it cannot be written:
     preflight then says why)."""
     path = workdir / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(path, encoding="utf-8")
+        handler = _RunLog(path, encoding="utf-8")
     except OSError:
         return None
     handler.distilflow = True
@@ -343,14 +363,23 @@ def _fail(args, error: BaseException, message: str, exit_code: int) -> int:
     """Print ``message``; the traceback goes to the run's log file (named in the message) or, with --verbose,
     to stderr."""
     log_file = getattr(args, "log_file", None)
-    if log_file is not None:
-        with open(log_file, "a", encoding="utf-8") as log:
-            log.write(message + "\n" + "".join(traceback.format_exception(error)))
+    if log_file is not None and not _appended(log_file, message + "\n" + "".join(traceback.format_exception(error))):
+        log_file = None
     if args.verbose:
         traceback.print_exception(error, file=sys.stderr)
     where = f"\n(the log, with the traceback: {log_file})" if log_file is not None and not args.verbose else ""
     print(message + where, file=sys.stderr)
     return exit_code
+
+
+def _appended(path: Path, text: str) -> bool:
+    """Whether ``text`` could be added to the file (not where its disk is full)."""
+    try:
+        with open(path, "a", encoding="utf-8") as file:
+            file.write(text)
+        return True
+    except OSError:
+        return False
 
 
 def _set_env_defaults() -> None:

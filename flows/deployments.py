@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from distilflow.configs.schema import PipelineConfig, ScheduleConfig
 from distilflow.flows.pipeline import pipeline
+from distilflow.tasks.environment import connection_problem
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.tracking import close_abandoned_runs, liveness_dir, open_store, tracking_uri
 
@@ -102,7 +103,8 @@ def check_prefect_api() -> None:
     except urllib.error.HTTPError:
         pass
     except (urllib.error.URLError, OSError, ValueError) as err:
-        raise DistilflowError(f"the Prefect API {url} (PREFECT_API_URL) does not answer ({getattr(err, 'reason', err)}); "
+        raise DistilflowError(f"the Prefect API {url} (PREFECT_API_URL) does not answer "
+                              f"({connection_problem(getattr(err, 'reason', err))}); "
                               "start that server (`prefect server start`), or unset PREFECT_API_URL to run against a "
                               "temporary one") from None
 

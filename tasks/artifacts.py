@@ -22,6 +22,7 @@ from typing import Annotated, TypeVar
 
 from pydantic import AfterValidator, PlainSerializer, SerializationInfo, TypeAdapter, ValidationInfo
 
+from distilflow.tasks.environment import disk_full_named
 from distilflow.tasks.errors import DistilflowError
 
 log = logging.getLogger("distilflow")
@@ -137,7 +138,7 @@ def read_manifest(directory: Path) -> tuple[dict[str, str], dict[str, str]]:
                             f"{manifest} is a symlink, not the bundle's own manifest")
     try:
         data = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:
         raise ManifestError(f"{manifest}: not a distilflow manifest ({err})") from None
     if not isinstance(data, dict) or not _string_map(data.get("files")) or not _string_map(data.get("links", {})):
         raise ManifestError(f"{manifest}: not a distilflow manifest (JSON with a \"files\" map of path to sha256)")
@@ -189,7 +190,7 @@ def cached_or_run(stage: str, key: str, workdir: Path, produce: Callable[[Path],
                 return _load(final, kind, cached=True)
             log.warning("%s: artifact %s no longer matches its manifest (%s); recomputing",
                         stage, final, "; ".join(problems[:3]))
-        with published(final) as partial:
+        with published(final) as partial, disk_full_named(stage, partial):
             partial.mkdir()
             result = produce(partial)
             (partial / RESULT).write_text(json.dumps(_to_json(result, partial), indent=1))

@@ -122,6 +122,8 @@ def _read_jsonl(text: str, path: Path) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise DistilflowError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        except RecursionError:
+            raise DistilflowError(f"{path}:{number}: nested too deeply to be an example") from None
         if not isinstance(row, dict):
             raise DistilflowError(f"{path}:{number}: expected a JSON object per line")
         rows.append(row)
@@ -133,6 +135,8 @@ def _read_json(text: str, path: Path) -> list[dict]:
         rows = json.loads(text)
     except json.JSONDecodeError as err:
         raise DistilflowError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    except RecursionError:
+        raise DistilflowError(f"{path}: nested too deeply to be a list of examples") from None
     if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
         raise DistilflowError(f"{path}: expected a JSON list of objects (or use .jsonl, one object per line)")
     return rows
@@ -141,19 +145,23 @@ def _read_json(text: str, path: Path) -> list[dict]:
 def _read_csv(text: str, path: Path) -> list[dict]:
     header = text.split("\n", 1)[0]
     delimiter = "\t" if path.suffix == ".tsv" else max(",;\t", key=header.count)
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))  # a cell as long as JSONL's may be (default: 128K)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    columns = next(reader, [])
-    repeated = sorted({c for c in columns if columns.count(c) > 1})
-    if repeated:
-        raise DistilflowError(f"{path}: the header names column(s) {repeated} more than once; rename them")
-    rows = []
-    for cells in reader:
-        if len(cells) > len(columns):
-            raise DistilflowError(f"{path}: line {reader.line_num} has {len(cells)} cells but the header names "
-                                  f"{len(columns)} columns ({delimiter!r}-separated); quote cells that hold "
-                                  f"{delimiter!r}")
-        if any(cell.strip() for cell in cells):
-            rows.append(dict(zip(columns, cells + [""] * (len(columns) - len(cells)))))
+    try:
+        columns = next(reader, [])
+        repeated = sorted({c for c in columns if columns.count(c) > 1})
+        if repeated:
+            raise DistilflowError(f"{path}: the header names column(s) {repeated} more than once; rename them")
+        rows = []
+        for cells in reader:
+            if len(cells) > len(columns):
+                raise DistilflowError(f"{path}: line {reader.line_num} has {len(cells)} cells but the header names "
+                                      f"{len(columns)} columns ({delimiter!r}-separated); quote cells that hold "
+                                      f"{delimiter!r}")
+            if any(cell.strip() for cell in cells):
+                rows.append(dict(zip(columns, cells + [""] * (len(columns) - len(cells)))))
+    except csv.Error as err:
+        raise DistilflowError(f"{path}: line {reader.line_num}: not {delimiter!r}-separated values ({err})") from None
     return rows
 
 

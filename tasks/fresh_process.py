@@ -29,7 +29,22 @@ def call(module: str, request: dict, *, launcher: Sequence[str] = (sys.executabl
 
 def main(function: Callable[[dict], dict | None]) -> None:
     """The worker's side of ``call``: ``function(request)``, its answer written where ``call`` reads it."""
+    end_with_parent()
     request_file, answer_file = sys.argv[1:3]
     answer = function(json.loads(Path(request_file).read_text()))
     if answer is not None:
         Path(answer_file).write_text(json.dumps(answer))
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def end_with_parent() -> None:
+    """This process gets SIGKILL when the one that started it dies (Linux): a run killed with SIGKILL cannot stop
+    its workers and servers itself, and nothing they do is of use without it."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -68,7 +68,7 @@ def latest_run(home: Path) -> dict:
         data = json.loads(record.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DistilflowError(f"the latest run's record {record} is gone (workdir deleted?)") from None
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:
         raise DistilflowError(f"the latest run's record {record} is unreadable ({err}); re-run the pipeline, "
                               "or delete that file and its line in " + str(index)) from None
     if not isinstance(data, dict) or not {"run_id", "journey", "bundle"} <= data.keys():
@@ -79,6 +79,6 @@ def latest_run(home: Path) -> dict:
 def _entry(line: str) -> dict | None:
     try:
         entry = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return entry if isinstance(entry, dict) and isinstance(entry.get("record"), str) else None

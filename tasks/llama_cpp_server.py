@@ -3,7 +3,8 @@
 xllamacpp runs llama.cpp's own HTTP server (OpenAI-compatible chat completions, GBNF grammars) inside this
 process, on 127.0.0.1 and a free port. The process prints {"address": URL} once the server is up, serves
 until its stdin is closed, then prints {"peak_memory_mb": ...} (its own peak resident memory) and exits.
-Nothing else is imported here, so that peak is the server's, not the pipeline's libraries'.
+Nothing else is imported here (fresh_process: the standard library), so that peak is the server's, not the
+pipeline's libraries'.
 """
 
 import json
@@ -12,6 +13,10 @@ import sys
 
 def main(settings_json: str) -> None:
     import xllamacpp
+
+    from distilflow.tasks.fresh_process import end_with_parent
+
+    end_with_parent()  # a closed stdin ends it too, but llama.cpp's threads do not always let it exit
 
     settings = json.loads(settings_json)
     params = xllamacpp.CommonParams()

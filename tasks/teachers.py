@@ -9,6 +9,7 @@ server without them answers by its guided choice. Only a white-box teacher can b
 into a student; logit KD reads either (a served teacher's top-k prompt log-probs: tasks/teacher_logits.py).
 """
 
+import json
 import logging
 import os
 import time
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 
 from distilflow.configs.schema import HttpTeacherConfig, LocalTeacherConfig, TaskConfig
 from distilflow.tasks import data, decoding
+from distilflow.tasks.environment import connection_problem
 from distilflow.tasks.errors import DistilflowError, ServiceError
 from distilflow.tasks.evaluate import Evaluation, Evaluator, Prompting, score_answers
 from distilflow.tasks.models import load_teacher
@@ -164,13 +166,14 @@ class HttpTeacher:
 
         with self.explained_errors():
             try:
-                cards = {card.id: card for card in self.client.models.list()}
+                cards = {card.id: card.to_dict() for card in self.client.models.list()}
             except NotFoundError:  # some servers have no model list; the first answer will tell
                 return {"id": self.cfg.model}
         if self.cfg.model not in cards:
-            raise DistilflowError(f"{self.key}.model: {self.cfg.base_url} does not serve {self.cfg.model!r}; "
-                                  f"it serves {sorted(cards)}")
-        return {k: v for k, v in cards[self.cfg.model].to_dict().items() if k not in VOLATILE_CARD_FIELDS}
+            served = f"it serves {sorted(cards)}" if cards else \
+                "its /models lists no model: is base_url a server's OpenAI API (it ends in /v1)?"
+            raise DistilflowError(f"{self.key}.model: {self.cfg.base_url} does not serve {self.cfg.model!r}; {served}")
+        return {k: v for k, v in cards[self.cfg.model].items() if k not in VOLATILE_CARD_FIELDS}
 
     def answer(self, rows: list[dict], task: TaskConfig, prompting: Prompting, **sampling) -> list[list[str]]:
         return self.complete(prompting.chats(rows, task), task.check, max_new_tokens=task.max_answer_tokens,
@@ -194,7 +197,7 @@ class HttpTeacher:
                 response = self.client.chat.completions.create(
                     model=self.cfg.model, messages=chat, temperature=temperature, max_tokens=max_new_tokens,
                     seed=sample_seed, **self._constraint(check))
-            return (response.choices[0].message.content or "").strip()
+                return (response.choices[0].message.content or "").strip()
 
         texts = self.each(ask, requests, desc)
         return [texts[i:i + per_chat] * (num_samples // per_chat) for i in range(0, len(texts), per_chat)]
@@ -221,8 +224,9 @@ class HttpTeacher:
         def score(chat: list[dict]) -> list[float]:
             prompt = self.tokenizer(data.render(self.tokenizer, chat), add_special_tokens=False).input_ids
             answers = self.prompt_logprobs([prompt + ids for ids in choice_ids], top_k=0)
-            return [sum(positions[len(prompt) + i][token][0] for i, token in enumerate(ids))
-                    for positions, ids in zip(answers, choice_ids)]
+            with self.explained_errors():
+                return [sum(positions[len(prompt) + i][token][0] for i, token in enumerate(ids))
+                        for positions, ids in zip(answers, choice_ids)]
 
         return torch.tensor(self.each(score, chats, desc))
 
@@ -233,13 +237,13 @@ class HttpTeacher:
         with self.explained_errors():
             response = self.client.completions.create(model=self.cfg.model, prompt=prompts, max_tokens=1,
                                                       temperature=0.0, extra_body={"prompt_logprobs": top_k})
-        answers = [(choice.model_extra or {}).get("prompt_logprobs")
-                   for choice in sorted(response.choices, key=lambda c: c.index)]
-        if any(positions is None for positions in answers):
-            raise DistilflowError(f"{self.key}: {self.cfg.base_url} stopped returning prompt log-probs "
-                                  "(vLLM's `prompt_logprobs` on /v1/completions); is it still the same server?")
-        return [[None if p is None else {int(t): (v["logprob"], v["rank"]) for t, v in p.items()} for p in positions]
-                for positions in answers]
+            answers = [(choice.model_extra or {}).get("prompt_logprobs")
+                       for choice in sorted(response.choices, key=lambda c: c.index)]
+            if any(positions is None for positions in answers):
+                raise DistilflowError(f"{self.key}: {self.cfg.base_url} stopped returning prompt log-probs "
+                                      "(vLLM's `prompt_logprobs` on /v1/completions); is it still the same server?")
+            return [[None if p is None else {int(t): (v["logprob"], v["rank"]) for t, v in p.items()}
+                     for p in positions] for positions in answers]
 
     def prompt_logprobs_problem(self, top_k: int) -> str | None:
         """Why the server cannot give ``top_k`` prompt log-probs per position, or None if it can."""
@@ -251,10 +255,10 @@ class HttpTeacher:
                                                           max_tokens=1, extra_body={"prompt_logprobs": top_k})
             except openai.BadRequestError as err:
                 return f"it refused {top_k} prompt log-probs per position ({err.message})"
-        positions = (response.choices[0].model_extra or {}).get("prompt_logprobs")
-        if positions is None:
-            return "it returns no prompt log-probs (vLLM's `prompt_logprobs` on /v1/completions)"
-        given = min(sum(entry["rank"] <= top_k for entry in p.values()) for p in positions if p is not None)
+            positions = (response.choices[0].model_extra or {}).get("prompt_logprobs")
+            if positions is None:
+                return "it returns no prompt log-probs (vLLM's `prompt_logprobs` on /v1/completions)"
+            given = min(sum(entry["rank"] <= top_k for entry in p.values()) for p in positions if p is not None)
         return None if given >= top_k else f"it returns only {given} log-probs per position, not {top_k}"
 
     def require_prompt_logprobs(self, top_k: int) -> None:
@@ -310,8 +314,8 @@ class HttpTeacher:
         with self.explained_errors():
             response = self.client.chat.completions.create(model=self.cfg.model, messages=chat, temperature=0.0,
                                                            max_tokens=new_tokens)
+            tokens = response.usage.completion_tokens if response.usage else 0
         elapsed = time.perf_counter() - start
-        tokens = response.usage.completion_tokens if response.usage else 0
         return tokens / elapsed if tokens else None
 
     def each(self, ask: Callable, items: list, desc: str | None = None) -> list:
@@ -337,8 +341,9 @@ class HttpTeacher:
 
     @contextmanager
     def explained_errors(self) -> Iterator[None]:
-        """The client's errors (raised after its retries) as errors that say what to fix. A failure that
-        waiting may fix is a ServiceError raised from the client's error, so a stage retry can tell."""
+        """The client's errors (raised after its retries), and an answer that is not the shape of one, read inside
+        the block, as errors that say what to fix. A failure that waiting may fix is a ServiceError raised from the
+        client's error, so a stage retry can tell."""
         import openai
 
         try:
@@ -348,9 +353,8 @@ class HttpTeacher:
                                f"{self.cfg.timeout_s:g} s ({self.cfg.max_retries} retries); raise timeout_s "
                                "or lower max_concurrency") from err
         except openai.APIConnectionError as err:
-            raise ServiceError(f"{self.key}.base_url: cannot reach {self.cfg.base_url} "
-                               f"({type(err).__name__}: {err}) after {self.cfg.max_retries} retries; "
-                               "is the server running?") from err
+            raise ServiceError(f"{self.key}.base_url: cannot reach {self.cfg.base_url} after "
+                               f"{self.cfg.max_retries} retries: {connection_problem(err)}") from err
         except openai.AuthenticationError:
             raise DistilflowError(f"{self.key}.api_key_env: {self.cfg.base_url} rejected the API key "
                                   f"(from ${self.cfg.api_key_env})" if self.cfg.api_key_env else
@@ -359,3 +363,17 @@ class HttpTeacher:
         except openai.APIStatusError as err:
             raise ServiceError(f"{self.key}: {self.cfg.base_url} answered {err.status_code}: "
                                f"{err.message}") from err
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError) as err:
+            raise ServiceError(f"{self.key}.base_url: {self.cfg.base_url} answered with {_what_came(err)}, not an "
+                               "OpenAI-compatible answer; is base_url a server's OpenAI API (vLLM, llama.cpp, "
+                               "Ollama: it ends in /v1), with no proxy or login page in between?") from err
+
+
+def _what_came(error: Exception) -> str:
+    """What the server sent, as far as the error that reading it raised tells: a JSON parser's error holds the
+    body; the client hands back as text a body that is not JSON, and reading fields of that text fails."""
+    if isinstance(error, json.JSONDecodeError):
+        return f"a body that is not JSON ({error.doc[:100]!r})"
+    if isinstance(error, AttributeError) and isinstance(error.obj, str):
+        return f"a body that is not JSON ({error.obj[:100]!r})"
+    return f"JSON of another shape ({type(error).__name__}: {error})"

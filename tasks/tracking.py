@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 
 from distilflow.configs.schema import check_tracking_uri
 from distilflow.tasks.artifacts import exclusive
+from distilflow.tasks.environment import connection_problem
 from distilflow.tasks.errors import DistilflowError
 
 log = logging.getLogger("distilflow")
@@ -392,8 +393,9 @@ def check_tracking_store(tracking_uri: str, source: str = "run.mlflow_tracking_u
             answer.read()
     except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
         raise DistilflowError(
-            f"MLflow tracking server {tracking_uri} does not answer ({getattr(err, 'reason', err)}); start it, "
-            "fix run.mlflow_tracking_uri / MLFLOW_TRACKING_URI, or unset both to use a local sqlite store") from None
+            f"MLflow tracking server {tracking_uri} does not answer ({connection_problem(getattr(err, 'reason', err))}); "
+            "start it, fix run.mlflow_tracking_uri / MLFLOW_TRACKING_URI, or unset both to use a local sqlite store"
+        ) from None
 
 
 def _check_writable_store(database: Path, source: str) -> None:

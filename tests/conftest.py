@@ -1,5 +1,6 @@
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -9,8 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Property-based tests (Hypothesis): a few dozen inputs each in `make test`; `make test-slow` runs them with
+# `--hypothesis-profile=slow`, many more.
+settings.register_profile("fast", max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("slow", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("fast")
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 TINY_TEACHER = REPO / "tests" / "assets" / "tiny-teacher"
 
@@ -20,7 +28,9 @@ def isolated_homes(tmp_path_factory):
     """Keep Prefect, MLflow and distilflow state of the test session out of the user's home."""
     home = tmp_path_factory.mktemp("homes")
     env = {"DISTILFLOW_HOME": str(home / "distilflow"), "PREFECT_HOME": str(home / "prefect"),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           # a temporary Prefect server has taken over 120 s to start on a busy 2-core machine
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600",
            "PREFECT_LOGGING_EXTRA_LOGGERS": "distilflow", "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
            "TOKENIZERS_PARALLELISM": "false"}
     saved = {k: os.environ.get(k) for k in env}
@@ -132,14 +142,18 @@ def serving(log_dir: Path, *flags: str, model: Path = TINY_TEACHER, name: str = 
         process.wait(timeout=30)
 
 
-def wait_until_serving(base_url: str, process: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
+def wait_until_serving(base_url: str, process: subprocess.Popen, log: Path, timeout_s: float = 300,
+                       insecure: bool = False) -> None:
+    """Until the server at ``base_url`` answers (``insecure``: whatever its TLS certificate)."""
+    context = ssl._create_unverified_context() if insecure else None
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"test server exited:\n{log.read_text()}")
         try:
             urllib.request.urlopen(urllib.request.Request(
-                f"{base_url}/models", headers={"Authorization": f"Bearer {SERVER_API_KEY}"}), timeout=2)
+                f"{base_url}/models", headers={"Authorization": f"Bearer {SERVER_API_KEY}"}), timeout=2,
+                context=context)
             return
         except OSError:
             time.sleep(0.5)

@@ -18,7 +18,11 @@ It answers what distilflow's HTTP teacher relies on with vLLM's request and resp
 For failure tests: POST /test/fail-next {"count": N} answers the next N completion requests with 503;
 POST /test/slow-next {"count": N, "seconds": S} delays them; --no-prompt-logprobs serves completions
 as a server without vLLM's extension does (the field is ignored); --exit-at-request N makes the
-process exit, answering nothing, when its Nth completion request arrives (a server that dies mid-stage).
+process exit, answering nothing, when its Nth completion request arrives (a server that dies mid-stage);
+POST /test/fault {"fault": KIND, "after": N} answers with what no OpenAI-compatible server should (FAULTS: a body
+that is not JSON, JSON of another shape, a proxy's HTML page, an answer cut off mid-stream) once N more completion
+requests were answered (N = 0: at once, the model list and /tokenize included; "fault": null ends it);
+--ssl-certfile/--ssl-keyfile serve HTTPS.
 
     python tests/openai_server.py --model tests/assets/tiny-teacher --port 8011 [--api-key KEY]
 """
@@ -33,7 +37,7 @@ import torch
 import uvicorn
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -86,6 +90,29 @@ class SlowNext(BaseModel):
     seconds: float
 
 
+class Fault(BaseModel):
+    fault: str | None
+    after: int = 0
+
+
+# What a broken server, or something else listening at base_url, answers with status 200.
+FAULTS = {
+    "not-json": ("application/json", "upstream connect error or disconnect/reset before headers"),
+    "wrong-shape": ("application/json", '{"model": "tiny-teacher", "response": "payment", "done": true}'),
+    "html": ("text/html", "<!DOCTYPE html><html><head><title>Sign in</title></head><body>Log in to continue to "
+                          "the network</body></html>"),
+    "truncated": ("application/json", '{"id": "cmpl-1", "object": "text_completion", "choices": [{"index": 0, "te'),
+}
+
+
+class Faulty(Exception):
+    """Answer this request with ``FAULTS[kind]``."""
+
+    def __init__(self, kind: str):
+        super().__init__(kind)
+        self.kind = kind
+
+
 class ServerError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None):
         super().__init__(message)
@@ -122,6 +149,20 @@ def prompt_logprobs(model, tokenizer, ids: list[int], k: int) -> list[dict | Non
     return positions
 
 
+def faulty_answer(kind: str) -> Response:
+    """``FAULTS[kind]`` as the response: "truncated" sends its start, then drops the connection (uvicorn aborts
+    a response whose body raises), as a server that crashes mid-answer or a proxy that times out does."""
+    media_type, body = FAULTS[kind]
+    if kind != "truncated":
+        return Response(body, media_type=media_type)
+
+    def cut_short():
+        yield body.encode()
+        raise ConnectionAbortedError("the test server cuts this answer short")
+
+    return StreamingResponse(cut_short(), media_type=media_type)
+
+
 def make_app(model_dir: str, served_name: str, api_key: str | None, *, max_logprobs: int = 20,
              serves_prompt_logprobs: bool = True, exit_at_request: int | None = None) -> FastAPI:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -129,12 +170,17 @@ def make_app(model_dir: str, served_name: str, api_key: str | None, *, max_logpr
     max_model_len = model.config.max_position_embeddings
     lock = threading.Lock()  # one forward pass at a time, like one accelerator
     counts = {"requests": 0, "fail": 0, "slow": 0, "seconds": 0.0}
+    fault = {"kind": None, "from": 0}  # the fault, and the request count from which on it answers
     app = FastAPI()
 
     @app.exception_handler(ServerError)
     def server_error(request: Request, err: ServerError):
         return JSONResponse({"error": {"message": err.message, "type": ERROR_TYPES.get(err.status, "Error"),
                                        "param": err.param, "code": err.status}}, status_code=err.status)
+
+    @app.exception_handler(Faulty)
+    def faulty(request: Request, err: Faulty):
+        return faulty_answer(err.kind)
 
     @app.exception_handler(RequestValidationError)
     def invalid_request(request: Request, err: RequestValidationError):
@@ -155,6 +201,8 @@ def make_app(model_dir: str, served_name: str, api_key: str | None, *, max_logpr
             counts["requests"] += 1
             if exit_at_request is not None and counts["requests"] >= exit_at_request:
                 os._exit(1)
+            if fault["kind"] is not None and counts["requests"] > fault["from"]:
+                raise Faulty(fault["kind"])
             if counts["fail"] > 0:
                 counts["fail"] -= 1
                 raise ServerError(503, "overloaded, try again")
@@ -177,9 +225,15 @@ def make_app(model_dir: str, served_name: str, api_key: str | None, *, max_logpr
     def finish_reason(new: list[int]) -> str:
         return "stop" if tokenizer.eos_token_id in new else "length"
 
+    def faulty_from_the_start() -> None:
+        """The model list and /tokenize: faulty with a fault set to answer at once."""
+        if fault["kind"] is not None and counts["requests"] >= fault["from"]:
+            raise Faulty(fault["kind"])
+
     @app.get("/v1/models")
     def models(authorization: str | None = Header(None)):
         authorize(authorization)
+        faulty_from_the_start()
         return {"object": "list", "data": [{
             "id": served_name, "object": "model", "created": int(time.time()), "owned_by": "vllm",
             "root": str(model_dir), "parent": None, "max_model_len": max_model_len,
@@ -189,6 +243,13 @@ def make_app(model_dir: str, served_name: str, api_key: str | None, *, max_logpr
     @app.post("/test/fail-next")
     def fail_next(request: FailNext):
         counts["fail"] = request.count
+        return {"ok": True}
+
+    @app.post("/test/fault")
+    def set_fault(request: Fault):
+        if request.fault is not None and request.fault not in FAULTS:
+            raise ServerError(400, f"faults: {sorted(FAULTS)}", "fault")
+        fault.update(kind=request.fault, **{"from": counts["requests"] + request.after})
         return {"ok": True}
 
     @app.post("/test/slow-next")
@@ -265,6 +326,7 @@ def make_app(model_dir: str, served_name: str, api_key: str | None, *, max_logpr
 
     @app.post("/tokenize")
     def tokenize(request: TokenizeRequest):
+        faulty_from_the_start()
         check_model(request.model)
         if request.messages is not None:
             text = tokenizer.apply_chat_template(request.messages, tokenize=False,
@@ -294,10 +356,13 @@ def main() -> None:
                         help="ignore prompt_logprobs, as a server without vLLM's extension does")
     parser.add_argument("--exit-at-request", type=int, default=None,
                         help="exit, answering nothing, when the Nth completion request arrives")
+    parser.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
+    parser.add_argument("--ssl-keyfile", help="and this private key (PEM)")
     args = parser.parse_args()
     app = make_app(args.model, args.served_model_name, args.api_key, max_logprobs=args.max_logprobs,
                    serves_prompt_logprobs=not args.no_prompt_logprobs, exit_at_request=args.exit_at_request)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", ssl_certfile=args.ssl_certfile,
+                ssl_keyfile=args.ssl_keyfile)
 
 
 if __name__ == "__main__":

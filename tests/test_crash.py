@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -15,11 +16,14 @@ from tests.conftest import TINY_CONFIG
 DISTILFLOW = str(Path(sys.executable).with_name("distilflow"))
 
 
-def start_run(workdir: Path, *overrides: str) -> subprocess.Popen:
+def start_run(workdir: Path, *overrides: str, output: Path | None = None, env: dict | None = None) -> subprocess.Popen:
+    """`distilflow run` of the tiny config in a process group of its own; its output piped, or written to ``output``
+    (a run that goes to the end writes more than a pipe holds)."""
     settings = [arg for override in (f"run.workdir={workdir}", *overrides) for arg in ("--set", override)]
-    return subprocess.Popen([DISTILFLOW, "run", str(TINY_CONFIG), *settings],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy(),
-                            start_new_session=True, preexec_fn=as_from_a_terminal)
+    with open(output, "w") if output else nullcontext(subprocess.PIPE) as stdout:
+        return subprocess.Popen([DISTILFLOW, "run", str(TINY_CONFIG), *settings],
+                                stdout=stdout, stderr=subprocess.STDOUT, env=env or os.environ.copy(),
+                                start_new_session=True, preexec_fn=as_from_a_terminal)
 
 
 def as_from_a_terminal() -> None:
