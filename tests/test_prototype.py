@@ -207,7 +207,7 @@ def test_black_box_stage_writes_dataset_card_and_baseline(black_box):
     assert len(dataset) == result.metrics["kept"] > 0
     assert {"prompt", "completion", "answer", "score", "judge_score", "teacher"} <= set(dataset.column_names)
     assert json.loads(result.teacher_eval.read_text())["metrics"]["task_score"] >= 0
-    assert "## Data card" in result.data_card.read_text() and "## Teacher baseline" in result.summary
+    assert "## Data card" in result.data_card.read_text() and "## Teacher's score" in result.summary
 
 
 def test_black_box_stage_says_it_has_no_teacher_weights(black_box):
@@ -215,7 +215,7 @@ def test_black_box_stage_says_it_has_no_teacher_weights(black_box):
     assert result.teacher is None and result.endpoint is not None and result.metrics["teacher.black_box"] == 1.0
     assert "black-box" in result.summary and "no student pruned from it" in result.summary
     assert "Labels chosen by the server's guided choice" in result.summary
-    entry = result.baseline.as_json()
+    entry = result.teacher_row.as_json()
     assert set(journey.FIELDS) <= entry.keys() and entry["size_bytes"] is None and entry["task_score"] >= 0
 
 
