@@ -429,6 +429,15 @@ class PrototypeConfig(Section):
                              "deployed model to beat it.")
     ensemble: EnsembleConfig | None = Field(
         None, description="Label the inputs with several teachers (and the baseline), not the teacher alone.")
+    time_budget_s: float | None = Field(
+        None, gt=0, description="Seconds the teacher may spend labelling the training inputs: it answers them 64 at a "
+                                "time (in the split's seeded order) until the budget is spent, and the inputs it did "
+                                "not reach are left out (the data card says how many). Unset: every input, however "
+                                "long it takes (task.max_train caps them by count). A slow teacher on a small machine "
+                                "(a 1.5B one on 2 CPU cores labels ~1 ticket a second) gets what the time allows.")
+    train_on_pool: bool = Field(
+        False, description="The labelled few-shot pool joins the distillation set with its own labels "
+                           "(label_source: gold); the held-out split never does.")
     few_shot: int = Field(4, ge=0, description="Labelled training examples shown to the teacher in each prompt.")
     shot_candidates: int = Field(
         1, ge=1, description="Few-shot sets to try; the one the teacher scores best with on labelled "

@@ -2,8 +2,10 @@
 and its score on the held-out split becomes the bar every later model is measured against."""
 
 import json
+import logging
 import math
 import statistics
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,10 @@ from distilflow.tasks.journey import JourneyEntry
 from distilflow.tasks.judge import judge_filter, judge_scores
 from distilflow.tasks.models import save_model, size_on_disk
 from distilflow.tasks.teachers import FREE_TEXT, GUIDED_CHOICE, LOG_LIKELIHOOD, open_teacher
+
+log = logging.getLogger("distilflow")
+
+BUDGET_CHUNK = 64  # inputs answered between two looks at the clock, under prototype.time_budget_s
 
 
 @dataclass(kw_only=True)
@@ -66,6 +72,7 @@ def run(cfg: PrototypeConfig, ctx: StageContext) -> PrototypeOutput:
     pool_baseline = baseline.trained(examples.pool, [checks.label(row, task) for row in examples.pool], task,
                                      journey.POOL) if wants_pool_baseline(cfg, task) else None
     answers, distributions = teacher_answers(teacher, inputs, task, prompting, cfg, ctx.seed)
+    inputs = inputs[:len(answers)]  # all of them, or those the teacher labelled within prototype.time_budget_s
     ensemble_card = ""
     if cfg.ensemble:
         members = label_sources(teacher, teacher_eval, distributions, pool_baseline, inputs, examples.pool, prompting,
@@ -86,6 +93,8 @@ def run(cfg: PrototypeConfig, ctx: StageContext) -> PrototypeOutput:
             open_teacher(cfg.judge.teacher, ctx.device, "prototype.judge.teacher")
         kept, judged_out = judge_filter(kept, judge_scores(judge, kept, task, cfg.judge), cfg.judge.threshold)
         rejected += judged_out
+    if cfg.train_on_pool:
+        kept += pool_rows(examples.pool, task)
     if not kept:
         raise DistilflowError(
             f"prototype: no teacher answer was kept ({', '.join(f'{r}: {n}' for r, n in rejected.items())} of "
@@ -106,7 +115,7 @@ def run(cfg: PrototypeConfig, ctx: StageContext) -> PrototypeOutput:
     states = [teacher_eval.journey_entry("teacher")]
     if cfg.baseline != "none" and task.check.type == "choice":
         states += baseline_entries(pool_baseline, kept, task, ctx.evaluator, out)
-    card = "\n".join(filter(None, [data_card(kept, rejected, examples, cfg, task, teacher), ensemble_card,
+    card = "\n".join(filter(None, [data_card(kept, rejected, examples, inputs, cfg, task, teacher), ensemble_card,
                                     teacher_score_card(teacher_eval, task), baseline.card(states[1:])]))
     (out / "data_card.md").write_text(card)
     teacher_card = package.teacher_card(cfg.teacher)
@@ -239,7 +248,27 @@ def teacher_answers(teacher, inputs: list[dict], task: TaskConfig, prompting: Pr
     """``cfg.num_samples`` answers per input and, for a choice task on a teacher that scores labels (its
     weights, or a server's prompt log-probs), the teacher's calibrated probability of every label per input:
     the soft labels of logit KD, and at the answer kept, the teacher's confidence in it. Sampled answers are
-    drawn from those same probabilities."""
+    drawn from those same probabilities.
+
+    With ``cfg.time_budget_s`` the inputs are answered ``BUDGET_CHUNK`` at a time until the budget is spent: the
+    answers then cover the first inputs only, as many as the teacher labelled in time."""
+    if cfg.time_budget_s is None:
+        return answers_of(teacher, inputs, task, prompting, cfg, seed)
+    answers, distributions, start = [], [], time.perf_counter()
+    for index in range(0, len(inputs), BUDGET_CHUNK):
+        if answers and time.perf_counter() - start > cfg.time_budget_s:
+            log.info("prototype.time_budget_s (%g s) spent: the teacher labelled %d of %d inputs", cfg.time_budget_s,
+                     len(answers), len(inputs))
+            break
+        chunk_answers, chunk_distributions = answers_of(teacher, inputs[index:index + BUDGET_CHUNK], task, prompting,
+                                                        cfg, seed + index)
+        answers += chunk_answers
+        distributions += chunk_distributions or []
+    return answers, distributions or None
+
+
+def answers_of(teacher, inputs: list[dict], task: TaskConfig, prompting: Prompting, cfg: PrototypeConfig,
+               seed: int) -> tuple[list[list[str]], list[dict[str, float]] | None]:
     sampling = {"temperature": cfg.temperature, "num_samples": cfg.num_samples, "seed": seed}
     if task.check.type != "choice" or teacher.choice_method != LOG_LIKELIHOOD:
         return teacher.answer(inputs, task, prompting, desc="teacher answering", **sampling), None
@@ -338,7 +367,7 @@ def write_dataset(kept: list[dict], task: TaskConfig, teacher: str, cfg: Prototy
     records = [{"prompt": data.messages(k["row"], task), "completion": [{"role": "assistant", "content": k["answer"]}],
                 "teacher_prompt": data.messages(k["row"], task, shots),
                 "answer": k["answer"], "label": checks.label(k["row"], task) or "",
-                "label_source": "data" if checks.label(k["row"], task) is not None else "teacher",
+                "label_source": label_source(k, task),
                 "score": k["score"], **({"judge_score": k["judge_score"]} if cfg.judge else {}),
                 **{name: k[name] for name in ("confidence", "agreement", "choice_probs") if k[name] is not None},
                 "source": "teacher", "teacher": teacher, "input_index": k["input_index"], "sample": k["sample"],
@@ -346,6 +375,21 @@ def write_dataset(kept: list[dict], task: TaskConfig, teacher: str, cfg: Prototy
                for k in kept]
     Dataset.from_list(records).save_to_disk(directory)
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def label_source(kept: dict, task: TaskConfig) -> str:
+    """Where a kept answer's label came from: `gold` (the labelled pool, prototype.train_on_pool), `data` (a training
+    input's own label, which filtered the teacher's answer), or `teacher` (the teacher's, or the ensemble's)."""
+    return kept.get("label_source") or ("data" if checks.label(kept["row"], task) is not None else "teacher")
+
+
+def pool_rows(pool: list[dict], task: TaskConfig) -> list[dict]:
+    """The labelled pool as kept answers with their own labels (prototype.train_on_pool)."""
+    choices = task.check.choices if task.check.type == "choice" else None
+    return [{"row": row, "answer": checks.label(row, task), "score": 1.0, "input_index": None, "sample": 0,
+             "confidence": None, "agreement": None, "label_source": "gold",
+             "choice_probs": {c: float(c == checks.label(row, task)) for c in choices} if choices else None}
+            for row in pool]
 
 
 def answer_length_metrics(kept: list[dict]) -> dict[str, float]:
@@ -356,15 +400,15 @@ def answer_length_metrics(kept: list[dict]) -> dict[str, float]:
             "answer_chars.max": max(lengths)}
 
 
-def data_card(kept: list[dict], rejected: Counter, examples: TaskData, cfg: PrototypeConfig, task: TaskConfig,
-              teacher) -> str:
-    """What the distillation set holds and what was thrown away, as markdown (MLflow, Prefect, model card)."""
-    inputs = examples.train
+def data_card(kept: list[dict], rejected: Counter, examples: TaskData, inputs: list[dict], cfg: PrototypeConfig,
+              task: TaskConfig, teacher) -> str:
+    """What the distillation set holds and what was thrown away, as markdown (MLflow, Prefect, model card).
+    ``inputs``: the training inputs the teacher answered (all of ``examples.train``, or those within its budget)."""
     total = len(inputs) * cfg.num_samples
     labelled = sum(checks.label(row, task) is not None for row in inputs)
     access = "black-box (served: no weights, so no student pruned from it)" \
         if teacher.black_box else "white-box (weights saved with this stage)"
-    sources = Counter("data" if checks.label(k["row"], task) is not None else "teacher" for k in kept)
+    sources = Counter(label_source(k, task) for k in kept)
     lines = ["## Data card", "",
              f"Teacher: `{teacher.name}`, {access}.", "",
              *([f"Labels chosen by {choice_method(teacher, cfg)}.", ""] if task.check.type == "choice" else []),
@@ -372,7 +416,8 @@ def data_card(kept: list[dict], rejected: Counter, examples: TaskData, cfg: Prot
              f"{len(inputs)} training inputs; {examples.duplicates} rows dropped before the split as duplicate inputs "
              "(no held-out input is a training input or a few-shot example).", "",
              f"Inputs: {len(inputs)} ({labelled} labelled, {len(inputs) - labelled} labelled by the "
-             f"{'ensemble' if cfg.ensemble else 'teacher'}); "
+             f"{'ensemble' if cfg.ensemble else 'teacher'}"
+             f"{f'; {len(examples.train)} were there, prototype.time_budget_s let it label these' if len(inputs) < len(examples.train) else ''}); "
              f"{cfg.num_samples} answer(s) each at temperature {cfg.temperature}: {total} answers. "
              f"Check: {task.check.type}, {checks.describe(task)}.", "",
              f"**Kept {len(kept)}** (label source: {', '.join(f'{s} {n}' for s, n in sorted(sources.items()))}), "
