@@ -160,7 +160,7 @@ def crash_flow_runs(flow_run_ids: list[str]) -> None:
 @task(retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE, persist_result=False)
 def finish_tracking(tracker: MlflowTracker, journey: list[JourneyEntry], bundle: Path) -> str:
     """Close the MLflow run with the journey; returns where to see it (markdown)."""
-    tracker.log_metrics({f"journey.{e.state}.{k}": v for e in journey for k, v in flatten(e.as_json()).items()})
+    tracker.log_metrics({f"journey.{e.key}.{k}": v for e in journey for k, v in flatten(e.as_json()).items()})
     tracker.log_artifact(bundle / FILE)
     tracker.finish()
     return mlflow_run_reference(tracker)

@@ -63,7 +63,7 @@ def run(cfg: DeployConfig, prototype: PrototypeOutput, distill: DistillOutput, c
         deployed.gguf_file, deployed.gguf_size_bytes = f"gguf/{gguf_file.name}", gguf_file.stat().st_size
 
     # Copies: the upstream outputs stay as their stages published them.
-    states = [replace(entry) for entry in (prototype.baseline, *distill.journey, *compress.journey)] + [deployed]
+    states = [replace(entry) for entry in (*prototype.journey, *distill.journey, *compress.journey)] + [deployed]
     states = served_journey(states, prototype, distill, compress, bundle, gguf_file, cfg, ctx, report)
     if gguf_file:
         smoke_lines.append(smoke_gguf(gguf_file, smoke_rows, cfg, ctx, deployed, report))
@@ -88,8 +88,9 @@ def run(cfg: DeployConfig, prototype: PrototypeOutput, distill: DistillOutput, c
     write_manifest(bundle)
 
     metrics = {f"deployed.{k}": v for k, v in flatten(deployed.as_json()).items() if k != "state"}
-    metrics.update({f"{metric_label(e)}.{k}": v for e in states if e is not deployed for k, v in flatten(
-        {"serving": e.serving or {}, "cost_usd_per_mtok": e.cost_usd_per_mtok or {}}).items()})
+    metrics.update({f"{e.key}.{k}": v for e in states if e is not deployed for k, v in flatten(
+        {"serving": e.serving or {}, "cost_usd_per_mtok": e.cost_usd_per_mtok or {},
+         "cost_usd_per_1k_requests": e.cost_usd_per_1k_requests or {}}).items()})
     ctx.tracker.log_metrics(metrics)
     for name in ("manifest.json", journey.FILE, "journey.png", "README.md", "eval_report.json", "serve.yaml",
                  "request.json", "Dockerfile", *(["cost.png"] if cost_chart else [])):
@@ -97,11 +98,6 @@ def run(cfg: DeployConfig, prototype: PrototypeOutput, distill: DistillOutput, c
     return DeployOutput(bundle=bundle, deployed=deployed, journey=states,
                         summary=f"Bundle ready: {cfg.model_name}\n\n" + "".join(f"- smoke test, {line}\n"
                                                                                 for line in smoke_lines))
-
-
-def metric_label(entry: JourneyEntry) -> str:
-    """A journey entry's name in metric keys: its state, and its phase where it has one."""
-    return f"{entry.state}.{entry.phase}" if entry.phase else entry.state
 
 
 def gguf_source(compress: CompressOutput, distill: DistillOutput, bundle: Path, gguf_type: str) -> Path:
@@ -132,7 +128,12 @@ def served_journey(states: list[JourneyEntry], prototype: PrototypeOutput, disti
                             gguf_file=gguf_file)
     with tempfile.TemporaryDirectory(prefix="distilflow-serving-") as scratch:
         for entry in states:
-            form = servable_form(entry, engine, models)
+            if entry.state == "baseline":  # served in-process by scikit-learn, measured where it was trained
+                entry.serving = {**entry.serving, "usd_per_hour": serving.cpu_price(cfg.cost, entry.serving["threads"])}
+                entry.cost_usd_per_1k_requests = serving.request_cost_entry(entry.serving)
+                continue
+            form = "eval.serving.skip_states" if entry.state in evaluator.settings.serving.skip_states else \
+                servable_form(entry, engine, models)
             if isinstance(form, str):
                 entry.serving = serving.not_measured(engine, form)
             else:
@@ -147,6 +148,7 @@ def served_journey(states: list[JourneyEntry], prototype: PrototypeOutput, disti
                      "label": checks.label(row, evaluator.task)}
                     for row, a in zip(evaluator.rows, answers)]
             entry.cost_usd_per_mtok = serving.cost_entry(entry.serving)
+            entry.cost_usd_per_1k_requests = serving.request_cost_entry(entry.serving)
     if cfg.cost.teacher_usd_per_mtok and prototype.teacher is None:
         api = journey.find(states, "teacher")
         api.cost_usd_per_mtok = dict.fromkeys(("batch1", "throughput"), cfg.cost.teacher_usd_per_mtok)

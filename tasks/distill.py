@@ -37,7 +37,7 @@ from trl.experimental.gkd import GKDConfig
 from trl.experimental.gold import GOLDConfig, GOLDTrainer
 
 from distilflow.configs.schema import (DistillConfig, LogitKDPhase, LoraAdapters, ModelTrust, StudentConfig,
-                                      TaskConfig, TrainingPhase)
+                                      TaskConfig, TrainingPhase, WidthPruneConfig)
 from distilflow.tasks import checks, data, decoding, fresh_process, kd, prune, teacher_logits, vocab
 from distilflow.tasks.artifacts import InArtifact, StageOutput, published
 from distilflow.tasks.context import StageContext
@@ -166,6 +166,8 @@ def initial_student(cfg: StudentConfig, teacher_dir: Path | None, dataset: Datas
         count = cfg.teacher_layers or cfg.keep_layers
         if count:
             model, tokenizer, origin = most_influential_layers(model, tokenizer, count, source, dataset, ctx)
+        if cfg.width:
+            model, origin = narrowed(model, tokenizer, origin, dataset, cfg.width, ctx)
         if cfg.vocabulary == "trim":
             model, tokenizer, origin = trimmed(model, tokenizer, origin, dataset, cfg, ctx)
         with published(directory) as partial:
@@ -207,6 +209,20 @@ def most_influential_layers(model, tokenizer, count: int, source: str, dataset: 
     ctx.tracker.log_metrics({f"block_influence.layer_{i:02d}": v for i, v in enumerate(influence)})
     log.info("student keeps %s layers %s", source, keep)
     return prune.keep_layers(model, keep), tokenizer, f"{source} layers {keep}"
+
+
+def narrowed(model, tokenizer, origin: str, dataset: Dataset, cfg: WidthPruneConfig, ctx: StageContext):
+    """The student with, in every layer, only its MLP channels and key/value heads most active on the training
+    chats (``distill.student.width``): what it keeps, training heals."""
+    batches = data.token_batches(tokenizer, data.calibration_texts(tokenizer, dataset, INFLUENCE_SAMPLES), ctx.device)
+    narrow = prune.prune_width(model, prune.width_importance(model, batches), cfg)
+    config = narrow.config
+    ctx.tracker.log_metrics({"student.intermediate_size": config.intermediate_size,
+                             "student.num_key_value_heads": config.num_key_value_heads})
+    log.info("student narrowed to MLP width %d, %d key/value heads", config.intermediate_size,
+             config.num_key_value_heads)
+    return narrow, f"{origin}, narrowed to MLP width {config.intermediate_size} and {config.num_key_value_heads} " \
+                   "key/value heads"
 
 
 def trimmed(model, tokenizer, origin: str, dataset: Dataset, cfg: StudentConfig, ctx: StageContext):

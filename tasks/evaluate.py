@@ -81,8 +81,11 @@ def evaluate(model, tokenizer, rows: list[dict], task: TaskConfig, cfg: EvalConf
              prompting: Prompting = Prompting(), desc: str = "evaluating") -> Evaluation:
     """Measure ``model`` on the held-out ``rows``; sizes come from its saved files (``add_size``)."""
     prompts = prompting.prompts(tokenizer, rows, task)
-    answers = [a[0] for a in prompting.answer(model, tokenizer, rows, task, desc=desc)]
-    evaluation = score_answers(answers, rows, task, prompts)
+    if task.check.type == "choice":
+        evaluation = score_choices(prompting.choice_scores(model, tokenizer, rows, task, desc=desc), rows, task, prompts)
+    else:
+        evaluation = score_answers([a[0] for a in prompting.answer(model, tokenizer, rows, task, desc=desc)], rows,
+                                   task, prompts)
     evaluation.metrics.update({
         "perplexity": perplexity(model, tokenizer, _reference_chats(rows[:cfg.perplexity_examples], task)),
         "params": parameter_count(model),
@@ -91,16 +94,27 @@ def evaluate(model, tokenizer, rows: list[dict], task: TaskConfig, cfg: EvalConf
     return evaluation
 
 
-def score_answers(answers: list[str], rows: list[dict], task: TaskConfig, prompts: list[str]) -> Evaluation:
+def score_choices(scores: torch.Tensor, rows: list[dict], task: TaskConfig, prompts: list[str]) -> Evaluation:
+    """``score_answers`` for a choice task answered by its labels' (calibrated) log-likelihoods ``scores``: the most
+    likely label is the answer, and each prediction keeps the probability of every label (an ensemble averages them)."""
+    answers = [a[0] for a in decoding.pick(scores, task.check.choices)]
+    probabilities = [dict(zip(task.check.choices, row)) for row in scores.softmax(1).tolist()]
+    return score_answers(answers, rows, task, prompts, probabilities)
+
+
+def score_answers(answers: list[str], rows: list[dict], task: TaskConfig, prompts: list[str],
+                  probabilities: list[dict[str, float]] | None = None) -> Evaluation:
     """The task-score part of an evaluation: the metric over ``rows``, per class for a choice task, and
-    every prediction. Black-box models (text only) are measured by this alone."""
+    every prediction (with its label ``probabilities`` where given). Black-box models (text only) are measured
+    by this alone."""
     labels = [checks.label(row, task) for row in rows]
     per_class = {} if task.check.type != "choice" else {
         choice: task_score([a for a, label in zip(answers, labels) if label == choice],
                            [r for r, label in zip(rows, labels) if label == choice], task)
         for choice in task.check.choices if choice in labels}
-    predictions = [{"prompt": p, "answer": a, "label": label, "score": checks.score(a, row, task)}
-                   for p, a, label, row in zip(prompts, answers, labels, rows)]
+    predictions = [{"prompt": p, "answer": a, "label": label, "score": checks.score(a, row, task),
+                    **({"probabilities": probabilities[i]} if probabilities else {})}
+                   for i, (p, a, label, row) in enumerate(zip(prompts, answers, labels, rows))]
     scores = [p["score"] for p in predictions]
     return Evaluation({"task_score": task_score(answers, rows, task), "task_score_ci": score_interval(scores)},
                       per_class, predictions)

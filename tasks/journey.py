@@ -11,6 +11,7 @@ from pathlib import Path
 # weights to size) is None, and still written.
 FIELDS = ("task_score", "task_score_ci", "perplexity", "size_bytes", "params", "bits_per_param", "tokens_per_s")
 FILE = "journey.json"
+POOL = "labelled pool"  # what the baseline a user tries first is trained on (JourneyEntry.trained_on)
 
 
 @dataclass
@@ -33,6 +34,7 @@ class JourneyEntry:
     candidate: str | None = None  # quantized: the chosen compression candidate and its scheme
     scheme: str | None = None
     note: str | None = None
+    trained_on: str | None = None  # baseline: the labels it learned from (POOL, "distillation labels")
     smoke_pass_rate: float | None = None  # deployed: the smoke tests, transformers and GGUF
     smoke_latency_s: float | None = None
     gguf_file: str | None = None
@@ -40,11 +42,19 @@ class JourneyEntry:
     gguf_smoke_pass_rate: float | None = None
     serving: dict | None = None  # tasks/serving.py: its engine's measurements, or why it was not served
     cost_usd_per_mtok: dict | None = None
+    cost_usd_per_1k_requests: dict | None = None  # a task request as its clients send it: prompt and answer
 
     @property
     def label(self) -> str:
-        """The state, and its phase where it has one: "student (sft)"."""
-        return f"{self.state} ({self.phase})" if self.phase else self.state
+        """The state, and its phase (or what a baseline was trained on) where it has one: "student (sft)"."""
+        detail = self.phase or self.trained_on
+        return f"{self.state} ({detail})" if detail else self.state
+
+    @property
+    def key(self) -> str:
+        """The row's name in metric keys: "student.sft", "baseline.labelled_pool", "deployed"."""
+        detail = self.phase or self.trained_on
+        return f"{self.state}.{detail.replace(' ', '_')}" if detail else self.state
 
     def as_json(self) -> dict:
         """The row as journey.json holds it: the evaluator's fields always, the others where they apply."""
@@ -60,6 +70,11 @@ class JourneyEntry:
 def find(journey: list[JourneyEntry], state: str) -> JourneyEntry | None:
     """The first row of ``state``, or None."""
     return next((entry for entry in journey if entry.state == state), None)
+
+
+def pool_baseline(journey: list[JourneyEntry]) -> JourneyEntry | None:
+    """The baseline trained on the labelled pool: what a user tries first, the bar deploy.gate's margin is over."""
+    return next((e for e in journey if e.state == "baseline" and e.trained_on == POOL), None)
 
 
 def to_json(journey: list[JourneyEntry]) -> list[dict]:
@@ -96,7 +111,7 @@ def table(journey: list[JourneyEntry]) -> str:
                  _cell(e.perplexity, ".1f"), _cell(e.size_bytes, ".1f", scale=1e-6), _cell(e.params, ".1f", scale=1e-6),
                  _cell(e.bits_per_param, ".2f")]
         lines.append(f"| {e.label} | {' | '.join(cells)} |")
-    if any(e.serving or e.cost_usd_per_mtok for e in journey):
+    if any(e.serving or e.cost_usd_per_mtok or e.cost_usd_per_1k_requests for e in journey):
         lines += ["", serving_table(journey)]
     return "\n".join(lines)
 
@@ -106,22 +121,23 @@ def serving_table(journey: list[JourneyEntry]) -> str:
     concurrency = next((e.serving["concurrency"] for e in journey if (e.serving or {}).get("concurrency")), "N")
     lines = [f"| state | engine | artifact | size (MB) | tokens/s batch 1 | TTFT (s) | latency p50 / p95 (s) | "
              f"tokens/s at {concurrency} | peak memory (MB) | engine task score | $/1M tokens batch 1 | "
-             f"$/1M tokens at {concurrency} |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"$/1M tokens at {concurrency} | $/1k requests batch 1 | $/1k requests at {concurrency} |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in journey:
-        served, cost = e.serving or {}, e.cost_usd_per_mtok or {}
+        served, cost, requests = e.serving or {}, e.cost_usd_per_mtok or {}, e.cost_usd_per_1k_requests or {}
         if served.get("not_measured"):
             price = f" | {_cell(cost.get('batch1'), '.3g')} | {_cell(cost.get('throughput'), '.3g')}" if any(cost.values()) \
                 else " | – | –"
             lines.append(f"| {e.label} | {served.get('engine') or '–'} | not served: {served['not_measured']} | "
-                         f"– | – | – | – | – | – | –{price} |")
+                         f"– | – | – | – | – | – | –{price} | – | – |")
             continue
         latency = f"{_cell(served.get('latency_p50_s'), '.3f')} / {_cell(served.get('latency_p95_s'), '.3f')}"
         cells = [served.get("engine") or "–", served.get("artifact") or "–",
                  _cell(served.get("artifact_bytes"), ".1f", scale=1e-6), _cell(served.get("batch1_tokens_per_s"), ".1f"),
                  _cell(served.get("ttft_s"), ".3f"), latency, _cell(served.get("throughput_tokens_per_s"), ".1f"),
                  _cell(served.get("peak_memory_mb"), ".0f"), _cell(served.get("task_score"), ".3f"),
-                 _cell(cost.get("batch1"), ".3g"), _cell(cost.get("throughput"), ".3g")]
+                 _cell(cost.get("batch1"), ".3g"), _cell(cost.get("throughput"), ".3g"),
+                 _cell(requests.get("batch1"), ".3g"), _cell(requests.get("throughput"), ".3g")]
         lines.append(f"| {e.label} | {' | '.join(cells)} |")
     return "\n".join(lines)
 

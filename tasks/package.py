@@ -17,7 +17,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from distilflow.configs.schema import DeployConfig, HttpTeacherConfig, ServingConfig, TaskConfig, TeacherConfig
 from distilflow.tasks import data
 from distilflow.tasks.journey import JourneyEntry, table
-from distilflow.tasks.models import gguf_package_file
+from distilflow.tasks.models import gguf_package_file, joined_gguf
 
 LLAMA_CPP_PORT = 8080  # llama-server's default
 MODEL_CARD_TEMPLATE = files("distilflow.tasks").joinpath("templates", "model_card.md")
@@ -165,6 +165,10 @@ def teacher_card(cfg: TeacherConfig) -> dict:
         if not fields.get("license"):
             fields["license"] = _package_license(cfg.gguf_package)
         return {"source": f"{cfg.gguf_package}/{cfg.gguf_file} (PyPI package)", "gguf_file": str(gguf_file), **fields}
+    if cfg.gguf_parts:
+        gguf_file = joined_gguf(cfg.gguf_parts, cfg.gguf_file, cfg.gguf_sha256, "prototype.teacher")
+        return {"source": f"{cfg.gguf_file}, joined from the PyPI packages {cfg.gguf_parts[0]} ... {cfg.gguf_parts[-1]}",
+                "gguf_file": str(gguf_file), **_gguf_license(gguf_file)}
     path = Path(cfg.path)
     if not path.exists():
         return {"source": f"{cfg.path} (hub id)", "base_model": cfg.path}
@@ -227,11 +231,12 @@ def journey_chart(journey: list[JourneyEntry], path: Path) -> Path:
 
 
 def cost_chart(journey: list[JourneyEntry], path: Path) -> Path | None:
-    """Task score against dollars per million output tokens, at batch 1 and at the measured throughput,
-    for every state with a cost (PNG); None when no state has one. The score is the serving engine's where
-    the state was served, else the HF evaluator's."""
-    points = [(e, kind, e.cost_usd_per_mtok[kind]) for e in journey for kind in ("batch1", "throughput")
-              if (e.cost_usd_per_mtok or {}).get(kind)]
+    """Task score against dollars per 1,000 task requests (each state asked as its clients ask it: the teacher
+    with its few-shot prompt), one at a time and at the measured rate in flight, for every state with a cost (PNG);
+    None when no state has one. The score is the serving engine's where the state was served, else the HF
+    evaluator's."""
+    points = [(e, kind, e.cost_usd_per_1k_requests[kind]) for e in journey for kind in ("batch1", "throughput")
+              if (e.cost_usd_per_1k_requests or {}).get(kind)]
     if not points:
         return None
     import matplotlib
@@ -250,9 +255,9 @@ def cost_chart(journey: list[JourneyEntry], path: Path) -> Path | None:
                      facecolors="none" if kind == "batch1" else "#4c72b0", edgecolors="#4c72b0", s=50)
         axis.annotate(entry.label, (cost, score), fontsize=8, textcoords="offset points",
                       xytext=(4, 4) if kind == "batch1" else (4, -11))  # the two points of a state stay apart
-    axis.scatter([], [], marker="o", facecolors="none", edgecolors="#4c72b0", label="batch 1")
+    axis.scatter([], [], marker="o", facecolors="none", edgecolors="#4c72b0", label="one request at a time")
     axis.scatter([], [], marker="s", color="#4c72b0", label=f"{concurrency} requests in flight")
-    axis.set(xscale="log", xlabel="US dollars per million output tokens (log scale)", ylabel="task score",
+    axis.set(xscale="log", xlabel="US dollars per 1,000 task requests, prompt included (log scale)", ylabel="task score",
              title="Task score against serving cost", ylim=(0, 1.05))
     axis.legend(loc="lower right", fontsize=8)
     figure.tight_layout()

@@ -2,17 +2,21 @@
 and its score on the held-out split becomes the bar every later model is measured against."""
 
 import json
+import logging
 import math
 import statistics
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
 from distilflow.configs.schema import HttpTeacherConfig, ModelTrust, PrototypeConfig, TaskConfig
-from distilflow.tasks import checks, data, decoding, package
+from distilflow.tasks import baseline, checks, data, decoding, ensemble, journey, package
 from distilflow.tasks.artifacts import InArtifact, StageOutput
 from distilflow.tasks.context import StageContext
 from distilflow.tasks.data import TaskData
@@ -22,6 +26,10 @@ from distilflow.tasks.journey import JourneyEntry
 from distilflow.tasks.judge import judge_filter, judge_scores
 from distilflow.tasks.models import save_model, size_on_disk
 from distilflow.tasks.teachers import FREE_TEXT, GUIDED_CHOICE, LOG_LIKELIHOOD, open_teacher
+
+log = logging.getLogger("distilflow")
+
+BUDGET_CHUNK = 64  # inputs answered between two looks at the clock, under prototype.time_budget_s
 
 
 @dataclass(kw_only=True)
@@ -45,7 +53,13 @@ class PrototypeOutput(StageOutput):
     teacher: InArtifact | None  # its weights; None for a black-box (HTTP) teacher
     endpoint: ServedTeacher | None  # a black-box teacher's endpoint; None for a local one
     teacher_card: dict  # where the teacher came from and its license fields (``package.teacher_card``)
-    baseline: JourneyEntry  # the teacher's row of the journey
+    baseline: InArtifact | None  # the TF-IDF baseline trained on the labelled pool (skops), where one was trained
+    journey: list[JourneyEntry]  # the teacher's row, then the baselines' (prototype.baseline)
+
+    @property
+    def teacher_row(self) -> JourneyEntry:
+        """The teacher's row of the journey: the bar every later model is measured against."""
+        return self.journey[0]
 
 
 def run(cfg: PrototypeConfig, ctx: StageContext) -> PrototypeOutput:
@@ -54,7 +68,21 @@ def run(cfg: PrototypeConfig, ctx: StageContext) -> PrototypeOutput:
     inputs = examples.train
     teacher = open_teacher(cfg.teacher, ctx.device)
     prompting, shot_scores = choose_prompting(teacher, cfg, examples.pool, task, ctx.seed)
+    teacher_eval = teacher.evaluate(ctx.evaluator, prompting)
+    pool_baseline = baseline.trained(examples.pool, [checks.label(row, task) for row in examples.pool], task,
+                                     journey.POOL) if wants_pool_baseline(cfg, task) else None
     answers, distributions = teacher_answers(teacher, inputs, task, prompting, cfg, ctx.seed)
+    inputs = inputs[:len(answers)]  # all of them, or those the teacher labelled within prototype.time_budget_s
+    ensemble_card = ""
+    if cfg.ensemble:
+        members = label_sources(teacher, teacher_eval, distributions, pool_baseline, inputs, examples.pool, prompting,
+                                cfg, ctx)
+        combined = ensemble.mean(members)
+        answers, distributions = ensemble_answers(combined, task, cfg, ctx.seed)
+        ensemble_card = ensemble.card(members, combined, ctx.evaluator.rows, task)
+        teacher_name = "ensemble of " + ", ".join(member.name for member in members)
+    else:
+        teacher_name = teacher.name
     kept, rejected = rejection_sample(inputs, answers, task, min_score=cfg.min_score, min_agreement=cfg.min_agreement,
                                       min_confidence=cfg.min_confidence, distributions=distributions)
     if cfg.keep_most_confident is not None:
@@ -65,26 +93,30 @@ def run(cfg: PrototypeConfig, ctx: StageContext) -> PrototypeOutput:
             open_teacher(cfg.judge.teacher, ctx.device, "prototype.judge.teacher")
         kept, judged_out = judge_filter(kept, judge_scores(judge, kept, task, cfg.judge), cfg.judge.threshold)
         rejected += judged_out
+    if cfg.train_on_pool:
+        kept += pool_rows(examples.pool, task)
     if not kept:
         raise DistilflowError(
             f"prototype: no teacher answer was kept ({', '.join(f'{r}: {n}' for r, n in rejected.items())} of "
             f"{len(inputs) * cfg.num_samples}); nothing to distill. Check task.check against the teacher's "
             "answers, or lower prototype.min_score / min_confidence / min_agreement / judge.threshold, or sample "
             "more (prototype.num_samples, prototype.temperature)")
-    write_dataset(kept, task, teacher.name, cfg, out / "dataset", out / "dataset.jsonl", shots=prompting.shots)
+    write_dataset(kept, task, teacher_name, cfg, out / "dataset", out / "dataset.jsonl", shots=prompting.shots)
 
-    baseline = teacher.evaluate(ctx.evaluator, prompting)
     endpoint = None
     if not teacher.black_box:  # a black-box teacher has no weights to save: pruning and online KD need them
         save_model(teacher.model, teacher.tokenizer, out / "teacher")
-        baseline.add_size(size_on_disk(out / "teacher"))
+        teacher_eval.add_size(size_on_disk(out / "teacher"))
     else:  # where offline logit KD asks for the served teacher's log-probs
         endpoint = ServedTeacher(config=cfg.teacher, served=teacher.served)
         (out / "teacher_endpoint.json").write_text(json.dumps(
             {"teacher": cfg.teacher.model_dump(mode="json"), "served": teacher.served}, indent=1))
-    (out / "teacher_eval.json").write_text(json.dumps(baseline.report(), indent=1))
-    (out / "few_shot.json").write_text(json.dumps(list(prompting.shots), indent=1))
-    card = data_card(kept, rejected, examples, cfg, task, teacher) + "\n" + baseline_card(baseline, task)
+    (out / "teacher_eval.json").write_text(json.dumps(teacher_eval.report(), indent=1))
+    states = [teacher_eval.journey_entry("teacher")]
+    if cfg.baseline != "none" and task.check.type == "choice":
+        states += baseline_entries(pool_baseline, kept, task, ctx.evaluator, out)
+    card = "\n".join(filter(None, [data_card(kept, rejected, examples, inputs, cfg, task, teacher), ensemble_card,
+                                    teacher_score_card(teacher_eval, task), baseline.card(states[1:])]))
     (out / "data_card.md").write_text(card)
     teacher_card = package.teacher_card(cfg.teacher)
     (out / "teacher_card.json").write_text(json.dumps(teacher_card, indent=1))
@@ -93,7 +125,7 @@ def run(cfg: PrototypeConfig, ctx: StageContext) -> PrototypeOutput:
                "data.duplicates_removed": examples.duplicates, "data.few_shot_pool": len(examples.pool),
                **shot_scores, **{f"rejected.{reason}": n for reason, n in rejected.items()},
                **answer_length_metrics(kept),
-               **{f"teacher.{k}": v for k, v in baseline.metrics.items() if v is not None}}
+               **{f"teacher.{k}": v for k, v in teacher_eval.metrics.items() if v is not None}}
     ctx.tracker.log_metrics(metrics)
     ctx.tracker.set_tags({"distilflow.teacher": teacher.name,
                           "distilflow.teacher_access": "black-box" if teacher.black_box else "white-box",
@@ -104,7 +136,80 @@ def run(cfg: PrototypeConfig, ctx: StageContext) -> PrototypeOutput:
         dataset=out / "dataset", dataset_jsonl=out / "dataset.jsonl", data_card=out / "data_card.md",
         teacher_eval=out / "teacher_eval.json", few_shot=prompting.shots,
         teacher=None if teacher.black_box else out / "teacher", endpoint=endpoint, teacher_card=teacher_card,
-        baseline=baseline.journey_entry("teacher"), summary=card)
+        baseline=out / baseline.FILE if (out / baseline.FILE).exists() else None, journey=states, summary=card)
+
+
+def wants_pool_baseline(cfg: PrototypeConfig, task: TaskConfig) -> bool:
+    """The journey's baseline, or the ensemble's baseline member, is trained on the labelled pool."""
+    return task.check.type == "choice" and (cfg.baseline != "none" or bool(cfg.ensemble and cfg.ensemble.baseline))
+
+
+def label_sources(teacher, teacher_eval: Evaluation, distributions: list[dict[str, float]],
+                  pool_baseline: "baseline.Baseline | None", inputs: list[dict], pool: list[dict], prompting: Prompting,
+                  cfg: PrototypeConfig, ctx: StageContext) -> list[ensemble.Member]:
+    """The ensemble's members (prototype.ensemble), each with its label probabilities on the training inputs and on
+    the held-out split, calibrated on the labelled pool: the teacher, each further teacher (loaded, asked with the
+    teacher's few-shot examples, and let go before the next) and the baseline trained on the labelled pool (calibrated
+    on its cross-validated probabilities, since it learned from the pool)."""
+    task, choices = ctx.evaluator.task, ctx.evaluator.task.check.choices
+    unseen = [row for row in pool if row not in prompting.shots]  # the pool rows no teacher sees as an example
+    unseen_labels = [choices.index(checks.label(row, task)) for row in unseen]
+    members = [ensemble.Member(teacher.name, probability_rows(distributions, choices),
+                               probability_rows(held_out_probabilities(teacher_eval), choices)).calibrated(
+        label_probabilities(teacher, unseen, task, prompting), unseen_labels)]
+    for index, member_cfg in enumerate(cfg.ensemble.teachers):
+        other = open_teacher(member_cfg, ctx.device, f"prototype.ensemble.teachers[{index}]")
+        asked = Prompting(prompting.shots, cfg.calibrate and other.choice_method == LOG_LIKELIHOOD)
+        on_inputs = label_probabilities(other, inputs, task, asked, desc=f"ensemble teacher {index} answering")
+        held_out = held_out_probabilities(other.evaluate(ctx.evaluator, asked, desc=f"ensemble teacher {index}"))
+        members.append(ensemble.Member(other.name, on_inputs, probability_rows(held_out, choices))
+                       .calibrated(label_probabilities(other, unseen, task, asked), unseen_labels))
+        del other
+    if cfg.ensemble.baseline:
+        folds, covered = baseline.cross_validated_probabilities(pool, [checks.label(row, task) for row in pool], task)
+        members.append(ensemble.Member(f"baseline ({journey.POOL})", pool_baseline.probabilities(inputs, task),
+                                       pool_baseline.probabilities(ctx.evaluator.rows, task)).calibrated(
+            folds, [choices.index(checks.label(pool[i], task)) for i in covered]))
+    for member, weight in zip(members, cfg.ensemble.weights or [1.0] * len(members)):
+        member.weight = weight
+    return members
+
+
+def label_probabilities(teacher, rows: list[dict], task: TaskConfig, prompting: Prompting,
+                        desc: str | None = None) -> np.ndarray:
+    """The teacher's calibrated probability of each label (rows x labels), as it answers ``rows``."""
+    if not rows:
+        return np.zeros((0, len(task.check.choices)))
+    return teacher.choice_scores(rows, task, prompting, desc=desc).softmax(1).numpy()
+
+
+def held_out_probabilities(evaluation: Evaluation) -> list[dict[str, float]]:
+    return [prediction["probabilities"] for prediction in evaluation.predictions]
+
+
+def probability_rows(distributions: list[dict[str, float]], choices: list[str]) -> np.ndarray:
+    return np.array([[distribution[choice] for choice in choices] for distribution in distributions])
+
+
+def ensemble_answers(combined: ensemble.Member, task: TaskConfig, cfg: PrototypeConfig,
+                     seed: int) -> tuple[list[list[str]], list[dict[str, float]]]:
+    """The ensemble's answers (its most likely label, or samples of its distribution) and its label probabilities,
+    as ``teacher_answers`` gives a single teacher's."""
+    scores = torch.from_numpy(np.log(np.clip(combined.inputs, 1e-12, None)))
+    answers = decoding.pick(scores, task.check.choices, temperature=cfg.temperature, num_samples=cfg.num_samples,
+                            seed=seed)
+    return answers, [dict(zip(task.check.choices, row)) for row in combined.inputs.tolist()]
+
+
+def baseline_entries(pool_baseline: "baseline.Baseline", kept: list[dict], task: TaskConfig, evaluator,
+                     out: Path) -> list[JourneyEntry]:
+    """The journey's baseline rows: TF-IDF + logistic regression trained on the labelled pool, and on the labels
+    the student learns from (the kept answers), each scored on the held-out split and timed per request."""
+    on_kept = baseline.trained([k["row"] for k in kept], [k["answer"] for k in kept], task, "distillation labels")
+    baseline.save(on_kept, out / "baseline-distillation-labels.skops")
+    return [baseline.journey_entry(model, evaluator, saved)
+            for model, saved in ((pool_baseline, baseline.save(pool_baseline, out / baseline.FILE)),
+                                 (on_kept, out / "baseline-distillation-labels.skops"))]
 
 
 def loading_tags(cfg: PrototypeConfig) -> dict[str, str]:
@@ -143,7 +248,27 @@ def teacher_answers(teacher, inputs: list[dict], task: TaskConfig, prompting: Pr
     """``cfg.num_samples`` answers per input and, for a choice task on a teacher that scores labels (its
     weights, or a server's prompt log-probs), the teacher's calibrated probability of every label per input:
     the soft labels of logit KD, and at the answer kept, the teacher's confidence in it. Sampled answers are
-    drawn from those same probabilities."""
+    drawn from those same probabilities.
+
+    With ``cfg.time_budget_s`` the inputs are answered ``BUDGET_CHUNK`` at a time until the budget is spent: the
+    answers then cover the first inputs only, as many as the teacher labelled in time."""
+    if cfg.time_budget_s is None:
+        return answers_of(teacher, inputs, task, prompting, cfg, seed)
+    answers, distributions, start = [], [], time.perf_counter()
+    for index in range(0, len(inputs), BUDGET_CHUNK):
+        if answers and time.perf_counter() - start > cfg.time_budget_s:
+            log.info("prototype.time_budget_s (%g s) spent: the teacher labelled %d of %d inputs", cfg.time_budget_s,
+                     len(answers), len(inputs))
+            break
+        chunk_answers, chunk_distributions = answers_of(teacher, inputs[index:index + BUDGET_CHUNK], task, prompting,
+                                                        cfg, seed + index)
+        answers += chunk_answers
+        distributions += chunk_distributions or []
+    return answers, distributions or None
+
+
+def answers_of(teacher, inputs: list[dict], task: TaskConfig, prompting: Prompting, cfg: PrototypeConfig,
+               seed: int) -> tuple[list[list[str]], list[dict[str, float]] | None]:
     sampling = {"temperature": cfg.temperature, "num_samples": cfg.num_samples, "seed": seed}
     if task.check.type != "choice" or teacher.choice_method != LOG_LIKELIHOOD:
         return teacher.answer(inputs, task, prompting, desc="teacher answering", **sampling), None
@@ -242,7 +367,7 @@ def write_dataset(kept: list[dict], task: TaskConfig, teacher: str, cfg: Prototy
     records = [{"prompt": data.messages(k["row"], task), "completion": [{"role": "assistant", "content": k["answer"]}],
                 "teacher_prompt": data.messages(k["row"], task, shots),
                 "answer": k["answer"], "label": checks.label(k["row"], task) or "",
-                "label_source": "data" if checks.label(k["row"], task) is not None else "teacher",
+                "label_source": label_source(k, task),
                 "score": k["score"], **({"judge_score": k["judge_score"]} if cfg.judge else {}),
                 **{name: k[name] for name in ("confidence", "agreement", "choice_probs") if k[name] is not None},
                 "source": "teacher", "teacher": teacher, "input_index": k["input_index"], "sample": k["sample"],
@@ -250,6 +375,21 @@ def write_dataset(kept: list[dict], task: TaskConfig, teacher: str, cfg: Prototy
                for k in kept]
     Dataset.from_list(records).save_to_disk(directory)
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def label_source(kept: dict, task: TaskConfig) -> str:
+    """Where a kept answer's label came from: `gold` (the labelled pool, prototype.train_on_pool), `data` (a training
+    input's own label, which filtered the teacher's answer), or `teacher` (the teacher's, or the ensemble's)."""
+    return kept.get("label_source") or ("data" if checks.label(kept["row"], task) is not None else "teacher")
+
+
+def pool_rows(pool: list[dict], task: TaskConfig) -> list[dict]:
+    """The labelled pool as kept answers with their own labels (prototype.train_on_pool)."""
+    choices = task.check.choices if task.check.type == "choice" else None
+    return [{"row": row, "answer": checks.label(row, task), "score": 1.0, "input_index": None, "sample": 0,
+             "confidence": None, "agreement": None, "label_source": "gold",
+             "choice_probs": {c: float(c == checks.label(row, task)) for c in choices} if choices else None}
+            for row in pool]
 
 
 def answer_length_metrics(kept: list[dict]) -> dict[str, float]:
@@ -260,22 +400,24 @@ def answer_length_metrics(kept: list[dict]) -> dict[str, float]:
             "answer_chars.max": max(lengths)}
 
 
-def data_card(kept: list[dict], rejected: Counter, examples: TaskData, cfg: PrototypeConfig, task: TaskConfig,
-              teacher) -> str:
-    """What the distillation set holds and what was thrown away, as markdown (MLflow, Prefect, model card)."""
-    inputs = examples.train
+def data_card(kept: list[dict], rejected: Counter, examples: TaskData, inputs: list[dict], cfg: PrototypeConfig,
+              task: TaskConfig, teacher) -> str:
+    """What the distillation set holds and what was thrown away, as markdown (MLflow, Prefect, model card).
+    ``inputs``: the training inputs the teacher answered (all of ``examples.train``, or those within its budget)."""
     total = len(inputs) * cfg.num_samples
     labelled = sum(checks.label(row, task) is not None for row in inputs)
     access = "black-box (served: no weights, so no student pruned from it)" \
         if teacher.black_box else "white-box (weights saved with this stage)"
-    sources = Counter("data" if checks.label(k["row"], task) is not None else "teacher" for k in kept)
+    sources = Counter(label_source(k, task) for k in kept)
     lines = ["## Data card", "",
              f"Teacher: `{teacher.name}`, {access}.", "",
              *([f"Labels chosen by {choice_method(teacher, cfg)}.", ""] if task.check.type == "choice" else []),
              f"Split: {len(examples.eval)} held-out, {len(examples.pool)} in the labelled few-shot pool, "
              f"{len(inputs)} training inputs; {examples.duplicates} rows dropped before the split as duplicate inputs "
              "(no held-out input is a training input or a few-shot example).", "",
-             f"Inputs: {len(inputs)} ({labelled} labelled, {len(inputs) - labelled} labelled by the teacher); "
+             f"Inputs: {len(inputs)} ({labelled} labelled, {len(inputs) - labelled} labelled by the "
+             f"{'ensemble' if cfg.ensemble else 'teacher'}"
+             f"{f'; {len(examples.train)} were there, prototype.time_budget_s let it label these' if len(inputs) < len(examples.train) else ''}); "
              f"{cfg.num_samples} answer(s) each at temperature {cfg.temperature}: {total} answers. "
              f"Check: {task.check.type}, {checks.describe(task)}.", "",
              f"**Kept {len(kept)}** (label source: {', '.join(f'{s} {n}' for s, n in sorted(sources.items()))}), "
@@ -292,7 +434,8 @@ def data_card(kept: list[dict], rejected: Counter, examples: TaskData, cfg: Prot
                       f"mean {statistics.fmean(lengths):.1f}, max {max(lengths)}."]
     confidences = [k["confidence"] for k in kept if k["confidence"] is not None]
     if confidences:
-        lines += ["", f"Teacher's probability of its kept answers: mean {statistics.fmean(confidences):.2f}, "
+        lines += ["", f"{'The ensemble' if cfg.ensemble else 'Teacher'}'s probability of its kept answers: mean "
+                      f"{statistics.fmean(confidences):.2f}, "
                       f"min {min(confidences):.2f}"
                       + (f" (prototype.min_confidence {cfg.min_confidence:g})." if cfg.min_confidence else ".")
                       + (f" The most confident {cfg.keep_most_confident:.0%} of each label's answers kept "
@@ -317,14 +460,14 @@ def choice_method(teacher, cfg: PrototypeConfig) -> str:
     return f"each label's full log-likelihood from {source}" + (", calibrated" if cfg.calibrate else "")
 
 
-def baseline_card(baseline: Evaluation, task: TaskConfig) -> str:
+def teacher_score_card(evaluation: Evaluation, task: TaskConfig) -> str:
     """The teacher's score on the held-out split: the bar for every later model."""
-    lines = ["## Teacher baseline", "",
-             f"Task score ({task.check.metric}) on {len(baseline.predictions)} held-out examples: "
-             f"**{baseline.metrics['task_score']:.3f}**"]
-    if baseline.per_class:
+    lines = ["## Teacher's score", "",
+             f"Task score ({task.check.metric}) on {len(evaluation.predictions)} held-out examples: "
+             f"**{evaluation.metrics['task_score']:.3f}**"]
+    if evaluation.per_class:
         lines += ["", "| class | accuracy |", "|---|---|"]
-        lines += [f"| {label} | {score:.3f} |" for label, score in baseline.per_class.items()]
+        lines += [f"| {label} | {score:.3f} |" for label, score in evaluation.per_class.items()]
     return "\n".join(lines) + "\n"
 
 

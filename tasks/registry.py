@@ -105,7 +105,20 @@ def gate_checks(gate: GateConfig, states: list[JourneyEntry], champion_score: fl
         checks.append(engine_parity(gate.max_engine_gap, deployed))
     if gate.max_regression is not None and champion_score is not None:
         checks.append(regression_check(deployed, champion_score, gate.max_regression))
+    if gate.min_margin_over_baseline is not None:
+        checks.append(margin_over_baseline(deployed, journey.pool_baseline(states), gate.min_margin_over_baseline))
     return checks
+
+
+def margin_over_baseline(deployed: JourneyEntry, baseline: JourneyEntry | None, margin: float) -> GateCheck:
+    """The deployed model against the TF-IDF baseline trained on the labelled pool: what the LLM route must beat."""
+    key = "deploy.gate.min_margin_over_baseline"
+    if baseline is None:
+        return GateCheck(key, False, "no baseline in the journey to compare with (prototype.baseline)")
+    gap = deployed.task_score - baseline.task_score
+    passed = gap >= margin or math.isclose(gap, margin)
+    return GateCheck(key, passed, f"task score {deployed.task_score:.3f} vs the baseline's {baseline.task_score:.3f} "
+                                  f"({baseline.label}): margin {gap:+.3f} {'>=' if passed else '<'} {margin:+.3f}")
 
 
 def engine_parity(max_gap: float | str, deployed: JourneyEntry) -> GateCheck:
@@ -209,8 +222,9 @@ def alias_version(client, name: str, alias: str):
 
 def version_tags(cfg: PipelineConfig, states: list[JourneyEntry], flow_run_id: str) -> dict[str, str]:
     """What a version is, at a glance in the registry: its journey numbers, teacher, config and run."""
-    shown = [e for e in (journey.find(states, "teacher"), journey.find(states, "deployed")) if e]
-    numbers = {f"journey.{e.state}.{k}": str(v) for e in shown
+    shown = [e for e in (journey.find(states, "teacher"), journey.pool_baseline(states), journey.find(states, "deployed"))
+             if e]
+    numbers = {f"journey.{e.key}.{k}": str(v) for e in shown
                for k, v in e.as_json().items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return {**numbers, "teacher": cfg.prototype.teacher.label, "config_hash": config_hash(cfg),
             "prefect.flow_run_id": flow_run_id}

@@ -102,6 +102,23 @@ def cost_entry(serving: dict) -> dict:
             "throughput": usd_per_mtok(price, serving.get("throughput_tokens_per_s"))}
 
 
+def request_cost_entry(serving: dict) -> dict:
+    """The journey's ``cost_usd_per_1k_requests``: a task request as its clients send it (the teacher's few-shot
+    prompt, a student's bare one) and its answer; one at a time (the median latency) and at the measured rate of
+    task requests in flight."""
+    price = serving.get("usd_per_hour")
+    if price is None:
+        return {"batch1": None, "throughput": None}
+    latency, rate = serving.get("latency_p50_s"), serving.get("task_requests_per_s")
+    return {"batch1": price / 3600 * latency * 1000 if latency else None,
+            "throughput": price / 3600 / rate * 1000 if rate else None}
+
+
+def cpu_price(cost: CostConfig, threads: int) -> float:
+    """What ``threads`` vCPUs cost per hour at deploy.cost's `cpu` price (a model served in-process on the CPU)."""
+    return cost.usd_per_hour["cpu"] * threads
+
+
 def not_measured(engine: Engine | None, why: str) -> dict:
     """The serving fields of a state that was not served, with the reason (never a made-up number)."""
     return {**dict.fromkeys(SERVING_FIELDS), "engine": engine and engine.name, "device": engine and engine.device,
@@ -158,13 +175,16 @@ def measure_served(client: "Client", engine: Engine, workload: Workload, cfg: Se
     latencies = [client.timed(workload.task_request(chat, engine.name))[1] for chat in chats[:cfg.latency_requests]]
     throughput = client.throughput([speed_request(chats[i % len(chats)], cfg.decode_tokens)
                                     for i in range(cfg.concurrency)], cfg.concurrency)
+    started = time.perf_counter()
     answers = client.answers([workload.task_request(chat, engine.name) for chat in chats], cfg.concurrency)
+    task_requests_per_s = len(answers) / (time.perf_counter() - started)
     return {"engine": engine.name, "device": engine.device,
             "batch1_tokens_per_s": statistics.median(s["decode_tokens_per_s"] for s in speeds),
             "ttft_s": statistics.median(s["ttft_s"] for s in speeds),
             "latency_p50_s": percentile(latencies, 50), "latency_p95_s": percentile(latencies, 95),
             "concurrency": cfg.concurrency, "throughput_tokens_per_s": throughput,
             "task_score": task_score(answers, workload.rows, workload.task), "task_requests": len(answers),
+            "task_requests_per_s": task_requests_per_s,
             "latency_requests": len(latencies), "decode_tokens": cfg.decode_tokens,
             "device_kind": engine.device_kind, "usd_per_hour": engine.usd_per_hour, "threads": engine.threads,
             "answers": answers}

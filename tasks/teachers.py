@@ -24,7 +24,7 @@ from distilflow.configs.schema import HttpTeacherConfig, LocalTeacherConfig, Tas
 from distilflow.tasks import data, decoding
 from distilflow.tasks.environment import connection_problem
 from distilflow.tasks.errors import DistilflowError, ServiceError
-from distilflow.tasks.evaluate import Evaluation, Evaluator, Prompting, score_answers
+from distilflow.tasks.evaluate import Evaluation, Evaluator, Prompting, score_answers, score_choices
 from distilflow.tasks.models import load_teacher
 
 log = logging.getLogger("distilflow")
@@ -108,7 +108,7 @@ class LocalTeacher:
         prompts = [data.render(self.tokenizer, chat) for chat in chats]
         return decoding.answer(self.model, self.tokenizer, prompts, check, **sampling)
 
-    def evaluate(self, evaluator: Evaluator, prompting: Prompting, desc: str = "teacher baseline") -> Evaluation:
+    def evaluate(self, evaluator: Evaluator, prompting: Prompting, desc: str = "teacher's score") -> Evaluation:
         return evaluator.model(self.model, self.tokenizer, prompting=prompting, desc=desc)
 
 
@@ -299,11 +299,15 @@ class HttpTeacher:
                 raise DistilflowError(f"{self.key}: {url} does not exist, so the token ids of this side cannot be "
                                       f"checked against the served model's (vLLM serves /tokenize)") from None
 
-    def evaluate(self, evaluator: Evaluator, prompting: Prompting, desc: str = "teacher baseline") -> Evaluation:
+    def evaluate(self, evaluator: Evaluator, prompting: Prompting, desc: str = "teacher's score") -> Evaluation:
         """Task score and serving speed; perplexity, size and parameters need weights: they stay None."""
         rows, task = evaluator.rows, evaluator.task
-        answers = [a[0] for a in self.answer(rows, task, prompting, desc=desc)]
-        evaluation = score_answers(answers, rows, task, [data.user_message(row, task) for row in rows])
+        inputs = [data.user_message(row, task) for row in rows]
+        if task.check.type == "choice" and self.choice_method == LOG_LIKELIHOOD:
+            evaluation = score_choices(self.choice_scores(rows, task, prompting, desc=desc), rows, task, inputs)
+        else:
+            evaluation = score_answers([a[0] for a in self.answer(rows, task, prompting, desc=desc)], rows, task,
+                                       inputs)
         evaluation.metrics["tokens_per_s"] = self.generation_speed(prompting.chats(rows[:1], task)[0],
                                                                    evaluator.settings.speed_new_tokens)
         return evaluation

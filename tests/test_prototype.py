@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from distilflow.configs.loader import load_config
 from distilflow.configs.schema import JudgeConfig, PythonCheck
 from distilflow.tasks import journey
-from distilflow.tasks.data import TaskData
+from distilflow.tasks.data import TaskData, load_task_data
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.judge import SCORES, judge_filter, judge_scores, parse_score, require_discerning_judge
 from distilflow.tasks.prototype import data_card, most_confident_per_label, rejection_sample
@@ -89,6 +89,28 @@ def test_the_teacher_alone_labels_the_distillation_set_with_its_probabilities(tm
     assert all(sum(row["choice_probs"].values()) == pytest.approx(1.0) for row in rows)
 
 
+def test_the_labelled_pool_joins_the_distillation_set_as_gold_when_asked(tmp_path):
+    cfg = load_config(TINY_CONFIG, {"run.workdir": str(tmp_path), **SMALL, "prototype.num_samples": 1,
+                                    "prototype.temperature": 0.0, "prototype.train_on_pool": True})
+    result = run_stage("prototype", cfg)
+    rows = [json.loads(line) for line in result.dataset_jsonl.read_text().splitlines()]
+    gold = [row for row in rows if row["label_source"] == "gold"]
+    assert len(gold) == cfg.task.few_shot_pool and all(row["answer"] == row["label"] for row in gold)
+    assert Counter(row["label_source"] for row in rows) == {"teacher": 12, "gold": cfg.task.few_shot_pool}
+    assert all(row["choice_probs"][row["label"]] == 1.0 for row in gold)
+    held_out = {row["text"] for row in load_task_data(cfg.task, cfg.run.seed).eval}
+    assert not held_out & {row["prompt"][-1]["content"].removeprefix("Ticket: ") for row in rows}
+
+
+def test_a_time_budget_labels_the_inputs_it_has_time_for_and_the_card_says_so(tmp_path):
+    cfg = load_config(TINY_CONFIG, {"run.workdir": str(tmp_path), **SMALL, "task.max_train": 150,
+                                    "prototype.num_samples": 1, "prototype.temperature": 0.0,
+                                    "prototype.time_budget_s": 1e-6})
+    result = run_stage("prototype", cfg)
+    assert result.metrics["kept"] + result.metrics["rejected"] == 64  # one chunk: the budget is spent after it
+    assert "150 were there, prototype.time_budget_s let it label these" in result.data_card.read_text()
+
+
 def test_no_held_out_input_reaches_the_teachers_prompts_or_the_distillation_set(tmp_path):
     rows = [json.loads(line) for line in (TINY_CONFIG.parent / "data" / "support_tickets.jsonl").read_text()
             .splitlines()][:200]
@@ -155,7 +177,8 @@ def test_data_card_counts_rejections_labels_and_answer_lengths(tiny_cfg):
     kept = [{"row": {}, "answer": "bug", "confidence": None}, {"row": {}, "answer": "bug", "confidence": None},
             {"row": {}, "answer": "payment", "confidence": None}]
     examples = TaskData(train=[{"text": "a", "label": "bug"}, {"text": "b"}], eval=[], duplicates=2)
-    card = data_card(kept, Counter(wrong_label=1), examples, tiny_cfg.prototype, tiny_cfg.task, teacher)
+    card = data_card(kept, Counter(wrong_label=1), examples, examples.train, tiny_cfg.prototype, tiny_cfg.task,
+                     teacher)
     assert "1 labelled, 1 labelled by the teacher" in card and "2 rows dropped before the split" in card
     assert "**Kept 3** (label source: teacher 3), rejected 1" in card
     assert "| wrong_label | prototype.min_score: scored against the data's label | 1 |" in card
@@ -207,7 +230,7 @@ def test_black_box_stage_writes_dataset_card_and_baseline(black_box):
     assert len(dataset) == result.metrics["kept"] > 0
     assert {"prompt", "completion", "answer", "score", "judge_score", "teacher"} <= set(dataset.column_names)
     assert json.loads(result.teacher_eval.read_text())["metrics"]["task_score"] >= 0
-    assert "## Data card" in result.data_card.read_text() and "## Teacher baseline" in result.summary
+    assert "## Data card" in result.data_card.read_text() and "## Teacher's score" in result.summary
 
 
 def test_black_box_stage_says_it_has_no_teacher_weights(black_box):
@@ -215,7 +238,7 @@ def test_black_box_stage_says_it_has_no_teacher_weights(black_box):
     assert result.teacher is None and result.endpoint is not None and result.metrics["teacher.black_box"] == 1.0
     assert "black-box" in result.summary and "no student pruned from it" in result.summary
     assert "Labels chosen by the server's guided choice" in result.summary
-    entry = result.baseline.as_json()
+    entry = result.teacher_row.as_json()
     assert set(journey.FIELDS) <= entry.keys() and entry["size_bytes"] is None and entry["task_score"] >= 0
 
 

@@ -84,6 +84,23 @@ def test_gate_adds_max_regression_to_the_noise_band():
     assert failed(registry.gate_checks(gate, with_interval(journey(0.70), 0.653, 0.744), champion_score=0.78)) == []
 
 
+def with_baseline(states: list[JourneyEntry], score: float) -> list[JourneyEntry]:
+    return [states[0], JourneyEntry("baseline", task_score=score, trained_on="labelled pool"), *states[1:]]
+
+
+def test_gate_refuses_a_model_that_does_not_beat_the_baseline_by_the_margin():
+    gate = GateConfig(min_margin_over_baseline=0.05)
+    assert failed(registry.gate_checks(gate, with_baseline(journey(0.85), 0.80), None)) == []
+    checks = registry.gate_checks(gate, with_baseline(journey(0.84), 0.80), None)
+    assert failed(checks) == ["deploy.gate.min_margin_over_baseline"]
+    assert "0.840 vs the baseline's 0.800 (baseline (labelled pool)): margin +0.040 < +0.050" in checks[0].detail
+
+
+def test_gate_margin_without_a_baseline_in_the_journey_fails_and_says_so():
+    checks = registry.gate_checks(GateConfig(min_margin_over_baseline=0.0), journey(0.9), None)
+    assert failed(checks) == ["deploy.gate.min_margin_over_baseline"] and "no baseline" in checks[0].detail
+
+
 def test_gate_does_not_compare_when_there_is_no_champion():
     assert registry.gate_checks(GateConfig(), journey(0.0), champion_score=None) == []
 

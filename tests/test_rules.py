@@ -63,6 +63,21 @@ RULES = {
     "qlora-needs-lora": (["distill.qlora=true", "distill.lora=null"], "qlora trains LoRA adapters: set distill.lora"),
     "on-policy-needs-online-kd": (["distill.phases=[logit_kd]", "distill.logit_kd.on_policy_fraction=0.5"],
                                   "on_policy_fraction > 0 needs teacher_logits: online"),
+    "ensemble-needs-another-member": (["prototype.ensemble={}"], "the ensemble has only the teacher"),
+    "ensemble-weight-per-member": (["prototype.ensemble={baseline: true, weights: [1.0]}"],
+                                   "weights: give 2 non-negative weights"),
+    "ensemble-needs-a-choice-task": (["task.check={type: regex, pattern: '.+'}", "prototype.ensemble={baseline: true}"],
+                                     "prototype.ensemble uses the teacher's probability of each label, which only a "
+                                     "choice task has"),
+    "ensemble-teacher-served-needs-a-tokenizer": (
+        [f"prototype.ensemble={{teachers: [{HTTP_TEACHER}]}}"],
+        "teachers[0] is an HTTP endpoint without a tokenizer"),
+    "margin-needs-a-baseline": (["prototype.baseline=none", "deploy.gate.min_margin_over_baseline=0.05"],
+                                "deploy.gate.min_margin_over_baseline compares with the baseline, but "
+                                "prototype.baseline is none"),
+    "margin-needs-a-choice-task": (["task.check={type: regex, pattern: '.+'}",
+                                    "deploy.gate.min_margin_over_baseline=0.05"],
+                                   "the TF-IDF baseline, which only a choice task has"),
     # the data, the files, the device (preflight)
     "few-shot-pool-large-enough": (["task.few_shot_pool=1"],
                                    "task.few_shot_pool is 1; labelled examples outside the held-out split"),

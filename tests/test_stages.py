@@ -43,8 +43,8 @@ def test_prototype_writes_dataset_card_and_teacher_baseline(stage_results):
     assert all(a in cfg.task.check.choices for a in dataset["answer"])
     assert set(dataset["label_source"]) == {"teacher"}  # tiny.yaml's training inputs are unlabelled
     assert "Data card" in result.data_card.read_text()
-    assert result.baseline.state == "teacher"
-    assert set(journey.FIELDS) <= result.baseline.as_json().keys()
+    assert result.teacher_row.state == "teacher"
+    assert set(journey.FIELDS) <= result.teacher_row.as_json().keys()
 
 
 def test_distill_trains_a_smaller_student(stage_results):
@@ -52,7 +52,7 @@ def test_distill_trains_a_smaller_student(stage_results):
     student = AutoModelForCausalLM.from_pretrained(results["distill"].student)
     assert student.config.num_hidden_layers == cfg.distill.student.teacher_layers
     entry = results["distill"].last_phase
-    assert entry.state == "student" and entry.params < results["prototype"].baseline.params
+    assert entry.state == "student" and entry.params < results["prototype"].teacher_row.params
 
 
 def test_compress_writes_a_smaller_quantized_checkpoint(stage_results):

@@ -66,7 +66,7 @@ def run_recipe(name: str, overrides: dict, truth: dict[str, str]) -> dict:
     prototype_s = time.perf_counter() - start
     distill = run_stage("distill", cfg, prototype)
     distill_s = time.perf_counter() - start - prototype_s
-    teacher = prototype.baseline
+    teacher = prototype.teacher_row
     return {"filter": name, "overrides": overrides, "kept": prototype.metrics["kept"],
             "rejected": {k.removeprefix("rejected."): v for k, v in prototype.metrics.items()
                          if k.startswith("rejected.")},

@@ -33,7 +33,7 @@ def run_study(variants: list[str], overrides: dict) -> dict:
     cfg = load_config(CONFIG, overrides)
     start = time.perf_counter()
     prototype = run_stage("prototype", cfg)
-    results = {"prototype": {"journey": [prototype.baseline.as_json()], "metrics": prototype.metrics,
+    results = {"prototype": {"journey": [prototype.teacher_row.as_json()], "metrics": prototype.metrics,
                              "seconds": time.perf_counter() - start}}
     for name in variants:
         start = time.perf_counter()

@@ -1,0 +1,41 @@
+"""The TF-IDF + logistic regression baseline: trained on labelled rows, scored by the shared evaluator."""
+
+import pytest
+
+from distilflow.tasks import baseline
+from distilflow.tasks.data import load_task_data
+from distilflow.tasks.errors import DistilflowError
+
+
+@pytest.fixture
+def examples(tiny_cfg):
+    return tiny_cfg.task, load_task_data(tiny_cfg.task.model_copy(update={"few_shot_pool": 64, "eval_size": 200}), 0)
+
+
+def test_baseline_trained_on_the_labelled_pool_beats_chance_on_held_out(examples, tmp_path):
+    task, data = examples
+    model = baseline.trained(data.pool, [row["label"] for row in data.pool], task, "labelled pool")
+    evaluation = baseline.evaluated(model, data.eval, task, baseline.save(model, tmp_path / "baseline.skops"))
+    assert evaluation.metrics["task_score"] > 0.5  # four labels: chance is 0.25
+    low, high = evaluation.metrics["task_score_ci"]
+    assert low < evaluation.metrics["task_score"] < high
+    assert evaluation.metrics["size_bytes"] == (tmp_path / "baseline.skops").stat().st_size
+    assert 0 < evaluation.metrics["latency_p50_s"] < 1
+
+
+def test_baseline_probabilities_follow_the_tasks_label_order_with_zero_for_unseen_labels(examples):
+    task, data = examples
+    two_labels = [row for row in data.pool if row["label"] in ("bug", "payment")]
+    model = baseline.trained(two_labels, [row["label"] for row in two_labels], task, "labelled pool")
+    probabilities = model.probabilities(data.eval[:5], task)
+    assert probabilities.shape == (5, len(task.check.choices))
+    unseen = [task.check.choices.index(label) for label in ("delivery", "account")]
+    assert (probabilities[:, unseen] == 0).all()
+    assert probabilities.sum(1) == pytest.approx([1.0] * 5)
+
+
+def test_baseline_with_one_label_names_what_to_label(examples):
+    task, data = examples
+    one_label = [row for row in data.pool if row["label"] == "bug"]
+    with pytest.raises(DistilflowError, match="at least two labels.*few_shot_pool"):
+        baseline.trained(one_label, ["bug"] * len(one_label), task, "labelled pool")

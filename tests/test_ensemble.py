@@ -1,0 +1,44 @@
+"""Teacher ensembles: several label sources averaged into one soft label per input."""
+
+import numpy as np
+import pytest
+from datasets import load_from_disk
+
+from distilflow.configs.schema import EnsembleConfig
+from distilflow.tasks import ensemble
+from distilflow.tasks.data import load_task_data
+from distilflow.tasks.stages import run_stage
+
+
+def member(name, held_out, weight=1.0):
+    return ensemble.Member(name, inputs=np.array(held_out), held_out=np.array(held_out), weight=weight)
+
+
+def test_ensemble_is_the_weighted_mean_of_its_members():
+    teacher = member("teacher", [[0.9, 0.1], [0.4, 0.6]], weight=1.0)
+    baseline = member("baseline", [[0.1, 0.9], [0.0, 1.0]], weight=3.0)
+    combined = ensemble.mean([teacher, baseline])
+    assert combined.inputs == pytest.approx(np.array([[0.3, 0.7], [0.1, 0.9]]))
+
+
+def test_members_that_disagree_can_make_a_right_answer_neither_makes_alone(tiny_cfg):
+    task = tiny_cfg.task.model_copy(update={"check": tiny_cfg.task.check.model_copy(update={"choices": ["a", "b", "c"]})})
+    rows = [{"text": "x", "label": "c"}]
+    first, second = member("first", [[0.5, 0.0, 0.45]]), member("second", [[0.0, 0.5, 0.45]])
+    combined = ensemble.mean([first, second])
+    assert [ensemble.held_out_score(m, rows, task)[0] for m in (first, second, combined)] == [0.0, 0.0, 1.0]
+
+
+def test_prototype_with_the_baseline_in_its_ensemble_labels_with_both_and_cards_each(tiny_cfg):
+    cfg = tiny_cfg.model_copy(update={"prototype": tiny_cfg.prototype.model_copy(
+        update={"ensemble": EnsembleConfig(baseline=True)})})
+    result = run_stage("prototype", cfg)
+    card = result.data_card.read_text()
+    assert "## Teacher ensemble" in card and "`baseline (labelled pool)`" in card and "**ensemble**" in card
+    assert [e.label for e in result.journey] == ["teacher", "baseline (labelled pool)", "baseline (distillation labels)"]
+    dataset = load_from_disk(result.dataset)
+    inputs = len(load_task_data(cfg.task, cfg.run.seed).train)
+    assert len(dataset) == result.metrics["kept"] and result.metrics["kept"] + result.metrics["rejected"] == \
+        inputs * cfg.prototype.num_samples  # the ensemble's answers, sampled from its probabilities
+    assert dataset[0]["teacher"] == f"ensemble of {cfg.prototype.teacher.label}, baseline (labelled pool)"
+    assert sum(dataset[0]["choice_probs"].values()) == pytest.approx(1.0)
