@@ -68,8 +68,19 @@ def disk_full(error: BaseException) -> str:
     if getattr(error, "filename", None):
         where = f"the disk is full writing {error.filename} ({_size(free_bytes(Path(error.filename)))} free there)"
     else:
-        where = "the MLflow store's disk is full" if "database or disk is full" in str(error) else "a disk is full"
+        where = _mlflow_store_full() if "database or disk is full" in str(error) else "a disk is full"
     return f"{where}; free space, or set run.workdir on a larger disk, and run again: finished stages are kept"
+
+
+def _mlflow_store_full() -> str:
+    """sqlite says "database or disk is full" without its file: the store is the tracking URI this process uses."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    store = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    if store is None:
+        return f"the disk of the MLflow store ({uri}) is full"
+    return f"the disk is full writing the MLflow store {store} ({_size(free_bytes(store))} free there)"
 
 
 @contextmanager

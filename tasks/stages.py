@@ -56,6 +56,8 @@ def preflight(cfg: PipelineConfig, tracking_uri: str) -> None:
         connected = check_endpoint(teacher, os.environ, key, top_k)
         if key == "prototype.teacher":
             prototype.require_label_probabilities(cfg.label_probability_keys, connected, cfg.prototype)
+        elif key.startswith(ENSEMBLE_TEACHERS):
+            prototype.require_label_probabilities(["prototype.ensemble"], connected, cfg.prototype)
     for key, model in local_models(cfg).items():
         directory = check_model_files(model, key)
         if key == "prototype.teacher" and directory and cfg.distill.student.teacher_layers:
@@ -81,10 +83,19 @@ def check_device(cfg: PipelineConfig, device: torch.device, gpus: int) -> None:
                               "lower it, or make more GPUs visible (CUDA_VISIBLE_DEVICES)")
 
 
-def local_models(cfg: PipelineConfig) -> dict[str, ModelTrust]:
+ENSEMBLE_TEACHERS = "prototype.ensemble.teachers"
+
+
+def teachers(cfg: PipelineConfig) -> dict:
+    """Every teacher the prototype stage opens, by the key that names it in the config."""
     judge = cfg.prototype.judge and cfg.prototype.judge.teacher
-    models = {"prototype.teacher": cfg.prototype.teacher, "prototype.judge.teacher": judge,
-              "distill.student": cfg.distill.student if cfg.distill.student.path else None}
+    ensemble = cfg.prototype.ensemble.teachers if cfg.prototype.ensemble else []
+    return {"prototype.teacher": cfg.prototype.teacher, "prototype.judge.teacher": judge,
+            **{f"{ENSEMBLE_TEACHERS}[{index}]": teacher for index, teacher in enumerate(ensemble)}}
+
+
+def local_models(cfg: PipelineConfig) -> dict[str, ModelTrust]:
+    models = {**teachers(cfg), "distill.student": cfg.distill.student if cfg.distill.student.path else None}
     return {key: model for key, model in models.items() if isinstance(model, ModelTrust)}
 
 
@@ -95,9 +106,7 @@ def check_teacher_layers(keep: int, layers: int | None, teacher: Path) -> None:
 
 
 def http_teachers(cfg: PipelineConfig) -> dict[str, HttpTeacherConfig]:
-    teachers = {"prototype.teacher": cfg.prototype.teacher,
-                "prototype.judge.teacher": cfg.prototype.judge and cfg.prototype.judge.teacher}
-    return {key: teacher for key, teacher in teachers.items() if isinstance(teacher, HttpTeacherConfig)}
+    return {key: teacher for key, teacher in teachers(cfg).items() if isinstance(teacher, HttpTeacherConfig)}
 
 
 def check_hub_models(cfg: PipelineConfig) -> None:

@@ -1,8 +1,11 @@
 """The TF-IDF + logistic regression baseline: trained on labelled rows, scored by the shared evaluator."""
 
 import pytest
+import torch
 
+from distilflow.configs.schema import EvalConfig
 from distilflow.tasks import baseline
+from distilflow.tasks.evaluate import Evaluator
 from distilflow.tasks.data import load_task_data
 from distilflow.tasks.errors import DistilflowError
 
@@ -12,15 +15,17 @@ def examples(tiny_cfg):
     return tiny_cfg.task, load_task_data(tiny_cfg.task.model_copy(update={"few_shot_pool": 64, "eval_size": 200}), 0)
 
 
-def test_baseline_trained_on_the_labelled_pool_beats_chance_on_held_out(examples, tmp_path):
+def test_baseline_trained_on_the_labelled_pool_beats_chance_on_held_out_and_is_a_journey_row(examples, tmp_path):
     task, data = examples
     model = baseline.trained(data.pool, [row["label"] for row in data.pool], task, "labelled pool")
-    evaluation = baseline.evaluated(model, data.eval, task, baseline.save(model, tmp_path / "baseline.skops"))
-    assert evaluation.metrics["task_score"] > 0.5  # four labels: chance is 0.25
-    low, high = evaluation.metrics["task_score_ci"]
-    assert low < evaluation.metrics["task_score"] < high
-    assert evaluation.metrics["size_bytes"] == (tmp_path / "baseline.skops").stat().st_size
-    assert 0 < evaluation.metrics["latency_p50_s"] < 1
+    saved = baseline.save(model, tmp_path / "baseline.skops")
+    row = baseline.journey_entry(model, Evaluator(task, data.eval, EvalConfig(), torch.device("cpu")), saved)
+    assert row.task_score > 0.5  # four labels: chance is 0.25
+    low, high = row.task_score_ci
+    assert low < row.task_score < high
+    assert (row.state, row.trained_on, row.size_bytes) == ("baseline", "labelled pool", saved.stat().st_size)
+    assert row.serving["engine"] == "scikit-learn" and row.serving["task_score"] == row.task_score
+    assert 0 < row.serving["latency_p50_s"] <= row.serving["latency_p95_s"] and row.serving["task_requests_per_s"] > 0
 
 
 def test_baseline_probabilities_follow_the_tasks_label_order_with_zero_for_unseen_labels(examples):

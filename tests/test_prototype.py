@@ -325,7 +325,7 @@ def pipeline_runs(openai_server, tmp_path_factory):
 def test_pipeline_with_http_teacher_runs_to_the_bundle(pipeline_runs):
     record, *_ = pipeline_runs
     journey = {e["state"]: e for e in record["journey"]}
-    assert list(journey) == ["teacher", "student", "quantized", "deployed"]
+    assert list(journey) == ["teacher", "baseline", "student", "quantized", "deployed"]
     assert journey["teacher"]["size_bytes"] is None and journey["teacher"]["task_score"] >= 0
     assert (Path(record["bundle"]) / "README.md").is_file()
 

@@ -99,7 +99,8 @@ def test_served_choices_equal_local_choices_on_the_held_out_split(tiny_cfg, tiny
 
 def test_the_data_card_says_labels_were_scored_from_the_servers_log_probs(tiny_cfg, openai_server, key):
     teacher = open_teacher(served(openai_server, tokenizer=str(TINY_TEACHER)), CPU)
-    card = data_card([], Counter(), data.load_task_data(tiny_cfg.task, 0), tiny_cfg.prototype, tiny_cfg.task, teacher)
+    examples = data.load_task_data(tiny_cfg.task, 0)
+    card = data_card([], Counter(), examples, examples.train, tiny_cfg.prototype, tiny_cfg.task, teacher)
     assert "Labels chosen by each label's full log-likelihood from the server's prompt log-probs, calibrated" in card
 
 
@@ -109,7 +110,8 @@ def test_a_server_without_prompt_logprobs_answers_by_guided_choice(tiny_cfg, pla
     assert teacher.choice_method == GUIDED_CHOICE
     answers = teacher.answer(rows[:3], tiny_cfg.task, prompting)
     assert all(len(a) == 1 and a[0] in tiny_cfg.task.check.choices for a in answers)
-    card = data_card([], Counter(), data.load_task_data(tiny_cfg.task, 0), tiny_cfg.prototype, tiny_cfg.task, teacher)
+    examples = data.load_task_data(tiny_cfg.task, 0)
+    card = data_card([], Counter(), examples, examples.train, tiny_cfg.prototype, tiny_cfg.task, teacher)
     assert "Labels chosen by the server's guided choice" in card
 
 

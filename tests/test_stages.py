@@ -72,7 +72,7 @@ def test_deploy_bundle_holds_model_card_journey_and_a_valid_manifest(stage_resul
         assert (bundle / name).is_file(), name
     assert artifacts.manifest_problems(bundle) == []
     written = json.loads((bundle / "journey.json").read_text())
-    assert [e["state"] for e in written] == ["teacher", "student", "quantized", "deployed"]
+    assert [e["state"] for e in written] == ["teacher", "baseline", "baseline", "student", "quantized", "deployed"]
     assert written == journey.to_json(results["deploy"].journey)
     assert "| deployed |" in (bundle / "README.md").read_text()
     deployed = results["deploy"].deployed
