@@ -75,7 +75,8 @@ def trained(rows: list[dict], labels: list[str], task: TaskConfig, trained_on: s
     if len(set(labels)) < 2:
         raise DistilflowError(f"the TF-IDF baseline on the {trained_on} needs examples of at least two labels; it "
                               f"has {len(labels)} example(s) of {sorted(set(labels)) or 'none'}. Label more examples "
-                              "(task.few_shot_pool), or set prototype.baseline: none")
+                              "(task.few_shot_pool), or set prototype.baseline: none (and leave it out of "
+                              "prototype.ensemble)")
     features = make_union(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
                           TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True))
     pipeline = make_pipeline(features, LogisticRegression(max_iter=1000))

@@ -215,7 +215,7 @@ def narrowed(model, tokenizer, origin: str, dataset: Dataset, cfg: WidthPruneCon
     """The student with, in every layer, only its MLP channels and key/value heads most active on the training
     chats (``distill.student.width``): what it keeps, training heals."""
     batches = data.token_batches(tokenizer, data.calibration_texts(tokenizer, dataset, INFLUENCE_SAMPLES), ctx.device)
-    narrow = prune.prune_width(model, prune.width_importance(model, batches), cfg)
+    narrow = prune.prune_width(model, prune.width_importance(model, batches), cfg, "distill.student.width")
     config = narrow.config
     ctx.tracker.log_metrics({"student.intermediate_size": config.intermediate_size,
                              "student.num_key_value_heads": config.num_key_value_heads})

@@ -151,8 +151,10 @@ def width_importance(model, batches: list[dict]) -> dict[str, list[torch.Tensor]
     return {"mlp": [t / tokens for t in mlp], "kv_groups": [t / tokens for t in kv_groups]}
 
 
-def prune_width(model, importance: dict[str, list[torch.Tensor]], cfg: WidthPruneConfig):
-    """A copy of ``model`` keeping, in every layer, its most used MLP channels and key/value groups.
+def prune_width(model, importance: dict[str, list[torch.Tensor]], cfg: WidthPruneConfig,
+                key: str = "compress.prune.width"):
+    """A copy of ``model`` keeping, in every layer, its most used MLP channels and key/value groups (``cfg`` is the
+    config section at ``key``, which errors name).
 
     Every layer keeps the same number (a HF config has one intermediate_size and one head count), but
     each layer chooses its own.
@@ -170,7 +172,7 @@ def prune_width(model, importance: dict[str, list[torch.Tensor]], cfg: WidthPrun
         config.intermediate_size = width
     if cfg.kv_heads:
         if cfg.kv_heads >= config.num_key_value_heads:
-            raise DistilflowError(f"compress.prune.width.kv_heads is {cfg.kv_heads}, but the student has only "
+            raise DistilflowError(f"{key}.kv_heads is {cfg.kv_heads}, but the student has only "
                                   f"{config.num_key_value_heads} key/value heads; keep fewer")
         head_dim = _head_dim(config)
         queries_per_group = config.num_attention_heads // config.num_key_value_heads
