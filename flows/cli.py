@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, err, f"stopped by {signal.Signals(signal_number).name}: finished stages are kept, nothing "
                                 "half-written is published, and the same command resumes", 128 + signal_number)
     except Exception as err:
-        problem = environment.problem(err)
+        problem = environment.problem(err, getattr(args, "mlflow_store", None))
         if problem is None and args.verbose:
             raise
         return _fail(args, err, f"error: {problem}" if problem else
@@ -60,11 +60,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args) -> int:
     from distilflow.configs.loader import load_config, parse_overrides
+    from distilflow.tasks.tracking import tracking_uri
 
     _stop_orphaned_prefect_servers()
     overrides = parse_overrides(args.set)
     cfg = load_config(args.config, overrides)  # fail on a bad config before Prefect starts
     args.log_file = _log_to_file(cfg.run.workdir)
+    args.mlflow_store = tracking_uri(cfg.run.mlflow_tracking_uri, cfg.run.workdir)  # named if its disk fills
     _set_env_defaults()
     with _stopped_by(signal.SIGTERM, signal.SIGHUP):
         from distilflow.flows.deployments import check_prefect_api

@@ -42,12 +42,13 @@ def causes(error: BaseException | None) -> Iterator[BaseException]:
         error = error.__cause__ or error.__context__
 
 
-def problem(error: BaseException) -> str | None:
+def problem(error: BaseException, mlflow_store: str | None = None) -> str | None:
     """The environment's fault behind ``error`` (it or any error in its chain), in a sentence that names the file
-    and what to do; None for anything else (a bug)."""
+    and what to do; None for anything else (a bug). ``mlflow_store``: the run's tracking URI, named when sqlite
+    says its disk is full (it does not say which file)."""
     for each in causes(error):
         if is_disk_full(each):
-            return disk_full(each)
+            return disk_full(each, mlflow_store)
         if isinstance(each, OSError) and each.errno in PATH_FAULTS and each.filename:
             return (f"cannot use {each.filename}: {PATH_FAULTS[each.errno]}; make it writable, or point the setting "
                     "that names it elsewhere (run.workdir, DISTILFLOW_HOME, PREFECT_HOME, run.mlflow_tracking_uri)")
@@ -63,23 +64,20 @@ def is_disk_full(error: BaseException) -> bool:
     return any(words in str(error) for words in DISK_FULL_WORDS)
 
 
-def disk_full(error: BaseException) -> str:
+def disk_full(error: BaseException, mlflow_store: str | None = None) -> str:
     """What ``error`` (one that ``is_disk_full``) says of where, and what to do."""
     if getattr(error, "filename", None):
         where = f"the disk is full writing {error.filename} ({_size(free_bytes(Path(error.filename)))} free there)"
     else:
-        where = _mlflow_store_full() if "database or disk is full" in str(error) else "a disk is full"
+        where = _mlflow_store_full(mlflow_store) if "database or disk is full" in str(error) else "a disk is full"
     return f"{where}; free space, or set run.workdir on a larger disk, and run again: finished stages are kept"
 
 
-def _mlflow_store_full() -> str:
-    """sqlite says "database or disk is full" without its file: the store is the tracking URI this process uses."""
-    import mlflow
-
-    uri = mlflow.get_tracking_uri()
-    store = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+def _mlflow_store_full(uri: str | None) -> str:
+    """sqlite says "database or disk is full" without its file: the run's tracking URI names it."""
+    store = Path(uri.removeprefix("sqlite:///")) if uri and uri.startswith("sqlite:///") else None
     if store is None:
-        return f"the disk of the MLflow store ({uri}) is full"
+        return f"the disk of the MLflow store{f' ({uri})' if uri else ''} is full"
     return f"the disk is full writing the MLflow store {store} ({_size(free_bytes(store))} free there)"
 
 
