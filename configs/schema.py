@@ -107,6 +107,21 @@ ModelRef = Annotated[str, AfterValidator(_resolve_if_local)]
 ResolvedPath = Annotated[Path, AfterValidator(_resolve)]
 
 
+def _artifact_store_url(url: str | None) -> str | None:
+    """A URL whose scheme fsspec knows (a plain path is a local directory); whether its library is installed and the
+    store answers is preflight's to check."""
+    from fsspec.registry import known_implementations
+
+    if url is None:
+        return None
+    scheme = url.split("://", 1)[0] if "://" in url else "file"
+    if scheme not in known_implementations:
+        raise ValueError(f"{scheme}:// is not a storage fsspec knows; use e.g. s3://bucket/prefix or file:///abs/dir")
+    if scheme == "file" and not url.removeprefix("file://").startswith("/"):
+        raise ValueError("a local store needs an absolute path, e.g. file:///srv/distilflow/artifacts")
+    return url
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -122,6 +137,11 @@ class RunConfig(Section):
         None, description="MLflow store: sqlite:////abs/path.db (a relative path: against this config), "
                           "http(s)://server, or a database URI; default: $MLFLOW_TRACKING_URI, else "
                           "sqlite:///WORKDIR/mlflow.db.")
+    artifact_store: Annotated[str | None, AfterValidator(_artifact_store_url)] = Field(
+        None, description="Where stages publish their artifacts for each other: any fsspec URL (s3://bucket/prefix, "
+                          "gs://bucket/prefix, file:///abs/dir). Needed when stages run on different machines "
+                          "(run.stages); default: none, the artifacts stay under WORKDIR/artifacts only. The store's "
+                          "credentials and endpoint come from its environment (S3: AWS_* variables).")
     retries: int = Field(
         2, ge=0, description="Retries of a stage, or of an MLflow call, after a transient failure (connection "
                              "refused or dropped, timeout, HTTP 408/429/5xx); a config or data error never retries.")

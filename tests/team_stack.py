@@ -1,0 +1,183 @@
+"""The servers of a team's stack, started for tests on 127.0.0.1 and stopped by their PID: an S3-compatible object store
+(moto's standalone server), a throwaway PostgreSQL cluster, a Prefect server and an MLflow tracking server on it, and
+Prefect process workers. Each is a context manager yielding what a client needs to reach it."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tests.conftest import REPO, free_port
+
+BIN = Path(sys.executable).parent
+STARTUP_S = 240  # Prefect and MLflow servers take 10-40 s to start on a loaded 2-core machine
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test-key-not-a-secret", "AWS_SECRET_ACCESS_KEY": "test-secret-not-a-secret",
+                  "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def start(command: list[str], log: Path, env: dict | None = None, user: str | None = None) -> subprocess.Popen:
+    """``command`` in its own process group (a worker's flow-run processes are stopped with it), output to ``log``."""
+    with open(log, "w") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                cwd=REPO, user=user, start_new_session=True)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM by PID, a second one for a process that ignores the first while idle, then SIGKILL to its group."""
+    for each in (signal.SIGTERM, signal.SIGTERM):
+        if process.poll() is not None:
+            break
+        process.send_signal(each)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # its children (flow-run processes) too
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+def wait_until(ready, what: str, process: subprocess.Popen, log: Path, timeout_s: float = STARTUP_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited ({process.returncode}):\n{log.read_text()[-4000:]}")
+        if ready():
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"{what} not ready after {timeout_s} s:\n{log.read_text()[-4000:]}")
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def s3_server(directory: Path, bucket: str = "distilflow") -> Iterator[dict]:
+    """moto's S3-compatible server with ``bucket`` created; yields its environment for clients (endpoint,
+    credentials) and the bucket's URL."""
+    port = free_port()
+    env = {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    process = start([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], directory / "s3.log")
+    try:
+        wait_until(lambda: answers(env["AWS_ENDPOINT_URL"] + "/moto-api/"), "moto S3 server", process,
+                   directory / "s3.log")
+        import boto3
+
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                     aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+                     region_name=env["AWS_DEFAULT_REGION"]).create_bucket(Bucket=bucket)
+        yield {"env": env, "url": f"s3://{bucket}", "process": process, "port": port}
+    finally:
+        stop(process)
+
+
+def _unprivileged_user() -> str | None:
+    """PostgreSQL refuses to run as root: the cluster runs as the `postgres` system user then (Debian's package
+    creates it), else as whoever runs the tests."""
+    return "postgres" if os.geteuid() == 0 else None
+
+
+def _postgres_bin() -> Path:
+    initdb = shutil.which("initdb") or next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))), None)
+    if initdb is None:
+        raise RuntimeError("PostgreSQL's initdb is not installed (Debian: apt-get install postgresql)")
+    return Path(initdb).resolve().parent
+
+
+@contextmanager
+def postgres(directory: Path, databases: tuple[str, ...] = ("prefect", "mlflow")) -> Iterator[dict]:
+    """A throwaway PostgreSQL cluster in ``directory`` on 127.0.0.1 (trust authentication, loopback only), with
+    ``databases``; yields {"host", "port", "user"}."""
+    user = _unprivileged_user()
+    cluster = directory / "pgdata"
+    cluster.mkdir(parents=True)
+    if user:
+        for path in (directory, cluster):
+            shutil.chown(path, user)
+    bin_dir, port = _postgres_bin(), free_port()
+    subprocess.run([str(bin_dir / "initdb"), "-D", str(cluster), "-U", "distilflow", "--auth", "trust",
+                    "--no-sync"], check=True, capture_output=True, user=user, cwd=directory)
+    log = directory / "postgres.log"
+    options = f"-h 127.0.0.1 -p {port} -k {directory} -c fsync=off -c max_connections=200"
+    subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(cluster), "-l", str(log), "-o", options, "-w", "start"],
+                   check=True, capture_output=True, user=user, cwd=directory)
+    try:
+        for name in databases:
+            subprocess.run([str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "distilflow", name],
+                           check=True, capture_output=True, user=user, cwd=directory)
+        yield {"host": "127.0.0.1", "port": port, "user": "distilflow"}
+    finally:
+        subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(cluster), "-m", "fast", "stop"], capture_output=True,
+                       user=user, cwd=directory)
+
+
+@contextmanager
+def prefect_server(directory: Path, database: dict) -> Iterator[dict]:
+    """`prefect server start` on PostgreSQL; yields its API URL and the environment for its clients."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    db = f"postgresql+asyncpg://{database['user']}@{database['host']}:{database['port']}/prefect"
+    env = {"PREFECT_HOME": str(directory / "prefect-server"), "PREFECT_API_DATABASE_CONNECTION_URL": db,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    process = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                    directory / "prefect-server.log", env)
+    try:
+        wait_until(lambda: _healthy(url), "prefect server", process, directory / "prefect-server.log")
+        yield {"url": url, "env": {"PREFECT_API_URL": url}, "database": db}
+    finally:
+        stop(process)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+            return json.loads(answer.read()) is True
+    except OSError:
+        return False
+
+
+@contextmanager
+def mlflow_server(directory: Path, database: dict, s3: dict) -> Iterator[dict]:
+    """`mlflow server` with its backend store on PostgreSQL and its artifacts on the S3 server; yields its URI."""
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    backend = f"postgresql://{database['user']}@{database['host']}:{database['port']}/mlflow"
+    env = {**s3["env"], "MLFLOW_S3_ENDPOINT_URL": s3["env"]["AWS_ENDPOINT_URL"],
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    process = start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                     "--backend-store-uri", backend, "--artifacts-destination", f"{s3['url']}/mlflow"],
+                    directory / "mlflow.log", env)
+    try:
+        wait_until(lambda: answers(f"{uri}/health"), "mlflow server", process, directory / "mlflow.log")
+        yield {"uri": uri, "backend": backend}
+    finally:
+        stop(process)
+
+
+@contextmanager
+def process_worker(directory: Path, pool: str, env: dict) -> Iterator[subprocess.Popen]:
+    """`prefect worker start` on process work pool ``pool`` (created if missing); its flow runs get ``env``."""
+    log = directory / f"worker-{pool}.log"
+    process = start([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process",
+                     "--prefetch-seconds", "1"], log, {**env, "PREFECT_WORKER_QUERY_SECONDS": "1",
+                                                         "PREFECT_WORKER_HEARTBEAT_SECONDS": "5"})
+    try:
+        wait_until(lambda: "started" in log.read_text().lower(), f"worker of {pool}", process, log)
+        yield process
+    finally:
+        stop(process)
