@@ -126,6 +126,27 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class StagePlacement(Section):
+    """Where one stage runs when it is not the pipeline's own process: a Prefect work pool's workers."""
+
+    work_pool: str = Field(description="The Prefect work pool whose workers run this stage (its deployment is "
+                                       "registered there, named `<run.name>-<stage>`).")
+    job_variables: dict = Field(default_factory=dict, description="Prefect job variables for this stage's flow runs "
+                                                                  "(the pool's base job template fields: env, image, "
+                                                                  "resources, ...).")
+    workdir: ResolvedPath | None = Field(None, description="The stage's workdir on the pool's machines (checkpoints, "
+                                                           "its local copies of artifacts); default: run.workdir.")
+
+
+class StagesConfig(Section):
+    """Stages that run on their own Prefect work pool; a stage left out runs in the pipeline's own process."""
+
+    prototype: StagePlacement | None = Field(None, description="Where the prototype (the teacher's labelling) runs.")
+    distill: StagePlacement | None = Field(None, description="Where distillation runs.")
+    compress: StagePlacement | None = Field(None, description="Where compression runs.")
+    deploy: StagePlacement | None = Field(None, description="Where packaging and the serving measurements run.")
+
+
 class RunConfig(Section):
     name: Name = Field("distilflow", description="Run name: the MLflow experiment, the Prefect deployment and the "
                                                  "model's name (letters, digits, '.', '_', '-').")
@@ -142,10 +163,22 @@ class RunConfig(Section):
                           "gs://bucket/prefix, file:///abs/dir). Needed when stages run on different machines "
                           "(run.stages); default: none, the artifacts stay under WORKDIR/artifacts only. The store's "
                           "credentials and endpoint come from its environment (S3: AWS_* variables).")
+    stages: StagesConfig = Field(default_factory=StagesConfig,
+                                 description="Stages on their own Prefect work pools (e.g. stages.distill.work_pool: "
+                                             "gpu); needs run.artifact_store and a Prefect server.")
     retries: int = Field(
         2, ge=0, description="Retries of a stage, or of an MLflow call, after a transient failure (connection "
                              "refused or dropped, timeout, HTTP 408/429/5xx); a config or data error never retries.")
     retry_delay_seconds: float = Field(30.0, ge=0, description="Wait before each retry.")
+
+
+    @model_validator(mode="after")
+    def _pools_share_a_store(self):
+        pooled = [name for name, placement in self.stages if placement]
+        if pooled and not self.artifact_store:
+            raise ValueError(f"run.stages puts {', '.join(pooled)} on their own work pools, whose machines read each "
+                             "other's artifacts: set run.artifact_store (e.g. s3://bucket/distilflow)")
+        return self
 
 
 class ChoiceCheck(Section):

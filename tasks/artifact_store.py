@@ -95,6 +95,21 @@ class ArtifactStore:
             raise DistilflowError(f"{self.url}: {stage}/{key} does not match its manifest ({'; '.join(problems[:3])}); "
                                   "delete that prefix from the store and run again")
 
+    def record_stage_run(self, flow_run_id: str, stage: str, key: str) -> None:
+        """Say which artifact the stage's flow run ``flow_run_id`` published, for the pipeline that started it on
+        another machine (it cannot compute the key: the key holds the device kind the stage ran on)."""
+        with self._reaching():
+            self.fs.pipe_file(f"{self.root.rstrip('/')}/flow-runs/{flow_run_id}.json",
+                              json.dumps({"stage": stage, "key": key}).encode())
+
+    def stage_run(self, flow_run_id: str) -> dict | None:
+        """What ``record_stage_run`` recorded for ``flow_run_id`` ({"stage", "key"}), or None."""
+        with self._reaching():
+            try:
+                return json.loads(self.fs.cat_file(f"{self.root.rstrip('/')}/flow-runs/{flow_run_id}.json"))
+            except FileNotFoundError:
+                return None
+
     @contextmanager
     def lease(self, stage: str, key: str) -> Iterator[None]:
         """Hold the one writer's lease of ``stage``/``key`` until the block ends; waits while another holds it."""
@@ -147,9 +162,13 @@ class ArtifactStore:
         except Exception as err:
             if not any(_is_connection_failure(each) for each in causes(err)):
                 raise
+            # Said as the builtin ConnectionError it is (the S3 client's own classes are not), so the stage's
+            # transient-failure retries know it.
+            connection = ConnectionError(f"{type(err).__name__}: {err}")
+            connection.__cause__ = err
             raise StoreUnreachable(
                 f"run.artifact_store {self.url} does not answer ({err}); check that the store is up and reachable "
-                "from this machine (for S3-compatible stores: AWS_ENDPOINT_URL)") from err
+                "from this machine (for S3-compatible stores: AWS_ENDPOINT_URL)") from connection
 
 
 def _is_connection_failure(error: BaseException) -> bool:

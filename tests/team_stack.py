@@ -6,8 +6,11 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -100,29 +103,34 @@ def _postgres_bin() -> Path:
 
 @contextmanager
 def postgres(directory: Path, databases: tuple[str, ...] = ("prefect", "mlflow")) -> Iterator[dict]:
-    """A throwaway PostgreSQL cluster in ``directory`` on 127.0.0.1 (trust authentication, loopback only), with
-    ``databases``; yields {"host", "port", "user"}."""
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (trust authentication, loopback only) with ``databases``; yields
+    {"host", "port", "user"}. Run as root, the cluster lives in its own directory under the system's temp dir, which
+    the `postgres` user can reach (pytest's are private to root), and is removed after."""
     user = _unprivileged_user()
-    cluster = directory / "pgdata"
-    cluster.mkdir(parents=True)
+    home = Path(tempfile.mkdtemp(prefix="distilflow-postgres-")) if user else directory
     if user:
-        for path in (directory, cluster):
-            shutil.chown(path, user)
+        shutil.chown(home, user)
     bin_dir, port = _postgres_bin(), free_port()
-    subprocess.run([str(bin_dir / "initdb"), "-D", str(cluster), "-U", "distilflow", "--auth", "trust",
-                    "--no-sync"], check=True, capture_output=True, user=user, cwd=directory)
-    log = directory / "postgres.log"
-    options = f"-h 127.0.0.1 -p {port} -k {directory} -c fsync=off -c max_connections=200"
-    subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(cluster), "-l", str(log), "-o", options, "-w", "start"],
-                   check=True, capture_output=True, user=user, cwd=directory)
+
+    def postgres_command(*command: str) -> None:
+        done = subprocess.run([str(bin_dir / command[0]), *command[1:]], capture_output=True, text=True, user=user,
+                              cwd=home)
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout}{done.stderr}")
+
+    options = f"-h 127.0.0.1 -p {port} -k {home} -c fsync=off -c max_connections=200"
+    postgres_command("initdb", "-D", str(home / "pgdata"), "-U", "distilflow", "--auth", "trust", "--no-sync")
+    postgres_command("pg_ctl", "-D", str(home / "pgdata"), "-l", str(home / "postgres.log"), "-o", options, "-w",
+                     "start")
     try:
         for name in databases:
-            subprocess.run([str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "distilflow", name],
-                           check=True, capture_output=True, user=user, cwd=directory)
+            postgres_command("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "distilflow", name)
         yield {"host": "127.0.0.1", "port": port, "user": "distilflow"}
     finally:
-        subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(cluster), "-m", "fast", "stop"], capture_output=True,
-                       user=user, cwd=directory)
+        subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(home / "pgdata"), "-m", "fast", "-w", "stop"],
+                       capture_output=True, user=user, cwd=home)
+        if user:
+            shutil.rmtree(home, ignore_errors=True)
 
 
 @contextmanager
@@ -181,3 +189,48 @@ def process_worker(directory: Path, pool: str, env: dict) -> Iterator[subprocess
         yield process
     finally:
         stop(process)
+
+
+class CuttableLink:
+    """A TCP relay on 127.0.0.1 to ``port``: a network path to a server that a test can cut (every connection dropped,
+    new ones closed at once) and restore, while the server itself keeps running with its state."""
+
+    def __init__(self, port: int):
+        self.target, self.connected, self.up = port, [], True
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            client, _ = self.listener.accept()
+            if not self.up:
+                client.close()
+                continue
+            server = socket.create_connection(("127.0.0.1", self.target))
+            self.connected += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._relay, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _relay(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                end.close()
+
+    def cut(self) -> None:
+        self.up = False
+        for end in self.connected:
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.connected = []
+
+    def restore(self) -> None:
+        self.up = True

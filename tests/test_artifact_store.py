@@ -13,7 +13,8 @@ from distilflow.tasks import artifact_store, artifacts
 from distilflow.tasks.artifact_store import ArtifactStore, StoreUnreachable, check_store
 from distilflow.tasks.errors import DistilflowError
 from tests.conftest import TINY_CONFIG, free_port
-from tests.team_stack import s3_server
+from distilflow.flows.retries import is_transient
+from tests.team_stack import CuttableLink, s3_server
 from tests.test_artifacts import DemoOutput, producer
 
 
@@ -121,8 +122,6 @@ def test_a_lease_whose_holder_stopped_renewing_it_is_taken_over(store, tmp_path,
 
 
 def test_an_unreachable_store_is_a_transient_error_that_names_it(tmp_path, s3, monkeypatch):
-    from distilflow.flows.retries import is_transient
-
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     store = ArtifactStore(f"{s3['url']}/unreachable")
@@ -142,3 +141,23 @@ def test_preflight_refuses_a_bucket_that_does_not_exist(s3):
 def test_an_artifact_store_url_fsspec_cannot_use_is_a_config_error(url, problem, tmp_path):
     with pytest.raises(DistilflowError, match=f"run.artifact_store.*{problem}"):
         load_config(TINY_CONFIG, {"run.workdir": str(tmp_path), "run.artifact_store": url})
+
+
+def test_a_store_cut_off_mid_stage_fails_transiently_naming_it_and_publishes_nothing(s3, tmp_path, monkeypatch):
+    """The network path to the S3 server is cut while the stage works; the server keeps its state, and once the
+    path is back it holds no marker: nothing half-published for anyone to read."""
+    link = CuttableLink(s3["port"])
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{link.port}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    store = ArtifactStore(f"{s3['url']}/{tmp_path.name}")
+    store.fs.retries = 1
+
+    def cut_mid_stage(out_dir):
+        link.cut()
+        return producer([])(out_dir)
+
+    with pytest.raises(StoreUnreachable, match="does not answer") as err:
+        artifacts.cached_or_run("demo", "k1", tmp_path / "machine-a", cut_mid_stage, DemoOutput, store)
+    assert is_transient(err.value)
+    link.restore()
+    assert store.published("demo", "k1") is None
