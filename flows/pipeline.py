@@ -102,8 +102,8 @@ def stage_on_its_pool(name: str, cfg: PipelineConfig, mlflow_run_id: str, *upstr
     if not child.state.is_completed():
         raise StageRunFailed(
             f"stage {name} on work pool {placement.work_pool} ended {child.state.name} (flow run {child.name}, "
-            f"{child.id}): {child.state.message or 'no message'}. Its worker's log says why; run the pipeline again "
-            "to resume from the stage's checkpoints")
+            f"{child.id}): {(child.state.message or 'no message').rstrip('.')}. Its worker's log says why; run the "
+            "pipeline again to resume from the stage's checkpoints")
     store = open_store(cfg.run.artifact_store)
     recorded = store.stage_run(str(child.id))
     if recorded is None:
