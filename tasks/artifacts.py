@@ -225,7 +225,7 @@ def _verified(stage: str, final: Path) -> bool:
         return False
     problems = manifest_problems(final)
     if problems:
-        log.warning("%s: artifact %s no longer matches its manifest (%s); recomputing",
+        log.warning("%s: artifact %s no longer matches its manifest (%s); replacing it",
                     stage, final, "; ".join(problems[:3]))
     return not problems
 

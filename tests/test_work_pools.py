@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -83,22 +84,13 @@ def newest_record(workdir: Path) -> dict:
     return json.loads(max((workdir / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime).read_text())
 
 
+@contextmanager
 def prefect_client(stack):
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    class Client:
-        def __enter__(self):
-            self.settings = temporary_settings({PREFECT_API_URL: stack["prefect"]["url"]})
-            self.settings.__enter__()
-            self.client = get_client(sync_client=True).__enter__()
-            return self.client
-
-        def __exit__(self, *exc):
-            self.client.__exit__(*exc)
-            self.settings.__exit__(*exc)
-
-    return Client()
+    with temporary_settings({PREFECT_API_URL: stack["prefect"]["url"]}), get_client(sync_client=True) as client:
+        yield client
 
 
 @pytest.mark.slow
