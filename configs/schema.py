@@ -107,8 +107,44 @@ ModelRef = Annotated[str, AfterValidator(_resolve_if_local)]
 ResolvedPath = Annotated[Path, AfterValidator(_resolve)]
 
 
+def _artifact_store_url(url: str | None) -> str | None:
+    """A URL whose scheme fsspec knows (a plain path is a local directory); whether its library is installed and the
+    store answers is preflight's to check."""
+    from fsspec.registry import known_implementations
+
+    if url is None:
+        return None
+    scheme = url.split("://", 1)[0] if "://" in url else "file"
+    if scheme not in known_implementations:
+        raise ValueError(f"{scheme}:// is not a storage fsspec knows; use e.g. s3://bucket/prefix or file:///abs/dir")
+    if scheme == "file" and not url.removeprefix("file://").startswith("/"):
+        raise ValueError("a local store needs an absolute path, e.g. file:///srv/distilflow/artifacts")
+    return url
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StagePlacement(Section):
+    """Where one stage runs when it is not the pipeline's own process: a Prefect work pool's workers."""
+
+    work_pool: str = Field(description="The Prefect work pool whose workers run this stage (its deployment is "
+                                       "registered there, named `<run.name>-<stage>`).")
+    job_variables: dict = Field(default_factory=dict, description="Prefect job variables for this stage's flow runs "
+                                                                  "(the pool's base job template fields: env, image, "
+                                                                  "resources, ...).")
+    workdir: ResolvedPath | None = Field(None, description="The stage's workdir on the pool's machines (checkpoints, "
+                                                           "its local copies of artifacts); default: run.workdir.")
+
+
+class StagesConfig(Section):
+    """Stages that run on their own Prefect work pool; a stage left out runs in the pipeline's own process."""
+
+    prototype: StagePlacement | None = Field(None, description="Where the prototype (the teacher's labelling) runs.")
+    distill: StagePlacement | None = Field(None, description="Where distillation runs.")
+    compress: StagePlacement | None = Field(None, description="Where compression runs.")
+    deploy: StagePlacement | None = Field(None, description="Where packaging and the serving measurements run.")
 
 
 class RunConfig(Section):
@@ -122,10 +158,27 @@ class RunConfig(Section):
         None, description="MLflow store: sqlite:////abs/path.db (a relative path: against this config), "
                           "http(s)://server, or a database URI; default: $MLFLOW_TRACKING_URI, else "
                           "sqlite:///WORKDIR/mlflow.db.")
+    artifact_store: Annotated[str | None, AfterValidator(_artifact_store_url)] = Field(
+        None, description="Where stages publish their artifacts for each other: any fsspec URL (s3://bucket/prefix, "
+                          "gs://bucket/prefix, file:///abs/dir). Needed when stages run on different machines "
+                          "(run.stages); default: none, the artifacts stay under WORKDIR/artifacts only. The store's "
+                          "credentials and endpoint come from its environment (S3: AWS_* variables).")
+    stages: StagesConfig = Field(default_factory=StagesConfig,
+                                 description="Stages on their own Prefect work pools (e.g. stages.distill.work_pool: "
+                                             "gpu); needs run.artifact_store and a Prefect server.")
     retries: int = Field(
         2, ge=0, description="Retries of a stage, or of an MLflow call, after a transient failure (connection "
                              "refused or dropped, timeout, HTTP 408/429/5xx); a config or data error never retries.")
     retry_delay_seconds: float = Field(30.0, ge=0, description="Wait before each retry.")
+
+
+    @model_validator(mode="after")
+    def _pools_share_a_store(self):
+        pooled = [name for name, placement in self.stages if placement]
+        if pooled and not self.artifact_store:
+            raise ValueError(f"run.stages puts {', '.join(pooled)} on their own work pools, whose machines read each "
+                             "other's artifacts: set run.artifact_store (e.g. s3://bucket/distilflow)")
+        return self
 
 
 class ChoiceCheck(Section):

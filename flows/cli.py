@@ -69,10 +69,11 @@ def run(args) -> int:
     args.mlflow_store = tracking_uri(cfg.run.mlflow_tracking_uri, cfg.run.workdir)  # named if its disk fills
     _set_env_defaults()
     with _stopped_by(signal.SIGTERM, signal.SIGHUP):
-        from distilflow.flows.deployments import check_prefect_api
+        from distilflow.flows.deployments import check_pools_have_a_server, check_prefect_api
         from distilflow.flows.pipeline import pipeline
 
         check_prefect_api()
+        check_pools_have_a_server(cfg)
         _start_temporary_prefect_server()
         record = pipeline(config_path=str(args.config), overrides=overrides)
     print(_report(record))

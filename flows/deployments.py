@@ -19,7 +19,7 @@ from prefect.settings import get_current_settings
 from pydantic import ValidationError
 
 from distilflow.configs.schema import PipelineConfig, ScheduleConfig
-from distilflow.flows.pipeline import pipeline
+from distilflow.flows.pipeline import pipeline, register_stage_deployments
 from distilflow.tasks.environment import connection_problem
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.tracking import close_abandoned_runs, liveness_dir, open_store, tracking_uri
@@ -69,6 +69,7 @@ def serve_pipeline(config_path: Path, overrides: dict[str, Any], cfg: PipelineCo
             "`prefect server start` and set PREFECT_API_URL (e.g. export PREFECT_API_URL=http://127.0.0.1:4200/api)")
     deployment = pipeline_deployment(config_path, overrides, cfg)
     check_prefect_api()
+    register_stage_deployments(cfg)
     # The runner submits the scheduled runs it polls earliest first, up to its limit. Holding waiting runs back
     # here keeps them in trigger order; left to the server's slot (AwaitingConcurrencySlot), each waiting run
     # retries on its own timer and the first to retry after the slot frees wins. cancel_new needs the server
@@ -110,6 +111,16 @@ def check_prefect_api() -> None:
 
 
 PREFECT_PROBE_TIMEOUT_S = 10
+
+
+def check_pools_have_a_server(cfg: PipelineConfig) -> None:
+    """Stages on work pools need a Prefect server that the pools' workers poll; a run's temporary server has none."""
+    pooled = {name: placement.work_pool for name, placement in cfg.run.stages if placement}
+    if pooled and not get_current_settings().api.url:
+        where = ", ".join(f"{name} on {pool}" for name, pool in pooled.items())
+        raise DistilflowError(f"run.stages puts {where}: the pools' workers take their runs from a Prefect server; "
+                              "set PREFECT_API_URL to the server they poll (e.g. http://prefect.internal:4200/api), "
+                              "or remove run.stages to run every stage in this process")
 
 
 async def _serve_until_stopped(runner: Runner) -> None:

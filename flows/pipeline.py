@@ -12,6 +12,8 @@ from typing import Any
 from uuid import UUID
 
 from prefect import flow, get_client, get_run_logger, task
+from prefect.deployments import run_deployment
+from prefect.deployments.runner import EntrypointType
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect._internal import control_listener
@@ -23,10 +25,12 @@ from prefect.runtime import deployment, flow_run
 from distilflow.configs.loader import load_config
 from distilflow.configs.schema import PipelineConfig
 from distilflow.flows.retries import retried, retry_if_transient
-from distilflow.tasks import history, registry, tracking
+from distilflow.tasks import artifacts, history, registry, tracking
+from distilflow.tasks.artifact_store import open_store
 from distilflow.tasks.artifacts import StageOutput
+from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.journey import FILE, JourneyEntry, table, to_json
-from distilflow.tasks.stages import preflight, run_stage
+from distilflow.tasks.stages import output_kind, preflight, run_stage
 from distilflow.tasks.tracking import MlflowTracker, flatten
 
 
@@ -39,6 +43,12 @@ def stage_task(name: str, cfg: PipelineConfig, upstream: tuple[StageOutput, ...]
 
 @flow(validate_parameters=False)
 def stage_flow(name: str, cfg: PipelineConfig, upstream: tuple[StageOutput, ...], mlflow_run_id: str) -> StageOutput:
+    return stage_in_this_flow_run(name, cfg, upstream, mlflow_run_id)
+
+
+def stage_in_this_flow_run(name: str, cfg: PipelineConfig, upstream: tuple[StageOutput, ...],
+                           mlflow_run_id: str) -> StageOutput:
+    """The stage as a retried task of the current flow run, its summary as the run's artifact."""
     result = retried(stage_task, cfg)(name, cfg, upstream, mlflow_run_id)
     get_run_logger().info("%s %s: %s", name, "reused" if result.cached else "done", result.directory)
     if result.summary:
@@ -48,9 +58,80 @@ def stage_flow(name: str, cfg: PipelineConfig, upstream: tuple[StageOutput, ...]
 
 
 def stage(name: str, cfg: PipelineConfig, mlflow_run_id: str, *upstream: StageOutput) -> StageOutput:
-    """Stage ``name`` as a child flow run, on the outputs of the stages it reads (its function's signature)."""
+    """Stage ``name`` as a child flow run, on the outputs of the stages it reads (its function's signature): in this
+    process, or on its work pool when `run.stages` places it there."""
     stop_if_cancelled()
+    if getattr(cfg.run.stages, name):
+        return stage_on_its_pool(name, cfg, mlflow_run_id, *upstream)
     return stage_flow.with_options(name=f"distilflow-{name}", flow_run_name=name)(name, cfg, upstream, mlflow_run_id)
+
+
+STAGE_FLOW = "distilflow-stage"
+
+
+@flow(name=STAGE_FLOW, validate_parameters=False)
+def pooled_stage_flow(name: str, config: dict, upstream: list[dict], mlflow_run_id: str) -> str:
+    """One stage in a work pool worker's flow-run process: its upstream artifacts fetched from the store, the stage
+    run as in the pipeline's own process (cached by key, retried, tracked in the pipeline's MLflow run), its output
+    published to the store. Returns its artifact key."""
+    send_logs_to_prefect()
+    cfg = placed(PipelineConfig.model_validate(config), name)
+    store = open_store(cfg.run.artifact_store)
+    inputs = tuple(artifacts.fetched(each["stage"], each["key"], cfg.run.workdir, output_kind(each["stage"]), store)
+                   for each in upstream)
+    result = stage_in_this_flow_run(name, cfg, inputs, mlflow_run_id)
+    store.record_stage_run(str(flow_run.id), name, result.directory.name)
+    return result.directory.name
+
+
+def placed(cfg: PipelineConfig, name: str) -> PipelineConfig:
+    """The config as stage ``name`` sees it on its pool's machines: the workdir there."""
+    workdir = getattr(cfg.run.stages, name).workdir
+    return cfg.model_copy(update={"run": cfg.run.model_copy(update={"workdir": workdir})}) if workdir else cfg
+
+
+def stage_on_its_pool(name: str, cfg: PipelineConfig, mlflow_run_id: str, *upstream: StageOutput) -> StageOutput:
+    """Run stage ``name`` as a run of its deployment on its work pool (a child flow run of this one), wait for it,
+    and read its output from the artifact store."""
+    placement = getattr(cfg.run.stages, name)
+    parameters = {"name": name, "config": cfg.model_dump(mode="json"), "mlflow_run_id": mlflow_run_id,
+                  "upstream": [{"stage": each.directory.parent.name, "key": each.directory.name} for each in upstream]}
+    child = run_deployment(f"{STAGE_FLOW}/{stage_deployment_name(cfg, name)}", parameters=parameters,
+                           job_variables=placement.job_variables or None, flow_run_name=name, as_subflow=True,
+                           poll_interval=STAGE_POLL_S)
+    if not child.state.is_completed():
+        raise StageRunFailed(
+            f"stage {name} on work pool {placement.work_pool} ended {child.state.name} (flow run {child.name}, "
+            f"{child.id}): {(child.state.message or 'no message').rstrip('.')}. Its worker's log says why; run the "
+            "pipeline again to resume from the stage's checkpoints")
+    store = open_store(cfg.run.artifact_store)
+    recorded = store.stage_run(str(child.id))
+    if recorded is None:
+        raise StageRunFailed(f"stage {name}'s flow run {child.id} completed but recorded no artifact in "
+                             f"run.artifact_store {cfg.run.artifact_store}: did its worker use another store?")
+    return artifacts.fetched(name, recorded["key"], cfg.run.workdir, output_kind(name), store)
+
+
+STAGE_POLL_S = 1  # how often the pipeline asks the server whether a pooled stage ended (Prefect's default: 5 s)
+
+
+class StageRunFailed(DistilflowError):
+    """A stage on its work pool ended Failed, Crashed or Cancelled; the message names the stage, pool and flow run."""
+
+
+def stage_deployment_name(cfg: PipelineConfig, name: str) -> str:
+    return f"{cfg.run.name}-{name}"
+
+
+def register_stage_deployments(cfg: PipelineConfig) -> None:
+    """The deployment of each stage that `run.stages` places on a work pool, on that pool (an update if it exists):
+    the pipeline starts its runs there. Registered by module path: the pool's workers run the installed package."""
+    for name, placement in cfg.run.stages:
+        if placement:
+            pooled_stage_flow.to_deployment(
+                name=stage_deployment_name(cfg, name), description=f"distilflow's {name} stage of {cfg.run.name}",
+                tags=["distilflow", name], job_variables=placement.job_variables,
+                entrypoint_type=EntrypointType.MODULE_PATH).apply(work_pool_name=placement.work_pool)
 
 
 @flow(name="distilflow", validate_parameters=True)
@@ -70,6 +151,7 @@ def pipeline(config_path: str, overrides: dict[str, Any] | None = None) -> dict:
                                          overrides or "none", cfg.run.workdir)
     preflight(cfg, tracking_uri(cfg))
     cfg.run.workdir.mkdir(parents=True, exist_ok=True)
+    register_stage_deployments(cfg)
     tracker = retried(start_tracking, cfg)(cfg)
     try:
         prototype = stage("prototype", cfg, tracker.run_id)

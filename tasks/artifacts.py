@@ -178,25 +178,71 @@ def manifest_digest(directory: Path) -> str:
     return hashlib.sha256((directory / MANIFEST).read_bytes()).hexdigest()
 
 
-def cached_or_run(stage: str, key: str, workdir: Path, produce: Callable[[Path], Output], kind: type[Output]) -> Output:
+def cached_or_run(stage: str, key: str, workdir: Path, produce: Callable[[Path], Output], kind: type[Output],
+                  store=None) -> Output:
     """Reuse ``WORKDIR/artifacts/stage/key`` if it verifies, else run ``produce(tmp_dir)`` and publish it; either
-    way, the ``kind`` of output read back from its result.json."""
+    way, the ``kind`` of output read back from its result.json. With a shared ``store`` (an
+    ``artifact_store.ArtifactStore``), an artifact published there is downloaded instead of produced, and a
+    produced one is published there too, by the key's one writer."""
     final = workdir / "artifacts" / stage / key
     final.parent.mkdir(parents=True, exist_ok=True)
     with exclusive(final.parent / f"{key}.lock"):
-        if final.exists():
-            problems = manifest_problems(final)
-            if not problems:
+        if _verified(stage, final) and store is None:
+            return _load(final, kind, cached=True)
+        if store is None:
+            _produce(stage, final, produce)
+            return _load(final, kind, cached=False)
+        with store.lease(stage, key):
+            marker = store.published(stage, key)
+            if marker and not _verified(stage, final):
+                _download(store, stage, key, marker, final)
+            if marker:
                 return _load(final, kind, cached=True)
-            log.warning("%s: artifact %s no longer matches its manifest (%s); recomputing",
-                        stage, final, "; ".join(problems[:3]))
-        with published(final) as partial, disk_full_named(stage, partial):
-            partial.mkdir()
-            result = produce(partial)
-            (partial / RESULT).write_text(json.dumps(_to_json(result, partial), indent=1))
-            write_manifest(partial)
-            make_world_readable(partial)
-    return _load(final, kind, cached=False)
+            fresh = not _verified(stage, final)
+            if fresh:
+                _produce(stage, final, produce)
+            store.publish(final, stage, key)
+            return _load(final, kind, cached=not fresh)
+
+
+def fetched(stage: str, key: str, workdir: Path, kind: type[Output], store) -> Output:
+    """The artifact ``key`` of ``stage`` that another process published to ``store``: the local copy under
+    ``WORKDIR/artifacts`` if it verifies, else downloaded there first."""
+    final = workdir / "artifacts" / stage / key
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(final.parent / f"{key}.lock"):
+        if not _verified(stage, final):
+            marker = store.published(stage, key)
+            if marker is None:
+                raise DistilflowError(f"{stage} artifact {key} is not in run.artifact_store {store.url}: its stage "
+                                      "has not published it (did it run against another store?)")
+            _download(store, stage, key, marker, final)
+    return _load(final, kind, cached=True)
+
+
+def _verified(stage: str, final: Path) -> bool:
+    if not final.exists():
+        return False
+    problems = manifest_problems(final)
+    if problems:
+        log.warning("%s: artifact %s no longer matches its manifest (%s); replacing it",
+                    stage, final, "; ".join(problems[:3]))
+    return not problems
+
+
+def _produce(stage: str, final: Path, produce: Callable[[Path], StageOutput]) -> None:
+    with published(final) as partial, disk_full_named(stage, partial):
+        partial.mkdir()
+        result = produce(partial)
+        (partial / RESULT).write_text(json.dumps(_to_json(result, partial), indent=1))
+        write_manifest(partial)
+        make_world_readable(partial)
+
+
+def _download(store, stage: str, key: str, marker: dict, final: Path) -> None:
+    with published(final) as partial, disk_full_named(stage, partial):
+        store.download(stage, key, marker, partial)
+        make_world_readable(partial)
 
 
 def make_world_readable(directory: Path) -> None:

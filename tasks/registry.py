@@ -179,7 +179,8 @@ def release(cfg: PipelineConfig, bundle: Path, tracking_uri: str, mlflow_run_id:
         outcome.champion = version
     else:
         client.set_registered_model_alias(name, CANDIDATE, version)
-    outcome.aliases = client.get_model_version(name, version).aliases
+    # list(): over a tracking server, MLflow returns the aliases as a protobuf container, which JSON cannot write
+    outcome.aliases = list(client.get_model_version(name, version).aliases)
     verdict = "passed" if outcome.passed else "failed"
     client.set_model_version_tag(name, version, "distilflow.gate", verdict)
     client.set_tag(mlflow_run_id, "distilflow.gate", verdict)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from distilflow.configs.schema import HttpTeacherConfig, ModelTrust, PipelineConfig
-from distilflow.tasks import artifacts, compress, deploy, distill, history, prototype, serving
+from distilflow.tasks import artifact_store, artifacts, compress, deploy, distill, history, prototype, serving
 from distilflow.tasks.artifacts import StageOutput
 from distilflow.tasks.context import StageContext
 from distilflow.tasks.data import TaskData, check_few_shot_pool, load_task_data
@@ -43,6 +43,8 @@ def preflight(cfg: PipelineConfig, tracking_uri: str) -> None:
     """
     check_few_shot_pool(load_task_data(cfg.task, cfg.run.seed), cfg.task, cfg.prototype)
     artifacts.check_writable(cfg.run.workdir)
+    if cfg.run.artifact_store:
+        artifact_store.check_store(cfg.run.artifact_store)
     history.check_home(history.distilflow_home())
     device = resolve_device(cfg.run.device)
     check_device(cfg, device, torch.cuda.device_count())
@@ -200,12 +202,18 @@ def run_stage(name: str, cfg: PipelineConfig, *upstream: StageOutput, tracker: T
             return replace(result, params=recorder.params, metrics=recorder.metrics, tags=recorder.tags,
                            artifacts=recorder.artifacts)
 
-        result = artifacts.cached_or_run(name, key, workdir, produce, typing.get_type_hints(run)["return"])
+        result = artifacts.cached_or_run(name, key, workdir, produce, output_kind(name),
+                                         artifact_store.open_store(cfg.run.artifact_store))
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # only a crash leaves checkpoints worth keeping
         if result.cached:
             log.info("%s: reusing %s", name, result.directory)
         log_tracked(stage_tracker, result)
     return result
+
+
+def output_kind(name: str) -> type[StageOutput]:
+    """The output class of stage ``name``: its function's return annotation."""
+    return typing.get_type_hints(STAGES[name])["return"]
 
 
 def log_tracked(tracker: Tracker, result: StageOutput) -> None:

@@ -146,8 +146,11 @@ class MlflowTracker:
         with _one_store_creator(tracking_uri):
             client = open_store(tracking_uri)
             found = client.get_experiment_by_name(experiment)
+            # A tracking server keeps artifacts where it was told to (--artifacts-destination, e.g. S3); a local
+            # store keeps them under the workdir.
+            served = tracking_uri.startswith(("http://", "https://"))
             experiment_id = found.experiment_id if found else client.create_experiment(
-                experiment, artifact_location=artifact_root.as_uri())
+                experiment, artifact_location=None if served else artifact_root.as_uri())
         liveness = Liveness.hold(liveness_dir) if liveness_dir else None
         run = client.create_run(experiment_id, run_name=run_name, tags={**tags, **(liveness.tags if liveness else {})})
         return cls(client, run.info.run_id, liveness)
