@@ -77,7 +77,7 @@ def _mlflow_store_full(uri: str | None) -> str:
     """sqlite says "database or disk is full" without its file: the run's tracking URI names it."""
     store = Path(uri.removeprefix("sqlite:///")) if uri and uri.startswith("sqlite:///") else None
     if store is None:
-        return f"the disk of the MLflow store{f' ({uri})' if uri else ''} is full"
+        return f"the MLflow store's disk is full{f' ({uri})' if uri else ''}"
     return f"the disk is full writing the MLflow store {store} ({_size(free_bytes(store))} free there)"
 
 
