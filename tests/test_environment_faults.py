@@ -262,20 +262,15 @@ def test_a_read_only_or_forbidden_place_is_named_before_any_stage(tmp_path, plac
 
 # --- a disk that fills during a stage ----------------------------------------------------------------------------
 
-def run_until_the_disk_fills(tmp_path: Path, stage: str, then: str = "", finished: tuple = ()
-                             ) -> tuple[subprocess.CompletedProcess, str]:
-    """`distilflow run` with its workdir on a small tmpfs (holding the ``finished`` stage outputs), filled (by another
-    process) the moment ``stage`` starts writing its output; then ``then`` (sh) in the same namespaces, the tmpfs
-    still mounted. Returns the process and the first run's stderr."""
+def run_until_the_disk_fills(tmp_path: Path, stage: str, then: str = "") -> tuple[subprocess.CompletedProcess, str]:
+    """`distilflow run` with its workdir on a small tmpfs, filled (by another process) the moment ``stage`` starts
+    writing its output; then ``then`` (sh) in the same namespaces, the tmpfs still mounted. Returns the process and
+    the first run's stderr."""
     workdir, first = tmp_path / "work", tmp_path / "first-run.txt"
     workdir.mkdir()
     partial = shlex.quote(str(workdir / "artifacts" / stage))
-    copies = "\n".join(f"mkdir -p {workdir / 'artifacts' / output.directory.parent.name} && "
-                       f"cp -R {output.directory} {workdir / 'artifacts' / output.directory.parent.name}/ || exit 99"
-                       for output in finished)
     script = f"""
         mount -t tmpfs -o size=256m tmpfs {workdir} || exit 99
-        {copies}
         ( until ls -d {partial}/.*partial-* >/dev/null 2>&1; do sleep 0.05; done
           head -c 1G /dev/zero > {workdir}/filler 2>/dev/null ) &
         {command_line("run", workdir)} 2> {first}
@@ -293,14 +288,14 @@ def first_exit(said: str) -> int:
 
 
 @needs_namespaces
-def test_a_disk_that_fills_during_distill_is_named_and_the_rerun_after_freeing_it_resumes(tmp_path, tiny_prototype):
+def test_a_disk_that_fills_during_distill_is_named_and_the_rerun_after_freeing_it_resumes(tmp_path):
     """safetensors says it as a SafetensorError, MLflow's sqlite store as "database or disk is full": neither is an
-    OSError, and both were "unexpected" bugs. The prototype stage is the session's."""
+    OSError, and both were "unexpected" bugs."""
     rerun = tmp_path / "rerun.txt"
     done, said = run_until_the_disk_fills(tmp_path, "distill", then=f"""
         rm {tmp_path / 'work' / 'filler'}
         {command_line("run", tmp_path / "work")} > {rerun} 2>&1
-        echo "exit $?" >> {rerun}""", finished=(tiny_prototype,))
+        echo "exit $?" >> {rerun}""")
     error = one_error_line(first_exit(said), said)
     assert "the disk is full" in error and str(tmp_path / "work") in error and "free space" in error
     resumed = rerun.read_text()
