@@ -1,4 +1,5 @@
 import os
+import shutil
 import socket
 import ssl
 import subprocess
@@ -49,6 +50,47 @@ def tiny_cfg(tmp_path):
     from distilflow.configs.loader import load_config
 
     return load_config(TINY_CONFIG, {"run.workdir": str(tmp_path / "work")})
+
+
+# The tiny config's four stages, run once for the session in a workdir of their own (no Prefect, no MLflow). Runs are
+# content-addressed: a test whose run starts with the same stages copies them into its workdir (`with_stages`), and
+# its run reuses them and computes only what comes after (what it tests).
+
+@pytest.fixture(scope="session")
+def tiny_work(tmp_path_factory):
+    from distilflow.configs.loader import load_config
+
+    return load_config(TINY_CONFIG, {"run.workdir": str(tmp_path_factory.mktemp("tiny-stages"))})
+
+
+@pytest.fixture(scope="session")
+def tiny_prototype(tiny_work):
+    from distilflow.tasks.stages import run_stage
+
+    return run_stage("prototype", tiny_work)
+
+
+@pytest.fixture(scope="session")
+def tiny_distill(tiny_work, tiny_prototype):
+    from distilflow.tasks.stages import run_stage
+
+    return run_stage("distill", tiny_work, tiny_prototype)
+
+
+@pytest.fixture(scope="session")
+def tiny_compress(tiny_work, tiny_prototype, tiny_distill):
+    from distilflow.tasks.stages import run_stage
+
+    return run_stage("compress", tiny_work, tiny_prototype, tiny_distill)
+
+
+def with_stages(workdir: Path, *finished) -> Path:
+    """``workdir`` holding the ``finished`` stage outputs of the tiny config (`tiny_prototype`, ...), as a run there
+    would have published them."""
+    for output in finished:
+        shutil.copytree(output.directory, workdir / "artifacts" / output.directory.parent.name / output.directory.name,
+                        symlinks=True)
+    return workdir
 
 
 @pytest.fixture(scope="session")

@@ -116,15 +116,14 @@ def test_the_pareto_front_holds_the_candidates_nothing_beats_on_size_and_score()
 
 
 @pytest.fixture(scope="module")
-def stage(tmp_path_factory):
-    """prototype and distill on the tiny config, then compress with four candidates, one of them pruned, one FP8
-    (which this CPU cannot run natively)."""
+def stage(tmp_path_factory, tiny_prototype, tiny_distill):
+    """prototype and distill on the tiny config (the session's), then compress with four candidates, one of them
+    pruned, one FP8 (which this CPU cannot run natively)."""
     overrides = {"run.workdir": str(tmp_path_factory.mktemp("work")), "compress.prune": PRUNE,
                  "compress.candidates": [*CANDIDATES, {"quantize": {"scheme": "fp8"}}], "compress.budget": {"max_size_bytes": 10**9}}
     cfg = load_config(TINY_CONFIG, overrides)
-    prototype = run_stage("prototype", cfg)
-    distill = run_stage("distill", cfg, prototype)
-    return cfg, {"prototype": prototype, "distill": distill, "compress": run_stage("compress", cfg, prototype, distill)}
+    return cfg, {"prototype": tiny_prototype, "distill": tiny_distill,
+                 "compress": run_stage("compress", cfg, tiny_prototype, tiny_distill)}
 
 
 def candidates(stage):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_CONFIG
+from tests.conftest import TINY_CONFIG, with_stages
 
 DISTILFLOW = str(Path(sys.executable).with_name("distilflow"))
 
@@ -119,9 +119,11 @@ def mlflow_runs(workdir: Path) -> list:
 
 @pytest.mark.parametrize("sig, stage", [(signal.SIGTERM, "distill"), (signal.SIGINT, "compress")],
                          ids=["sigterm-in-distill", "sigint-in-compress"])
-def test_a_signal_mid_stage_stops_the_run_its_prefect_server_and_its_mlflow_runs(tmp_path, sig, stage):
-    """The signal goes to `distilflow run` alone (as `kill PID` or a scheduler sends it), not to its group."""
-    workdir = tmp_path / "work"
+def test_a_signal_mid_stage_stops_the_run_its_prefect_server_and_its_mlflow_runs(tmp_path, sig, stage, tiny_prototype,
+                                                                                tiny_distill):
+    """The signal goes to `distilflow run` alone (as `kill PID` or a scheduler sends it), not to its group. The
+    stages before ``stage`` are the session's (reused)."""
+    workdir = with_stages(tmp_path / "work", tiny_prototype, *([tiny_distill] if stage == "compress" else []))
     run = start_run(workdir, *(LONG_DISTILL if stage == "distill" else ()))
     try:
         kill_when_partial(run, workdir / "artifacts" / stage, sig=sig, group=False)
@@ -142,8 +144,8 @@ def test_a_signal_mid_stage_stops_the_run_its_prefect_server_and_its_mlflow_runs
 
 
 def test_a_kill_9_mid_stage_leaves_nothing_finished_and_the_rerun_redoes_it_and_closes_what_it_left_running(
-        tmp_path):
-    workdir = tmp_path / "work"
+        tmp_path, tiny_prototype):
+    workdir = with_stages(tmp_path / "work", tiny_prototype)
     kill_when_partial(start_run(workdir), workdir / "artifacts" / "distill")
     assert finished(workdir / "artifacts" / "distill") == []
     left = [r for r in mlflow_runs(workdir) if r.info.status == "RUNNING"]

@@ -25,7 +25,7 @@ from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.prototype import write_dataset
 from distilflow.tasks.stages import run_stage
 from distilflow.tasks.tracking import FileTracker, LogTracker, MlflowTracker
-from tests.conftest import REPO, TINY_CONFIG, TINY_TEACHER
+from tests.conftest import REPO, TINY_CONFIG, TINY_TEACHER, with_stages
 
 
 def tiny_dataset(cfg, directory: Path, size: int = 12):
@@ -336,15 +336,15 @@ def test_online_logit_kd_with_on_policy_steps_changes_the_student(tiny, tmp_path
 
 
 @pytest.fixture(scope="module")
-def three_phases(tmp_path_factory):
-    """The distill stage with sft -> logit_kd (offline) -> grpo on the tiny config, tracked in MLflow."""
+def three_phases(tmp_path_factory, tiny_prototype):
+    """The distill stage with sft -> logit_kd (offline) -> grpo on the tiny config (its prototype: the session's),
+    tracked in MLflow."""
     work = tmp_path_factory.mktemp("phases")
     cfg = load_config(TINY_CONFIG, {"run.workdir": str(work), "distill.phases": ["sft", "logit_kd", "grpo"],
                                     **{f"distill.{phase}.{key}": value for phase in ("sft", "logit_kd", "grpo")
                                        for key, value in TRAINER_SETTINGS.items()}})
     tracker = MlflowTracker.start(f"sqlite:///{work / 'mlflow.db'}", "tiny", work / "mlartifacts", "test", {})
-    prototype = run_stage("prototype", cfg, tracker=tracker)
-    result = run_stage("distill", cfg, prototype, tracker=tracker)
+    result = run_stage("distill", cfg, tiny_prototype, tracker=tracker)
     return cfg, tracker, result
 
 
@@ -419,8 +419,8 @@ run_stage("distill", cfg, run_stage("prototype", cfg))
 """
 
 
-def test_a_killed_run_resumes_at_its_phase_and_checkpoint_with_the_step_count_continuing(tmp_path):
-    work = tmp_path / "work"
+def test_a_killed_run_resumes_at_its_phase_and_checkpoint_with_the_step_count_continuing(tmp_path, tiny_prototype):
+    work = with_stages(tmp_path / "work", tiny_prototype)  # the training subprocess reuses it too
     cfg = load_config(TINY_CONFIG, {"run.workdir": str(work), **RESUMABLE})
     prototype = run_stage("prototype", cfg)
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(TINY_CONFIG), str(work), json.dumps(RESUMABLE)],

@@ -232,13 +232,23 @@ def test_run_names_a_file_standing_where_a_directory_it_writes_belongs(tmp_path,
     assert place in error and str(tmp_path / "a-file") in error
 
 
+def blocked_places():
+    """Each fault at each place, met by `validate` (which starts no Prefect server: not PREFECT_HOME) and by `run`.
+    `run` meets a forbidden place the same way as `validate` does, in preflight (run's own path to each place: the
+    read-only cases), so those cases are in `make test-slow`; PREFECT_HOME's are run's alone."""
+    for fault in ("read-only", "no-permission"):
+        for place in sorted(PLACES):
+            for command in ("validate", "run"):
+                if command == "validate" and place == "PREFECT_HOME":
+                    continue
+                duplicate = command == "run" and fault == "no-permission" and place != "PREFECT_HOME"
+                yield pytest.param(fault, place, command, id=f"{fault}-{place}-{command}",
+                                   marks=[pytest.mark.slow] if duplicate else [])
+
+
 @needs_namespaces
-@pytest.mark.parametrize("command", ["validate", "run"])
-@pytest.mark.parametrize("place", sorted(PLACES))
-@pytest.mark.parametrize("fault", ["read-only", "no-permission"])
+@pytest.mark.parametrize("fault, place, command", list(blocked_places()))
 def test_a_read_only_or_forbidden_place_is_named_before_any_stage(tmp_path, place, command, fault):
-    if command == "validate" and place == "PREFECT_HOME":
-        pytest.skip("validate starts no Prefect server")
     blocked = tmp_path / "blocked"
     blocked.mkdir(mode=0o555)
     env, overrides = PLACES[place](blocked)

@@ -33,7 +33,7 @@ from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from distilflow.configs.loader import load_config
-from tests.conftest import REPO, TINY_CONFIG, TINY_TEACHER
+from tests.conftest import REPO, TINY_CONFIG, TINY_TEACHER, with_stages
 
 STARTUP_S = 180  # server and serve start in 10-40 s on a loaded 2-core machine
 RUN_S = 600
@@ -124,10 +124,11 @@ def prefect_client(server):
 
 
 @pytest.fixture(scope="module")
-def served(server, tmp_path_factory):
-    """`distilflow serve configs/tiny.yaml --cron ... --name ops-test`, the workdir in tmp via --set."""
+def served(server, tmp_path_factory, tiny_prototype):
+    """`distilflow serve configs/tiny.yaml --cron ... --name ops-test`, the workdir in tmp via --set (holding the
+    session's prototype stage: its runs train and compress)."""
     home = tmp_path_factory.mktemp("serve")
-    workdir = home / "work"
+    workdir = with_stages(home / "work", tiny_prototype)
     env = {**os.environ, "PREFECT_API_URL": server["url"], "PREFECT_HOME": str(server["home"] / "client"),
            "DISTILFLOW_HOME": str(home / "distilflow"), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
     process = start([sys.executable, "-m", "distilflow.flows.cli", "serve", str(TINY_CONFIG),
@@ -257,7 +258,7 @@ def test_a_run_with_its_own_overrides_keeps_the_deployments(runs, served):
 
 def test_a_served_run_sends_distilflows_own_lines_to_prefect(runs):
     messages = [log.message for log in runs["logs"] if log.name == "distilflow"]
-    assert any(m.startswith("prototype: running") for m in messages), messages
+    assert any(m.startswith("distill: running") for m in messages), messages
     assert any(m.startswith("config ") and "'distill.lora.r': 2" in m for m in messages)
 
 
@@ -350,12 +351,12 @@ def test_prefect_yaml_deployments_register_with_the_nightly_cron(server, tmp_pat
 
 
 @pytest.fixture(scope="module", params=[signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
-def stopped_mid_run(request, server, tmp_path_factory):
-    """`distilflow serve` stopped while its run trains: SIGTERM to the serve process (as systemd or `kill` stop it),
-    or SIGINT to its whole process group (Ctrl-C in its terminal)."""
+def stopped_mid_run(request, server, tmp_path_factory, tiny_prototype):
+    """`distilflow serve` stopped while its run trains (its prototype: the session's): SIGTERM to the serve process
+    (as systemd or `kill` stop it), or SIGINT to its whole process group (Ctrl-C in its terminal)."""
     sig = request.param
     home = tmp_path_factory.mktemp(f"stop-{sig.name}")
-    workdir, log, name = home / "work", home / "serve.log", f"stop-{sig.name.lower()}"
+    workdir, log, name = with_stages(home / "work", tiny_prototype), home / "serve.log", f"stop-{sig.name.lower()}"
     env = {**os.environ, "PREFECT_API_URL": server["url"], "PREFECT_HOME": str(server["home"] / "client"),
            "DISTILFLOW_HOME": str(home / "distilflow"), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
     with open(log, "w") as out:

@@ -16,14 +16,16 @@ from mlflow import MlflowClient
 
 from distilflow.flows.cli import main
 from distilflow.tasks.history import distilflow_home, latest_run
-from tests.conftest import TINY_CONFIG
+from tests.conftest import TINY_CONFIG, with_stages
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, tiny_prototype, tiny_distill, tiny_compress):
+    """The two runs; their first three stages are the session's (unchanged by either run's settings)."""
     from prefect.testing.utilities import prefect_test_harness
 
-    workdir = ["--set", f"run.workdir={tmp_path_factory.mktemp('work')}"]
+    work = with_stages(tmp_path_factory.mktemp("work"), tiny_prototype, tiny_distill, tiny_compress)
+    workdir = ["--set", f"run.workdir={work}"]
     with prefect_test_harness(server_startup_timeout=120):
         passing_exit = main(["run", str(TINY_CONFIG), *workdir, "--set", "deploy.gguf=q8_0"])
         passing = latest_run(distilflow_home())

@@ -21,17 +21,11 @@ def test_rejection_sampling_keeps_valid_correct_unique_answers(tiny_cfg):
 
 
 @pytest.fixture(scope="module")
-def stage_results(tmp_path_factory):
-    """The four stages run in order on the tiny config, once for this module."""
-    from distilflow.configs.loader import load_config
-    from tests.conftest import TINY_CONFIG
-
-    cfg = load_config(TINY_CONFIG, {"run.workdir": str(tmp_path_factory.mktemp("work"))})
-    prototype = run_stage("prototype", cfg)
-    distill = run_stage("distill", cfg, prototype)
-    compress = run_stage("compress", cfg, prototype, distill)
-    deploy = run_stage("deploy", cfg, prototype, distill, compress)
-    return cfg, {"prototype": prototype, "distill": distill, "compress": compress, "deploy": deploy}
+def stage_results(tiny_work, tiny_prototype, tiny_distill, tiny_compress):
+    """The four stages run in order on the tiny config (the first three: the session's)."""
+    deploy = run_stage("deploy", tiny_work, tiny_prototype, tiny_distill, tiny_compress)
+    return tiny_work, {"prototype": tiny_prototype, "distill": tiny_distill, "compress": tiny_compress,
+                       "deploy": deploy}
 
 
 def test_prototype_writes_dataset_card_and_teacher_baseline(stage_results):
