@@ -190,12 +190,13 @@ def _report(record: dict) -> str:
 
 def _start_temporary_prefect_server() -> None:
     """Without PREFECT_API_URL, Prefect starts a temporary server in a subprocess (and stops it at exit). Started
-    here first (Prefect then uses this one), its pid is recorded, so that the next run stops it if this process is
-    killed with SIGKILL and cannot."""
+    here first (Prefect then uses this one): if this process is killed with SIGKILL and cannot stop it, a guard does
+    (Linux), and its recorded pid lets the next run stop it where no guard could (or the guard was killed too)."""
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import get_current_settings
 
     from distilflow.tasks.artifacts import check_writable
+    from distilflow.tasks.fresh_process import stop_when_this_process_dies
     from distilflow.tasks.history import check_home, distilflow_home
 
     settings = get_current_settings()
@@ -213,6 +214,7 @@ def _start_temporary_prefect_server() -> None:
             f"the temporary Prefect server did not answer within {settings.server.ephemeral.startup_timeout_seconds} s "
             "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); on a busy machine raise it, or start a server "
             "(`prefect server start`) and set PREFECT_API_URL") from err
+    stop_when_this_process_dies(server.server_process.pid)
     record = _servers_dir() / f"{server.server_process.pid}.json"
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"owner": os.getpid()}))

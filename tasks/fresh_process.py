@@ -4,7 +4,9 @@ A fresh process proves what is on disk (a saved model loads and answers without 
 objects in memory), and ``accelerate launch`` starts one per GPU to train on several.
 """
 
+import functools
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -39,12 +41,25 @@ def main(function: Callable[[dict], dict | None]) -> None:
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def end_with_parent() -> None:
-    """This process gets SIGKILL when the one that started it dies (Linux): a run killed with SIGKILL cannot stop
-    its workers and servers itself, and nothing they do is of use without it."""
+def end_with_parent(signal_number: int = signal.SIGKILL) -> None:
+    """This process gets ``signal_number`` when the one that started it dies (Linux): a run killed with SIGKILL
+    cannot stop its workers and servers itself, and nothing they do is of use without it."""
     if sys.platform != "linux":
         return
     import ctypes
-    import signal
 
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal_number)
+
+
+def stop_when_this_process_dies(pid: int) -> None:
+    """On Linux, a guard that stops ``pid`` (SIGTERM) within a second of this process's death, SIGKILL included: for
+    a child another library starts, which cannot be told to end with its parent. The guard ends with ``pid``."""
+    if sys.platform != "linux":
+        return
+    # sh runs the trap once the current `sleep 1` ends: the child is stopped at most a second after the parent dies.
+    guard = f"trap 'kill {pid} 2>/dev/null; exit 0' TERM; while kill -0 {pid} 2>/dev/null; do sleep 1; done"
+    _guards.append(subprocess.Popen(["sh", "-c", guard], stdin=subprocess.DEVNULL,
+                                    preexec_fn=functools.partial(end_with_parent, signal.SIGTERM)))
+
+
+_guards: list[subprocess.Popen] = []  # held until exit: a collected Popen of a live process warns

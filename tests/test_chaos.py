@@ -117,7 +117,7 @@ def test_a_run_killed_at_random_moments_always_resumes_to_the_uninterrupted_jour
     """Each run is killed at a moment drawn from the uninterrupted run's length; one that ends first must have
     completed with the uninterrupted journey, and a fresh workdir is killed next. After the last kill, the run
     goes to the end. The processes of each run must be gone 10 s after it exited: with SIGKILL to the run alone,
-    its temporary Prefect server is orphaned, and the next run (started at once) stops it."""
+    its temporary Prefect server is orphaned, and its guard stops it."""
     reference, duration = uninterrupted
     rng = random.Random(kills)  # seeded: the same moments and signals each time
     tally, workdir, resumed, previous, began = Tally(), tmp_path / "work-0", False, None, time.monotonic()

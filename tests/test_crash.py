@@ -98,7 +98,15 @@ def assert_only_redone(workdir: Path, stage: str) -> None:
 
 def group_members(pgid: int) -> list[str]:
     """Command lines of the live processes in process group ``pgid`` (zombies excluded)."""
-    members = []
+    return list(_group(pgid).values())
+
+
+def group_pids(pgid: int) -> list[int]:
+    return list(_group(pgid))
+
+
+def _group(pgid: int) -> dict[int, str]:
+    members = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
@@ -106,7 +114,7 @@ def group_members(pgid: int) -> list[str]:
         except OSError:
             continue  # gone meanwhile
         if int(group) == pgid and state != "Z":
-            members.append(command)
+            members[int(stat.parent.name)] = command
     return members
 
 
@@ -163,27 +171,44 @@ def test_a_kill_9_mid_stage_leaves_nothing_finished_and_the_rerun_redoes_it_and_
     assert not any(r.info.status == "RUNNING" for r in closed.values())
 
 
-def test_the_next_run_stops_the_prefect_server_a_kill_9_left_behind(tmp_path):
-    home = Path(os.environ["DISTILFLOW_HOME"]) / "prefect-servers"
-    before = set(home.glob("*.json")) if home.is_dir() else set()
-    run = start_run(tmp_path / "work")
+def server_records() -> set[Path]:
+    """The records of the temporary Prefect servers of the live (or killed) runs of this session."""
+    return set((Path(os.environ["DISTILFLOW_HOME"]) / "prefect-servers").glob("*.json"))
+
+
+def started_prefect_server(run: subprocess.Popen, before: set[Path]) -> tuple[Path, int]:
+    """The record and pid of the temporary Prefect server ``run`` started (its record is new since ``before``)."""
     deadline = time.monotonic() + 180
-    while not (set(home.glob("*.json")) - before if home.is_dir() else set()):
+    while not server_records() - before:
         assert time.monotonic() < deadline and run.poll() is None, "the temporary server never started"
         time.sleep(0.2)
-    [record] = set(home.glob("*.json")) - before
-    server = int(record.stem)
-    os.kill(run.pid, signal.SIGKILL)  # the run alone, as the OOM killer does: its server is orphaned
+    [record] = server_records() - before
+    return record, int(record.stem)
+
+
+def gone_within(pgid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not group_members(pgid)
+
+
+def test_the_next_run_stops_the_prefect_server_a_kill_9_left_behind(tmp_path):
+    """Where no guard stopped the orphan (another OS, or the guard killed too), the next run does."""
+    before = server_records()
+    run = start_run(tmp_path / "work")
+    record, server = started_prefect_server(run, before)
+    for member in group_pids(run.pid):
+        if member not in (run.pid, server):
+            os.kill(member, signal.SIGKILL)  # the guard
+    os.kill(run.pid, signal.SIGKILL)
     run.wait()
     try:
         assert group_members(run.pid)  # the orphan still listens
         later = subprocess.run([DISTILFLOW, "run", str(tmp_path / "no-such.yaml")], capture_output=True, text=True,
                                env=os.environ.copy(), timeout=120)
         assert later.returncode == 2 and f"stopped the temporary Prefect server (pid {server})" in later.stderr
-        deadline = time.monotonic() + 30
-        while group_members(run.pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert group_members(run.pid) == [] and not record.exists()
+        assert gone_within(run.pid, 30) and not record.exists()
     finally:
         if group_members(run.pid):
             os.killpg(run.pid, signal.SIGKILL)

@@ -1,6 +1,12 @@
 """Work in a new Python process: a JSON request in, a JSON answer out, the process's error when it fails."""
 
+import contextlib
+import os
+import signal
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -11,3 +17,36 @@ def test_a_failed_process_raises_with_its_stderr():
     with pytest.raises(subprocess.CalledProcessError) as failed:
         fresh_process.call("distilflow.no_such_module", {"x": 1})
     assert "No module named distilflow.no_such_module" in failed.value.stderr
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's")
+def test_a_child_the_guard_watches_is_stopped_within_seconds_of_its_parent_s_kill_9():
+    """As `distilflow run` killed with SIGKILL, whose temporary Prefect server another library started."""
+    parent = subprocess.Popen([sys.executable, "-c", """
+import subprocess, sys, time
+from distilflow.tasks.fresh_process import stop_when_this_process_dies
+child = subprocess.Popen(["sleep", "120"])
+stop_when_this_process_dies(child.pid)
+print(child.pid, flush=True)
+time.sleep(120)
+"""], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    child = int(parent.stdout.readline())
+    try:
+        time.sleep(0.5)  # the guard has started
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 5
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(child)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # nothing of its group left
+            os.killpg(parent.pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Running, and not a zombie waiting for its (dead) parent's reaper."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
