@@ -1,13 +1,12 @@
 """The baseline a practitioner tries first on a choice task: TF-IDF features and logistic regression
 (scikit-learn), trained in seconds on the labelled examples there are.
 
-Its TF-IDF features also choose a teacher's demonstrations (``prototype.demonstrations: knn``): each input's most
-similar labelled examples.
-
 The journey shows it beside the teacher and the student (trained on the labelled pool, and on the teacher's
 labels), so a user sees whether the LLM route paid off; ``deploy.gate.min_margin_over_baseline`` can refuse a
 model that does not beat it. Its calibrated label probabilities can also join the teacher ensemble
-(``prototype.ensemble.baseline``): the labelled pool's signal, in the student's soft labels.
+(``prototype.ensemble.baseline``): the labelled pool's signal, in the student's soft labels. Its TF-IDF features
+also choose a teacher's demonstrations (``prototype.demonstrations: knn``): each input's most similar labelled
+examples.
 """
 
 import time
