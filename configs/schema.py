@@ -448,9 +448,10 @@ class EnsembleConfig(Section):
                         "each answering with the teacher's few-shot examples, calibrated as the teacher is.")
     shot_sets: int = Field(
         1, ge=1, description="A prompt ensemble: the teacher answers with this many of its few-shot sets (the best "
-                             "of prototype.shot_candidates by their dev score), each set a member. A small teacher's "
-                             "score swings with its examples; on the demo the 4 sets' calibrated mean labels 0.685 of "
-                             "the held-out tickets right, the best set alone 0.645, at 4 times the labelling.")
+                             "of prototype.shot_candidates by their dev score), each set a member, at N times the "
+                             "labelling. On the demo the 4 sets alone label 0.685 of the held-out tickets right (the "
+                             "best set 0.645), but beside the baseline at equal weights they outvote it: 0.797 "
+                             "against 0.820 (docs/results/large-to-super-tiny.md).")
     baseline: bool = Field(
         False, description="The TF-IDF + logistic regression baseline trained on the labelled pool (the journey's "
                            "`baseline (labelled pool)`) joins with its probabilities: the pool's labels, as a vote "
@@ -464,7 +465,9 @@ class EnsembleConfig(Section):
                              "probability of it), takes the pool baseline's place in the ensemble (or joins it), "
                              "and the inputs are labelled again. A round is kept only if the ensemble's score on the "
                              "labelled pool (rows no member learned from) does not drop; the first that drops stops "
-                             "the rounds and its labels are dropped (the data card says so).")
+                             "the rounds and its labels are dropped (the data card says so). Seconds of scikit-learn; "
+                             "on the demo, rounds 1 and 2 took the labels from 0.820 to 0.927 correct on the held-out "
+                             "tickets, and the guard dropped round 3.")
 
     @property
     def members(self) -> int:
