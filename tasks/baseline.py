@@ -4,7 +4,9 @@
 The journey shows it beside the teacher and the student (trained on the labelled pool, and on the teacher's
 labels), so a user sees whether the LLM route paid off; ``deploy.gate.min_margin_over_baseline`` can refuse a
 model that does not beat it. Its calibrated label probabilities can also join the teacher ensemble
-(``prototype.ensemble.baseline``): the labelled pool's signal, in the student's soft labels.
+(``prototype.ensemble.baseline``): the labelled pool's signal, in the student's soft labels. Its TF-IDF features
+also choose a teacher's demonstrations (``prototype.demonstrations: knn``): each input's most similar labelled
+examples.
 """
 
 import time
@@ -14,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import Pipeline, make_pipeline, make_union
+from sklearn.metrics.pairwise import cosine_similarity
+from sklearn.pipeline import FeatureUnion, Pipeline, make_pipeline, make_union
 
 from distilflow.configs.schema import TaskConfig
 from distilflow.tasks import data
@@ -69,19 +72,38 @@ def texts(rows: list[dict], task: TaskConfig) -> list[str]:
     return [data.user_message(row, task) for row in rows]
 
 
-def trained(rows: list[dict], labels: list[str], task: TaskConfig, trained_on: str) -> Baseline:
+def trained(rows: list[dict], labels: list[str], task: TaskConfig, trained_on: str,
+            weights: list[float] | None = None) -> Baseline:
     """TF-IDF of word 1-2 grams and character 2-5 grams (within words), then logistic regression, with
-    scikit-learn's defaults: the classifier a practitioner writes in ten lines."""
+    scikit-learn's defaults: the classifier a practitioner writes in ten lines. ``weights``: how much each example
+    counts (default: all alike)."""
     if len(set(labels)) < 2:
         raise DistilflowError(f"the TF-IDF baseline on the {trained_on} needs examples of at least two labels; it "
                               f"has {len(labels)} example(s) of {sorted(set(labels)) or 'none'}. Label more examples "
                               "(task.few_shot_pool), or set prototype.baseline: none (and leave it out of "
                               "prototype.ensemble)")
-    features = make_union(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
-                          TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True))
-    pipeline = make_pipeline(features, LogisticRegression(max_iter=1000))
-    pipeline.fit(texts(rows, task), labels)
+    pipeline = make_pipeline(features(), LogisticRegression(max_iter=1000))
+    pipeline.fit(texts(rows, task), labels, logisticregression__sample_weight=weights)
     return Baseline(pipeline, trained_on, len(rows))
+
+
+def features() -> FeatureUnion:
+    """TF-IDF of word 1-2 grams and of character 2-5 grams within words, sublinear term frequency."""
+    return make_union(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
+                      TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True))
+
+
+def nearest(pool: list[dict], rows: list[dict], k: int, task: TaskConfig) -> list[tuple[dict, ...]]:
+    """Each row's ``k`` most similar pool examples by the cosine of their TF-IDF features (fitted on the pool), the
+    most similar last, nearest the row it precedes in a prompt. A row that is itself in the pool is not its own
+    neighbour. Ties keep the pool's order."""
+    vectorizer = features().fit(texts(pool, task))
+    similarity = cosine_similarity(vectorizer.transform(texts(rows, task)), vectorizer.transform(texts(pool, task)))
+    chosen = []
+    for row, similarities in zip(rows, similarity):
+        candidates = [i for i in np.argsort(-similarities, kind="stable") if pool[i] != row][:k]
+        chosen.append(tuple(pool[i] for i in reversed(candidates)))
+    return chosen
 
 
 def evaluated(baseline: Baseline, rows: list[dict], task: TaskConfig, saved: Path) -> Evaluation:

@@ -76,15 +76,27 @@ def normalized_input(row: dict, cfg: TaskConfig) -> str:
 
 def check_few_shot_pool(examples: TaskData, task: TaskConfig, prototype: PrototypeConfig) -> None:
     """The labelled pool holds enough examples for the few-shot settings: the shots, and with several
-    candidate sets, the examples that score each set (never its own shots)."""
-    needed = prototype.few_shot + (prototype.shot_dev_size if prototype.shot_candidates > 1 else 0)
+    candidate sets, the examples that score each set (never its own shots); with kNN demonstrations, one more than
+    the shots, since a pool row is never its own neighbour."""
+    knn = prototype.demonstrations == "knn"
+    needed = max(prototype.few_shot + (prototype.shot_dev_size if prototype.shot_candidates > 1 else 0),
+                 prototype.few_shot + 1 if knn else 0)
+    rounds = prototype.ensemble is not None and prototype.ensemble.self_training_rounds > 0
+    if rounds and not knn and len(examples.pool) <= prototype.few_shot * prototype.ensemble.shot_sets:
+        raise DistilflowError(
+            f"{task.data}: prototype.ensemble.self_training_rounds keeps a round only if the ensemble's score on pool "
+            f"rows that no few-shot set shows does not drop, but the labelled pool has {len(examples.pool)} examples "
+            f"and its {prototype.ensemble.shot_sets} set(s) of prototype.few_shot ({prototype.few_shot}) may show "
+            "them all. Raise task.few_shot_pool, or lower prototype.few_shot or prototype.ensemble.shot_sets")
     if len(examples.pool) >= needed:
         return
     source = f"task.few_shot_pool is {task.few_shot_pool}" if task.few_shot_pool is not None else \
         "task.few_shot_pool is unset: the labelled training inputs"
     wants = f"prototype.few_shot ({prototype.few_shot})" + (
         f" + prototype.shot_dev_size ({prototype.shot_dev_size}, since prototype.shot_candidates is "
-        f"{prototype.shot_candidates})" if prototype.shot_candidates > 1 else "")
+        f"{prototype.shot_candidates})" if prototype.shot_candidates > 1 else "") + (
+        " + 1 (prototype.demonstrations is knn: a pool example is never its own neighbour)"
+        if knn and needed == prototype.few_shot + 1 else "")
     raise DistilflowError(
         f"{task.data}: the labelled few-shot pool has {len(examples.pool)} examples ({source}; labelled examples "
         f"outside the held-out split of task.eval_size {task.eval_size}), but {wants} needs {needed}. Label more "

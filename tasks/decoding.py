@@ -40,6 +40,54 @@ def choice_logprobs(model, tokenizer, prompts: list[str], choices: list[str], *,
     return scores
 
 
+@torch.no_grad()
+def shared_prefix_choice_logprobs(model, tokenizer, prompts: list[str], choices: list[str]) -> torch.Tensor:
+    """``choice_logprobs`` for a few prompts that share a long prefix and differ in short tails (an input and its
+    content-free twins, shown the same examples), in three forward passes whatever the tails' lengths: the prefix
+    once, then every tail as one right-padded batch, then every choice after every tail, each at its tail's own
+    positions with the other tails' padding masked out (as each prompt alone would be computed)."""
+    choice_ids = choice_token_ids(tokenizer, choices)
+    prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    # Keep at least one token per prompt outside the shared prefix: it predicts the first choice token.
+    shared = min(_common_prefix_length(prompt_ids), min(len(p) for p in prompt_ids) - 1)
+    cache = _prefill(model, [prompt_ids[0][:shared]], cache=None)[0] if shared else None
+    tails = [ids[shared:] for ids in prompt_ids]
+    width = max(len(tail) for tail in tails)
+    attention = torch.zeros(len(tails), shared + width, dtype=torch.long)
+    attention[:, :shared] = 1
+    inputs = torch.zeros(len(tails), width, dtype=torch.long)
+    for row, tail in enumerate(tails):
+        inputs[row, :len(tail)] = torch.tensor(tail)
+        attention[row, shared:shared + len(tail)] = 1
+    if cache is not None:
+        cache.batch_repeat_interleave(len(tails))
+    out = model(input_ids=inputs.to(model.device), attention_mask=attention.to(model.device), past_key_values=cache,
+                use_cache=True)
+    last = torch.tensor([len(tail) - 1 for tail in tails])
+    scores = out.logits[torch.arange(len(tails)), last].float().log_softmax(-1)[:, [c[0] for c in choice_ids]].cpu()
+    rest = max(len(c) for c in choice_ids) - 1
+    if rest == 0:
+        return scores
+    # row p * count + c: prompt p continued by choice c (all but its last token, which is only predicted)
+    count = len(choice_ids)
+    inputs = torch.zeros(len(tails) * count, rest, dtype=torch.long)
+    positions = torch.zeros_like(inputs)
+    mask = torch.cat([attention.repeat_interleave(count, 0), torch.zeros(len(inputs), rest, dtype=torch.long)], 1)
+    for p, tail in enumerate(tails):
+        for c, ids in enumerate(choice_ids):
+            inputs[p * count + c, :len(ids) - 1] = torch.tensor(ids[:-1], dtype=torch.long)
+            positions[p * count + c] = shared + len(tail) + torch.arange(rest)
+            mask[p * count + c, shared + width:shared + width + len(ids) - 1] = 1
+    out.past_key_values.batch_repeat_interleave(count)
+    logprobs = model(input_ids=inputs.to(model.device), attention_mask=mask.to(model.device),
+                     position_ids=positions.to(model.device), past_key_values=out.past_key_values,
+                     use_cache=True).logits.float().log_softmax(-1).cpu()
+    for p in range(len(tails)):
+        for c, ids in enumerate(choice_ids):
+            scores[p, c] += sum(logprobs[p * count + c, j, token].item() for j, token in enumerate(ids[1:]))
+    return scores
+
+
 def equal_length_batches(sequences: list[list[int]], size: int) -> list[list[int]]:
     """Indices of ``sequences``, grouped by length, at most ``size`` to a group."""
     by_length: dict[int, list[int]] = {}

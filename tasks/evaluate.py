@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from distilflow.configs.schema import EvalConfig, TaskConfig
 from distilflow.tasks import checks, data, decoding, fresh_process, journey
@@ -46,19 +47,32 @@ class Evaluation:
 class Prompting:
     """How a model is asked: the few-shot examples it sees and whether its choices are calibrated.
 
-    The teacher needs shots and calibration; a distilled student answers the bare prompt.
+    The teacher needs shots and calibration; a distilled student answers the bare prompt. With ``nearest_of`` (kNN
+    demonstrations, prototype.demonstrations: knn) each row sees its own ``len(shots)`` most similar examples of that
+    pool instead of ``shots``, and is calibrated on content-free inputs shown the same examples.
     """
 
     shots: tuple[dict, ...] = ()
     calibrate: bool = False
+    nearest_of: tuple[dict, ...] = ()
+
+    def shots_for(self, rows: list[dict], task: TaskConfig) -> list[tuple[dict, ...]]:
+        """The examples each row is shown."""
+        if not self.nearest_of:
+            return [self.shots] * len(rows)
+        from distilflow.tasks import baseline  # it imports this module: the TF-IDF features live there
+
+        return baseline.nearest(list(self.nearest_of), rows, len(self.shots), task)
 
     def chats(self, rows: list[dict], task: TaskConfig) -> list[list[dict]]:
-        return [data.messages(row, task, self.shots) for row in rows]
+        return [data.messages(row, task, shots) for row, shots in zip(rows, self.shots_for(rows, task))]
 
-    def calibration_chats(self, task: TaskConfig) -> list[list[dict]]:
-        """Content-free inputs whose choice scores calibrate the real ones (choice tasks only)."""
-        return self.chats(data.content_free_rows(task), task) if self.calibrate and task.check.type == "choice" \
-            else []
+    def calibration_chats(self, task: TaskConfig, shots: tuple[dict, ...] | None = None) -> list[list[dict]]:
+        """Content-free inputs whose choice scores calibrate the real ones (choice tasks only), shown ``shots``
+        (default: the fixed ones)."""
+        if not (self.calibrate and task.check.type == "choice"):
+            return []
+        return [data.messages(row, task, self.shots if shots is None else shots) for row in data.content_free_rows(task)]
 
     def prompts(self, tokenizer, rows: list[dict], task: TaskConfig) -> list[str]:
         return [data.render(tokenizer, chat) for chat in self.chats(rows, task)]
@@ -66,12 +80,31 @@ class Prompting:
     def choice_scores(self, model, tokenizer, rows: list[dict], task: TaskConfig,
                       desc: str | None = None) -> torch.Tensor:
         """The calibrated log-likelihood of each of a choice task's labels, per row (see ``decoding``)."""
+        if self.nearest_of:
+            return self._choice_scores_per_row(model, tokenizer, rows, task, desc)
         calibration = [data.render(tokenizer, chat) for chat in self.calibration_chats(task)]
         return decoding.calibrated_choice_scores(model, tokenizer, self.prompts(tokenizer, rows, task),
                                                  task.check.choices, calibration_prompts=calibration, desc=desc)
 
+    def _choice_scores_per_row(self, model, tokenizer, rows: list[dict], task: TaskConfig,
+                               desc: str | None) -> torch.Tensor:
+        """Each row with its own examples: its prompt and its content-free prompts share those examples, so they run
+        as one group whose common prefix (system prompt and examples) is computed once."""
+        scores = torch.empty(len(rows), len(task.check.choices))
+        for index, (row, shots) in enumerate(tqdm(list(zip(rows, self.shots_for(rows, task))), desc=desc,
+                                                  disable=desc is None)):
+            chats = [data.messages(row, task, shots), *self.calibration_chats(task, shots)]
+            group = decoding.shared_prefix_choice_logprobs(model, tokenizer, [data.render(tokenizer, c) for c in chats],
+                                                           task.check.choices)
+            scores[index] = group[0] - group[1:].mean(0) if len(group) > 1 else group[0]
+        return scores
+
     def answer(self, model, tokenizer, rows: list[dict], task: TaskConfig, **sampling) -> list[list[str]]:
         """The model's answers to ``rows`` in the task's form (see ``decoding.answer``)."""
+        if self.nearest_of and task.check.type == "choice":
+            desc = sampling.pop("desc", None)
+            return decoding.pick(self.choice_scores(model, tokenizer, rows, task, desc), task.check.choices,
+                                 **sampling)
         calibration = [data.render(tokenizer, chat) for chat in self.calibration_chats(task)]
         return decoding.answer(model, tokenizer, self.prompts(tokenizer, rows, task), task.check,
                                calibration_prompts=calibration, max_new_tokens=task.max_answer_tokens, **sampling)

@@ -7,7 +7,7 @@ import math
 import statistics
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +67,8 @@ def run(cfg: PrototypeConfig, ctx: StageContext) -> PrototypeOutput:
     examples = data.load_task_data(task, ctx.seed)
     inputs = examples.train
     teacher = open_teacher(cfg.teacher, ctx.device)
-    prompting, shot_scores = choose_prompting(teacher, cfg, examples.pool, task, ctx.seed)
+    ranked, shot_scores = ranked_promptings(teacher, cfg, examples.pool, task, ctx.seed)
+    prompting = ranked[0]
     teacher_eval = teacher.evaluate(ctx.evaluator, prompting)
     pool_baseline = baseline.trained(examples.pool, [checks.label(row, task) for row in examples.pool], task,
                                      journey.POOL) if wants_pool_baseline(cfg, task) else None
@@ -75,11 +76,18 @@ def run(cfg: PrototypeConfig, ctx: StageContext) -> PrototypeOutput:
     inputs = inputs[:len(answers)]  # all of them, or those the teacher labelled within prototype.time_budget_s
     ensemble_card = ""
     if cfg.ensemble:
-        members = label_sources(teacher, teacher_eval, distributions, pool_baseline, inputs, examples.pool, prompting,
-                                cfg, ctx)
+        shot_sets = ranked[:cfg.ensemble.shot_sets]
+        dev = [row for row in examples.pool if not any(row in asked.shots for asked in shot_sets
+                                                       if not asked.nearest_of)]  # kNN never shows a row itself
+        members = label_sources(teacher, teacher_eval, distributions, pool_baseline, inputs, examples.pool, dev,
+                                shot_sets, cfg, ctx)
+        rounds = []
+        if cfg.ensemble.self_training_rounds:
+            members, rounds = self_training(members, inputs, dev, cfg, ctx)
         combined = ensemble.mean(members)
         answers, distributions = ensemble_answers(combined, task, cfg, ctx.seed)
-        ensemble_card = ensemble.card(members, combined, ctx.evaluator.rows, task)
+        ensemble_card = ensemble.card(members, combined, ctx.evaluator.rows, task) + \
+            ensemble.rounds_card(rounds, len(dev), ctx.evaluator.rows, task)
         teacher_name = "ensemble of " + ", ".join(member.name for member in members)
     else:
         teacher_name = teacher.name
@@ -101,7 +109,7 @@ def run(cfg: PrototypeConfig, ctx: StageContext) -> PrototypeOutput:
             f"{len(inputs) * cfg.num_samples}); nothing to distill. Check task.check against the teacher's "
             "answers, or lower prototype.min_score / min_confidence / min_agreement / judge.threshold, or sample "
             "more (prototype.num_samples, prototype.temperature)")
-    write_dataset(kept, task, teacher_name, cfg, out / "dataset", out / "dataset.jsonl", shots=prompting.shots)
+    write_dataset(kept, task, teacher_name, cfg, out / "dataset", out / "dataset.jsonl", prompting)
 
     endpoint = None
     if not teacher.black_box:  # a black-box teacher has no weights to save: pruning and online KD need them
@@ -145,34 +153,67 @@ def wants_pool_baseline(cfg: PrototypeConfig, task: TaskConfig) -> bool:
 
 
 def label_sources(teacher, teacher_eval: Evaluation, distributions: list[dict[str, float]],
-                  pool_baseline: "baseline.Baseline | None", inputs: list[dict], pool: list[dict], prompting: Prompting,
-                  cfg: PrototypeConfig, ctx: StageContext) -> list[ensemble.Member]:
-    """The ensemble's members (prototype.ensemble), each with its label probabilities on the training inputs and on
-    the held-out split, calibrated on the labelled pool: the teacher, each further teacher (loaded, asked with the
-    teacher's few-shot examples, and let go before the next) and the baseline trained on the labelled pool (calibrated
-    on its cross-validated probabilities, since it learned from the pool)."""
+                  pool_baseline: "baseline.Baseline | None", inputs: list[dict], pool: list[dict], dev: list[dict],
+                  shot_sets: list[Prompting], cfg: PrototypeConfig, ctx: StageContext) -> list[ensemble.Member]:
+    """The ensemble's members (prototype.ensemble), each with its label probabilities on the training inputs, on
+    the held-out split and on the ``dev`` rows (the pool rows no teacher sees as an example), calibrated on the
+    labelled pool: the teacher with each of its ``shot_sets`` (the first is the one it already answered with), each
+    further teacher (loaded, asked with the teacher's first few-shot examples, and let go before the next) and the
+    baseline trained on the labelled pool (calibrated on its cross-validated probabilities, since it learned from
+    the pool)."""
     task, choices = ctx.evaluator.task, ctx.evaluator.task.check.choices
-    unseen = [row for row in pool if row not in prompting.shots]  # the pool rows no teacher sees as an example
-    unseen_labels = [choices.index(checks.label(row, task)) for row in unseen]
+    prompting = shot_sets[0]
+    dev_labels = [choices.index(checks.label(row, task)) for row in dev]
+    on_dev = label_probabilities(teacher, dev, task, prompting)
     members = [ensemble.Member(teacher.name, probability_rows(distributions, choices),
-                               probability_rows(held_out_probabilities(teacher_eval), choices)).calibrated(
-        label_probabilities(teacher, unseen, task, prompting), unseen_labels)]
+                               probability_rows(held_out_probabilities(teacher_eval), choices), on_dev)
+               .calibrated(on_dev, dev_labels)]
+    for index, asked in enumerate(shot_sets[1:], start=1):
+        on_dev = label_probabilities(teacher, dev, task, asked)
+        members.append(ensemble.Member(
+            f"{teacher.name} (shot set {index + 1})",
+            label_probabilities(teacher, inputs, task, asked, desc=f"teacher answering, shot set {index + 1}"),
+            label_probabilities(teacher, ctx.evaluator.rows, task, asked, desc=f"teacher's score, shot set {index + 1}"),
+            on_dev).calibrated(on_dev, dev_labels))
     for index, member_cfg in enumerate(cfg.ensemble.teachers):
         other = open_teacher(member_cfg, ctx.device, f"prototype.ensemble.teachers[{index}]")
-        asked = Prompting(prompting.shots, cfg.calibrate and other.choice_method == LOG_LIKELIHOOD)
+        asked = replace(prompting, calibrate=cfg.calibrate and other.choice_method == LOG_LIKELIHOOD)
         on_inputs = label_probabilities(other, inputs, task, asked, desc=f"ensemble teacher {index} answering")
         held_out = held_out_probabilities(other.evaluate(ctx.evaluator, asked, desc=f"ensemble teacher {index}"))
-        members.append(ensemble.Member(other.name, on_inputs, probability_rows(held_out, choices))
-                       .calibrated(label_probabilities(other, unseen, task, asked), unseen_labels))
+        on_dev = label_probabilities(other, dev, task, asked)
+        members.append(ensemble.Member(other.name, on_inputs, probability_rows(held_out, choices), on_dev)
+                       .calibrated(on_dev, dev_labels))
         del other
     if cfg.ensemble.baseline:
         folds, covered = baseline.cross_validated_probabilities(pool, [checks.label(row, task) for row in pool], task)
+        # on the dev rows, its probabilities from the folds that did not learn them (where there are folds)
+        on_dev = folds[[pool.index(row) for row in dev]] if covered else pool_baseline.probabilities(dev, task)
         members.append(ensemble.Member(f"baseline ({journey.POOL})", pool_baseline.probabilities(inputs, task),
-                                       pool_baseline.probabilities(ctx.evaluator.rows, task)).calibrated(
+                                       pool_baseline.probabilities(ctx.evaluator.rows, task), on_dev).calibrated(
             folds, [choices.index(checks.label(pool[i], task)) for i in covered]))
     for member, weight in zip(members, cfg.ensemble.weights or [1.0] * len(members)):
         member.weight = weight
     return members
+
+
+def self_training(members: list[ensemble.Member], inputs: list[dict], dev: list[dict], cfg: PrototypeConfig,
+                  ctx: StageContext) -> tuple[list[ensemble.Member], list[ensemble.Round]]:
+    """prototype.ensemble.self_training_rounds: each round the TF-IDF baseline learns the ensemble's labels of the
+    training inputs (each weighted by the ensemble's probability of it, so unsure labels count less), never the pool,
+    so the pool's ``dev`` rows judge it fairly (preflight makes sure there are some); it is calibrated on them and
+    replaces the baseline member."""
+    task, choices = ctx.evaluator.task, ctx.evaluator.task.check.choices
+    dev_labels = [choices.index(checks.label(row, task)) for row in dev]
+
+    def retrained(combined: ensemble.Member, number: int) -> ensemble.Member:
+        model = baseline.trained(inputs, [choices[i] for i in combined.inputs.argmax(1)], task,
+                                 f"self-training round {number}", weights=combined.inputs.max(1).tolist())
+        on_dev = model.probabilities(dev, task)
+        return ensemble.Member(f"baseline (self-training round {number})", model.probabilities(inputs, task),
+                               model.probabilities(ctx.evaluator.rows, task), on_dev).calibrated(on_dev, dev_labels)
+
+    return ensemble.self_trained(members, retrained, dev_labels, cfg.ensemble.self_training_rounds,
+                                 replaces_last=cfg.ensemble.baseline)
 
 
 def label_probabilities(teacher, rows: list[dict], task: TaskConfig, prompting: Prompting,
@@ -220,27 +261,31 @@ def loading_tags(cfg: PrototypeConfig) -> dict[str, str]:
             for choice in ("allow_pickle", "trust_remote_code")}
 
 
-def choose_prompting(teacher, cfg: PrototypeConfig, pool: list[dict], task: TaskConfig,
-                     seed: int) -> tuple[Prompting, dict]:
-    """The few-shot set the teacher answers best with, among ``cfg.shot_candidates`` seeded draws.
+def ranked_promptings(teacher, cfg: PrototypeConfig, pool: list[dict], task: TaskConfig,
+                      seed: int) -> tuple[list[Prompting], dict]:
+    """The ``cfg.shot_candidates`` seeded few-shot sets, the one the teacher answers best with first.
 
     A small teacher's score swings with its examples (0.53 to 0.73 across four draws for the
     embedded one), so candidates are scored on examples of the labelled pool (never the held-out
-    split) that are not among their own shots. Calibration needs the teacher's log-likelihoods:
-    a served teacher that chooses by its guided choice is never calibrated.
+    split) that are not among their own shots; ties keep the draws' order. Calibration needs the teacher's
+    log-likelihoods: a served teacher that chooses by its guided choice is never calibrated. With kNN
+    demonstrations the best set stays what a served copy of the teacher is asked with (deploy), and each input is
+    shown its own nearest pool examples.
     """
     calibrate = cfg.calibrate and teacher.choice_method == LOG_LIKELIHOOD
     candidates = [Prompting(tuple(data.few_shot_examples(pool, task, cfg.few_shot, seed + i)), calibrate)
                   for i in range(cfg.shot_candidates)]
-    if len(candidates) == 1:
-        return candidates[0], {}
     scores = {}
-    for i, candidate in enumerate(tqdm(candidates, desc="choosing few-shot examples")):
-        dev = [row for row in pool if row not in candidate.shots][:cfg.shot_dev_size]
-        answers = [a[0] for a in teacher.answer(dev, task, candidate)]
-        scores[f"shot_set_{i}.dev_score"] = task_score(answers, dev, task)
-    best = max(range(len(candidates)), key=lambda i: scores[f"shot_set_{i}.dev_score"])
-    return candidates[best], {**scores, "shot_set.chosen": best}
+    if len(candidates) > 1:
+        for i, candidate in enumerate(tqdm(candidates, desc="choosing few-shot examples")):
+            dev = [row for row in pool if row not in candidate.shots][:cfg.shot_dev_size]
+            answers = [a[0] for a in teacher.answer(dev, task, candidate)]
+            scores[f"shot_set_{i}.dev_score"] = task_score(answers, dev, task)
+        order = sorted(range(len(candidates)), key=lambda i: -scores[f"shot_set_{i}.dev_score"])
+        candidates, scores = [candidates[i] for i in order], {**scores, "shot_set.chosen": order[0]}
+    if cfg.demonstrations == "knn":
+        candidates[0] = replace(candidates[0], nearest_of=tuple(pool))
+    return candidates, scores
 
 
 def teacher_answers(teacher, inputs: list[dict], task: TaskConfig, prompting: Prompting, cfg: PrototypeConfig,
@@ -358,21 +403,22 @@ def most_confident_per_label(kept: list[dict], share: float) -> tuple[list[dict]
 
 
 def write_dataset(kept: list[dict], task: TaskConfig, teacher: str, cfg: PrototypeConfig,
-                  directory: Path, jsonl: Path, shots: tuple[dict, ...] = ()) -> None:
+                  directory: Path, jsonl: Path, prompting: Prompting = Prompting()) -> None:
     """The distillation set, as a `datasets` Arrow dir plus JSONL, in TRL's prompt-completion chat form,
-    with each answer's score and provenance (teacher, the chat it answered with its few-shot ``shots``,
+    with each answer's score and provenance (teacher, the chat it answered with its few-shot examples,
     input, sample, temperature, label source), the teacher's confidence and the samples' agreement where
     measured, and for a choice task the teacher's probability of every label (``choice_probs``, the soft
     labels of ``logit_kd.teacher_logits: choices``)."""
+    teacher_prompts = prompting.chats([k["row"] for k in kept], task)
     records = [{"prompt": data.messages(k["row"], task), "completion": [{"role": "assistant", "content": k["answer"]}],
-                "teacher_prompt": data.messages(k["row"], task, shots),
+                "teacher_prompt": teacher_prompt,
                 "answer": k["answer"], "label": checks.label(k["row"], task) or "",
                 "label_source": label_source(k, task),
                 "score": k["score"], **({"judge_score": k["judge_score"]} if cfg.judge else {}),
                 **{name: k[name] for name in ("confidence", "agreement", "choice_probs") if k[name] is not None},
                 "source": "teacher", "teacher": teacher, "input_index": k["input_index"], "sample": k["sample"],
                 "temperature": cfg.temperature}
-               for k in kept]
+               for k, teacher_prompt in zip(kept, teacher_prompts)]
     Dataset.from_list(records).save_to_disk(directory)
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
 
@@ -412,6 +458,7 @@ def data_card(kept: list[dict], rejected: Counter, examples: TaskData, inputs: l
     lines = ["## Data card", "",
              f"Teacher: `{teacher.name}`, {access}.", "",
              *([f"Labels chosen by {choice_method(teacher, cfg)}.", ""] if task.check.type == "choice" else []),
+             f"Few-shot examples: {demonstrations(cfg)}.", "",
              f"Split: {len(examples.eval)} held-out, {len(examples.pool)} in the labelled few-shot pool, "
              f"{len(inputs)} training inputs; {examples.duplicates} rows dropped before the split as duplicate inputs "
              "(no held-out input is a training input or a few-shot example).", "",
@@ -449,6 +496,16 @@ def data_card(kept: list[dict], rejected: Counter, examples: TaskData, inputs: l
         lines += ["", f"Judge (`{'teacher' if cfg.judge.teacher is None else 'separate model'}`): kept answers "
                       f"scored {mean} on average (1..5); threshold {cfg.judge.threshold:g}."]
     return "\n".join(lines) + "\n"
+
+
+def demonstrations(cfg: PrototypeConfig) -> str:
+    """Which examples the teacher saw, for the data card."""
+    if cfg.demonstrations == "knn":
+        return (f"each input's {cfg.few_shot} most similar examples of the labelled pool by TF-IDF cosine "
+                "(prototype.demonstrations: knn; a served copy of the teacher is asked with the best fixed set)")
+    sets = cfg.ensemble.shot_sets if cfg.ensemble else 1
+    return f"the best {sets} of {cfg.shot_candidates} fixed set(s) of {cfg.few_shot}" if sets > 1 else \
+        f"one fixed set of {cfg.few_shot} for every input (the best of {cfg.shot_candidates})"
 
 
 def choice_method(teacher, cfg: PrototypeConfig) -> str:

@@ -44,3 +44,20 @@ def test_baseline_with_one_label_names_what_to_label(examples):
     one_label = [row for row in data.pool if row["label"] == "bug"]
     with pytest.raises(DistilflowError, match="at least two labels.*few_shot_pool"):
         baseline.trained(one_label, ["bug"] * len(one_label), task, "labelled pool")
+
+
+def test_nearest_pool_examples_are_the_most_similar_by_tfidf_cosine_the_most_similar_last(tiny_cfg):
+    task = tiny_cfg.task
+    pool = [{"text": "I was charged twice for my order", "label": "payment"},
+            {"text": "the app crashes when I open settings", "label": "bug"},
+            {"text": "my parcel never arrived", "label": "delivery"},
+            {"text": "charged twice on my card, please refund", "label": "payment"}]
+    [shots] = baseline.nearest(pool, [{"text": "I was charged twice, refund my card"}], 2, task)
+    assert [shot["text"] for shot in shots] == ["I was charged twice for my order",
+                                                 "charged twice on my card, please refund"]
+
+
+def test_a_pool_row_is_never_its_own_nearest_example(examples):
+    task, data = examples
+    neighbours = baseline.nearest(data.pool, data.pool[:10], 4, task)
+    assert all(len(shots) == 4 and row not in shots for row, shots in zip(data.pool, neighbours))

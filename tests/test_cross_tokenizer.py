@@ -18,6 +18,7 @@ from distilflow.configs.schema import LocalTeacherConfig
 from distilflow.tasks import distill, models, teacher_logits
 from distilflow.tasks.data import load_task_data
 from distilflow.tasks.errors import DistilflowError
+from distilflow.tasks.evaluate import Prompting
 from distilflow.tasks.models import gguf_package_file, load_model, load_teacher, sentencepiece_bpe
 from distilflow.tasks.prototype import write_dataset
 from distilflow.tasks.tracking import FileTracker, LogTracker
@@ -84,7 +85,7 @@ def test_with_uld_teacher_prompt_few_shot_the_teacher_reads_the_chat_it_answered
              "confidence": None, "agreement": None, "choice_probs": None}
             for i, row in enumerate(rows[:4])]
     write_dataset(kept, cfg.task, "reference labels", cfg.prototype, tmp_path / "data", tmp_path / "d.jsonl",
-                  shots=shots)
+                  Prompting(shots))
     teacher, _ = load_model(other_teacher, CPU)
     student, tokenizer = load_model(TINY_TEACHER, CPU)
     trainer = distill.uld_trainer(student, tokenizer, teacher, load_from_disk(tmp_path / "data"), cfg.distill.logit_kd,

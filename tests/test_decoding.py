@@ -1,5 +1,6 @@
 """Constrained choice scoring equals the plain full-sequence computation, only cheaper."""
 
+import pytest
 import torch
 
 from distilflow.tasks import decoding
@@ -75,3 +76,13 @@ def test_generate_returns_one_answer_per_prompt(tiny_teacher):
     answers = decoding.generate(model, tokenizer, [chat_prompt(tokenizer, "a"), chat_prompt(tokenizer, "bb cc")],
                                 max_new_tokens=3)
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+def test_prompts_sharing_a_long_prefix_score_their_choices_as_each_prompt_alone_would(tiny_teacher):
+    model, tokenizer = tiny_teacher
+    prefix = "<|im_start|>system\nClassify the ticket.<|im_end|>\n<|im_start|>user\nTicket: "
+    prompts = [prefix + tail + "<|im_end|>\n<|im_start|>assistant\n" for tail in ("my card was charged twice", "N/A", "")]
+    choices = ["payment", "delivery", "bug", "account"]
+    together = decoding.shared_prefix_choice_logprobs(model, tokenizer, prompts, choices)
+    alone = torch.cat([decoding.choice_logprobs(model, tokenizer, [prompt], choices) for prompt in prompts])
+    assert together == pytest.approx(alone, abs=1e-4)

@@ -16,9 +16,10 @@ from mlflow import MlflowClient
 
 from distilflow.configs.loader import load_config
 from distilflow.configs.schema import JudgeConfig, PythonCheck
-from distilflow.tasks import journey
+from distilflow.tasks import baseline, data, journey
 from distilflow.tasks.data import TaskData, load_task_data
 from distilflow.tasks.errors import DistilflowError
+from distilflow.tasks.evaluate import Prompting
 from distilflow.tasks.judge import SCORES, judge_filter, judge_scores, parse_score, require_discerning_judge
 from distilflow.tasks.prototype import data_card, most_confident_per_label, rejection_sample
 from distilflow.tasks.stages import run_stage
@@ -395,3 +396,28 @@ def test_api_key_is_in_no_file_of_the_workdir_the_bundle_or_the_run_history(pipe
     assert bundle.is_relative_to(workdir) and (bundle / "README.md").is_file()  # the model card
     written = [p for root in (workdir, Path(os.environ["DISTILFLOW_HOME"])) for p in root.rglob("*") if p.is_file()]
     assert [path for path in written if openai_server.api_key.encode() in path.read_bytes()] == []
+
+
+def test_knn_demonstrations_score_each_input_as_a_prompt_with_its_own_nearest_examples_would(tiny_cfg, tiny_teacher):
+    model, tokenizer = tiny_teacher
+    task, examples = tiny_cfg.task, load_task_data(tiny_cfg.task, tiny_cfg.run.seed)
+    rows = examples.train[:3]
+    knn = Prompting(tuple(examples.pool[:2]), calibrate=True, nearest_of=tuple(examples.pool))
+    scores = knn.choice_scores(model, tokenizer, rows, task)
+    for row, shots, row_scores in zip(rows, baseline.nearest(examples.pool, rows, 2, task), scores):
+        alone = Prompting(shots, calibrate=True).choice_scores(model, tokenizer, [row], task)[0]
+        assert row_scores == pytest.approx(alone, abs=1e-4)  # calibrated on content-free inputs with the same shots
+
+
+def test_prototype_with_knn_demonstrations_shows_each_input_its_most_similar_pool_examples(tmp_path):
+    cfg = load_config(TINY_CONFIG, {"run.workdir": str(tmp_path), **SMALL, "prototype.num_samples": 1,
+                                    "prototype.temperature": 0.0, "prototype.demonstrations": "knn"})
+    result = run_stage("prototype", cfg)
+    rows = [json.loads(line) for line in result.dataset_jsonl.read_text().splitlines()]
+    examples = load_task_data(cfg.task, cfg.run.seed)
+    nearest = baseline.nearest(examples.pool, examples.train, cfg.prototype.few_shot, cfg.task)
+    for row in rows:
+        shown = [turn["content"] for turn in row["teacher_prompt"][1:-1:2]]
+        assert shown == [data.user_message(shot, cfg.task) for shot in nearest[row["input_index"]]]
+    assert len({json.dumps(row["teacher_prompt"][1:-1]) for row in rows}) > 1  # not one fixed set
+    assert "each input's 2 most similar examples of the labelled pool" in result.data_card.read_text()

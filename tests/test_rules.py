@@ -72,6 +72,23 @@ RULES = {
     "ensemble-teacher-served-needs-a-tokenizer": (
         [f"prototype.ensemble={{teachers: [{HTTP_TEACHER}]}}"],
         "teachers[0] is an HTTP endpoint without a tokenizer"),
+    "knn-needs-a-local-teacher": (
+        [f"prototype.teacher={HTTP_TEACHER}", STUDENT_OF_ITS_OWN, "prototype.demonstrations=knn"],
+        "prototype.demonstrations: knn gives each input its own examples, calibrated with them, which is built for "
+        "local teachers only, but prototype.teacher is an HTTP endpoint"),
+    "knn-needs-shots": (["prototype.demonstrations=knn", "prototype.few_shot=0"],
+                        "prototype.demonstrations: knn picks each input's prototype.few_shot most similar examples, "
+                        "but few_shot is 0"),
+    "shot-sets-within-the-candidates": (["prototype.ensemble={shot_sets: 2}"],
+                                        "prototype.ensemble.shot_sets is 2, but the teacher has only "
+                                        "prototype.shot_candidates (1) few-shot sets"),
+    "shot-sets-are-fixed-sets": (["prototype.demonstrations=knn", "prototype.shot_candidates=2",
+                                  "prototype.ensemble={shot_sets: 2}"],
+                                 "prototype.ensemble.shot_sets averages fixed few-shot sets, but "
+                                 "prototype.demonstrations is knn"),
+    "self-training-needs-a-choice-task": (
+        ["task.check={type: regex, pattern: '.+'}", "prototype.ensemble={baseline: true, self_training_rounds: 1}"],
+        "prototype.ensemble uses the teacher's probability of each label, which only a choice task has"),
     "margin-needs-a-baseline": (["prototype.baseline=none", "deploy.gate.min_margin_over_baseline=0.05"],
                                 "deploy.gate.min_margin_over_baseline compares with the baseline, but "
                                 "prototype.baseline is none"),
@@ -81,6 +98,12 @@ RULES = {
     # the data, the files, the device (preflight)
     "few-shot-pool-large-enough": (["task.few_shot_pool=1"],
                                    "task.few_shot_pool is 1; labelled examples outside the held-out split"),
+    "knn-pool-larger-than-the-shots": (["prototype.demonstrations=knn", "task.few_shot_pool=2"],
+                                       "+ 1 (prototype.demonstrations is knn: a pool example is never its own "
+                                       "neighbour) needs 3"),
+    "self-training-needs-unseen-pool-rows": (["prototype.few_shot=8", "prototype.ensemble={baseline: true, "
+                                             "self_training_rounds: 1}"],
+                                             "its 1 set(s) of prototype.few_shot (8) may show them all"),
     "as-many-teacher-layers-as-it-has": (["distill.student.teacher_layers=4"],
                                          "distill.student.teacher_layers is 4, but the teacher"),
     "more-teacher-layers-than-it-has": (["distill.student.teacher_layers=9"],

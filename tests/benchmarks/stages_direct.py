@@ -2,6 +2,7 @@
 
 The baseline that bench_cpu.py compares the orchestrated run against:
     python -m tests.benchmarks.stages_direct CONFIG.yaml --set run.workdir=DIR --out RESULT.json
+With ``--until prototype`` only the first stage runs (a teacher lever measured without training a student).
 """
 
 import argparse
@@ -15,7 +16,7 @@ from distilflow.tasks import journey
 from distilflow.tasks.stages import run_stage
 
 
-def run_direct(config: str, overrides: dict) -> dict:
+def run_direct(config: str, overrides: dict, until: str = "deploy") -> dict:
     cfg = load_config(config, overrides)
     seconds = {}
 
@@ -26,6 +27,9 @@ def run_direct(config: str, overrides: dict) -> dict:
         return output
 
     prototype = timed("prototype")
+    if until == "prototype":
+        return {"stage_seconds": seconds, "journey": journey.to_json(prototype.journey),
+                "data_card": prototype.data_card.read_text(), "metrics": prototype.metrics}
     distill = timed("distill", prototype)
     compress = timed("compress", prototype, distill)
     deploy = timed("deploy", prototype, distill, compress)
@@ -37,6 +41,7 @@ if __name__ == "__main__":
     parser.add_argument("config")
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--out", type=Path, required=True, help="the result (JSON); stdout carries the trainers' logs")
+    parser.add_argument("--until", choices=("prototype", "deploy"), default="deploy", help="the last stage to run")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    args.out.write_text(json.dumps(run_direct(args.config, parse_overrides(args.set))))
+    args.out.write_text(json.dumps(run_direct(args.config, parse_overrides(args.set), args.until)))
