@@ -307,9 +307,9 @@ def test_task_check_reward_needs_no_gold_label_it_scores_against_the_teachers_an
     assert reward(completions, label=["", ""], answer=["bug", "bug"]) == [1.0, 0.0]
 
 
-def test_teacher_agreement_rewards_the_teachers_own_answer():
+def test_teacher_agreement_rewards_the_teachers_own_answer(tiny_cfg):
     completions = [[{"role": "assistant", "content": "bug"}], [{"role": "assistant", "content": "account"}]]
-    assert distill.teacher_agreement(completions, answer=["bug", "payment"]) == [1.0, 0.0]
+    assert distill.teacher_agreement_reward(tiny_cfg.task)(completions, answer=["bug", "payment"]) == [1.0, 0.0]
 
 
 def test_sampling_stops_at_the_chat_templates_end_of_turn(tiny_teacher):
