@@ -312,6 +312,27 @@ def test_teacher_agreement_rewards_the_teachers_own_answer(tiny_cfg):
     assert distill.teacher_agreement_reward(tiny_cfg.task)(completions, answer=["bug", "payment"]) == [1.0, 0.0]
 
 
+def test_on_a_json_task_the_reward_is_field_f1_against_the_teachers_answer_and_0_for_an_invalid_one():
+    task = load_config(REPO / "configs" / "extract.yaml").task
+    teacher = '{"queue": "payment", "order_id": "#A1042", "amount": 49, "currency": "USD", "product": null}'
+    sampled = ['{"queue": "payment", "order_id": "#A1042", "amount": 49, "currency": "USD", "product": null}',
+               '{"queue": "payment", "order_id": null, "amount": 49, "currency": "EUR", "product": null}',
+               '{"queue": "payment", "order_id": "#A1042", "amount": "49", "currency": "USD", "product": null}',
+               '{"queue": "payment", "order_id": "#A1042"']
+    completions = [[{"role": "assistant", "content": text}] for text in sampled]
+    rewards = distill.task_check_reward(task)(completions, label=[""] * 4, answer=[teacher] * 4)
+    # 2 of 3 predicted fields right, 2 of 4 of the teacher's found: F1 = 4/7; "49" and a cut-off object fail the schema.
+    assert rewards == pytest.approx([1.0, 4 / 7, 0.0, 0.0])
+
+
+def test_teacher_agreement_on_a_json_task_compares_objects_not_their_spelling():
+    task = load_config(REPO / "configs" / "extract.yaml").task
+    teacher = '{"queue": "bug", "order_id": null, "amount": null, "currency": null, "product": "tablet"}'
+    spelled = '{"product":"tablet","queue":"bug","order_id":null,"amount":null,"currency":null}'
+    completions = [[{"role": "assistant", "content": spelled}]]
+    assert distill.teacher_agreement_reward(task)(completions, answer=[teacher]) == [1.0]
+
+
 def test_sampling_stops_at_the_chat_templates_end_of_turn(tiny_teacher):
     model, tokenizer = tiny_teacher
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
