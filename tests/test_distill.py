@@ -356,6 +356,18 @@ def test_online_logit_kd_with_on_policy_steps_changes_the_student(tiny, tmp_path
     assert any(not torch.equal(before[k], v) for k, v in trained.state_dict().items())
 
 
+def test_grpo_weighs_the_teacher_agreement_bonus_beside_the_tasks_check(tiny, tmp_path):
+    cfg, dataset, _ = tiny
+    cfg = load_config(TINY_CONFIG, {"distill.grpo.max_steps": 1, "distill.grpo.teacher_agreement_bonus": 0.5})
+    from distilflow.tasks.models import load_model
+
+    student, tokenizer = load_model(TINY_TEACHER, torch.device("cpu"))
+    ctx = context(cfg, tmp_path)
+    distill.grpo(student, tokenizer, dataset, cfg.distill, ctx)
+    args = json.loads((ctx.checkpoint_dir / "effective_training_args.json").read_text())
+    assert args["reward_weights"] == [1.0, 0.5] and args["max_steps"] == 1
+
+
 @pytest.fixture(scope="module")
 def three_phases(tmp_path_factory):
     """The distill stage with sft -> logit_kd (offline) -> grpo on the tiny config, tracked in MLflow."""
