@@ -133,8 +133,11 @@ def journey_entry(baseline: Baseline, evaluator: Evaluator, saved: Path) -> Jour
     return evaluation.journey_entry("baseline", trained_on=baseline.trained_on, serving=serving)
 
 
-def card(entries: list[JourneyEntry]) -> str:
+def card(entries: list[JourneyEntry], task: TaskConfig) -> str:
     """The data card's section on the baselines, the bar the student must clear besides the teacher's."""
+    if task.check.type != "choice":
+        return (f"## Baseline\n\nNot applicable: the TF-IDF + logistic regression baseline (prototype.baseline) "
+                f"picks one of a choice task's labels; a {task.check.type} task's answers are not labels.\n")
     if not entries:
         return ""
     lines = ["## Baseline: TF-IDF + logistic regression", "",

@@ -63,6 +63,15 @@ def label(row: dict, task: TaskConfig) -> str | None:
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
+def canonical(answer: str, task: TaskConfig) -> str:
+    """``answer`` as a student should learn it: for a json_schema task, its JSON value written the way labels
+    are (``label``: compact JSON, no code fence), so answers equal as JSON are one text; others as given."""
+    if task.check.type != "json_schema":
+        return answer
+    parsed = parse_json(answer)
+    return answer if parsed is None else json.dumps(parsed, ensure_ascii=False)
+
+
 def describe(task: TaskConfig) -> str:
     """What a valid answer is, in a sentence (for model cards and judge prompts)."""
     check = task.check
@@ -90,7 +99,17 @@ def exact_match(answer: str, reference: str) -> float:
 
 
 def field_f1(answer: str, reference: str) -> float:
-    """F1 between the (field path, value) pairs of two JSON objects: partial credit per field."""
+    """F1 between the (field path, value) pairs of two JSON objects: partial credit per field.
+
+    Slot-filling F1, as information extraction scores it: only fields with a value count. A null (or
+    absent) field says "not mentioned", so a null predicted for a null label is a true negative and
+    counts nowhere; a value where the label has null is a false positive, a null where it has a value
+    a false negative, and a key the label lacks, with a value, a false positive. Counting correct
+    nulls as matches instead would give most of the score to an answer that extracts nothing.
+    Numbers compare by value (49 equals 49.0); a string is not a number ("49" is not 49: the
+    consumer of the object reads types, and a json_schema check rejects the string first). Two
+    objects without any value (both all null) agree: 1.
+    """
     predicted, expected = _field_pairs(parse_json(answer)), _field_pairs(parse_json(reference))
     if not predicted and not expected:
         return 1.0
@@ -110,12 +129,24 @@ def _normalise(text: str) -> str:
 
 
 def _field_pairs(value, prefix: str = "") -> set[tuple[str, str]]:
-    """{"a": {"b": 1}, "c": [2]} -> {("a.b", "1"), ("c", "[2]")}; a non-object is one pair at the root."""
+    """{"a": {"b": 1}, "c": [2], "d": null} -> {("a.b", "1"), ("c", "[2]")}: null fields make no pair; a
+    non-object is one pair at the root."""
     if isinstance(value, dict):
         return {pair for key, item in value.items() for pair in _field_pairs(item, f"{prefix}{key}.")}
-    if value is None and not prefix:
+    if value is None:
         return set()
-    return {(prefix.rstrip("."), json.dumps(value, sort_keys=True))}
+    return {(prefix.rstrip("."), json.dumps(_by_value(value), sort_keys=True))}
+
+
+def _by_value(value):
+    """``value`` with every whole float written as an integer, so 49.0 and 49 are one number."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_by_value(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _by_value(item) for key, item in value.items()}
+    return value
 
 
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)

@@ -216,15 +216,17 @@ def export_gguf(source: Path, bundle: Path, cfg: DeployConfig, teacher: dict) ->
 
 def smoke_gguf(gguf_file: Path, rows: list[dict], cfg: DeployConfig, ctx: StageContext, deployed: JourneyEntry,
                report: dict) -> str:
-    """The GGUF answers ``rows`` through llama.cpp's server by free greedy generation, checked by the task's
-    validator (what a client that sends no grammar gets)."""
+    """The GGUF answers ``rows`` through llama.cpp's server, checked by the task's validator: by free greedy
+    generation (what a client that sends no grammar gets), or for a json_schema task under the schema as
+    request.json sends it (what could fail there is the server's grammar over this GGUF's vocabulary)."""
     task = ctx.evaluator.task
-    answers = serving.smoke(gguf_file, rows, task, cfg.max_new_tokens, ctx.evaluator.settings.serving)
+    constraint = package.llama_cpp_constraint(task) if task.check.type == "json_schema" else {}
+    answers = serving.smoke(gguf_file, rows, task, cfg.max_new_tokens, ctx.evaluator.settings.serving, constraint)
     deployed.gguf_smoke_pass_rate = sum(checks.is_valid(a, task) for a in answers) / len(rows)
     report["gguf_smoke"] = [{"input": data.user_message(row, task), "answer": a, "label": checks.label(row, task)}
                             for row, a in zip(rows, answers)]
-    return (f"GGUF {cfg.gguf} through llama.cpp (CPU, free generation): pass rate "
-            f"{deployed.gguf_smoke_pass_rate:.2f} on {len(rows)} prompts")
+    return (f"GGUF {cfg.gguf} through llama.cpp (CPU, {'under the JSON schema' if constraint else 'free generation'}"
+            f"): pass rate {deployed.gguf_smoke_pass_rate:.2f} on {len(rows)} prompts")
 
 
 def student_line(distill: DistillOutput) -> str:

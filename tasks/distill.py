@@ -504,7 +504,7 @@ def grpo(student, tokenizer, dataset: Dataset, cfg: DistillConfig, ctx: StageCon
     stop_at_turn_end(student, tokenizer)
     rewards = [task_check_reward(ctx.evaluator.task)]
     if settings.teacher_agreement_bonus:
-        rewards.append(teacher_agreement)
+        rewards.append(teacher_agreement_reward(ctx.evaluator.task))
     args = training_args(GRPOConfig, settings, ctx,
                          reward_weights=[1.0, settings.teacher_agreement_bonus][:len(rewards)])
     trainer = GRPOTrainer(model=with_adapters(student, cfg.lora), reward_funcs=rewards, args=args,
@@ -524,10 +524,13 @@ def task_check_reward(task: TaskConfig):
     return task_check
 
 
-def teacher_agreement(completions, answer, **_) -> list[float]:
-    """1 where the student gives the teacher's own (kept) answer."""
-    return [float(_answer(c) == reference) for c, reference in zip(completions, answer)]
-
+def teacher_agreement_reward(task: TaskConfig):
+    """1 where the student gives the teacher's own (kept) answer: a valid answer equal to it (as JSON, a whole
+    object equal to the teacher's whatever its spacing and key order)."""
+    def teacher_agreement(completions, answer, **_) -> list[float]:
+        return [float(checks.is_valid(_answer(c), task) and checks.exact_match(_answer(c), reference))
+                for c, reference in zip(completions, answer)]
+    return teacher_agreement
 
 
 def _answer(completion) -> str:

@@ -149,8 +149,16 @@ def score_answers(answers: list[str], rows: list[dict], task: TaskConfig, prompt
                     **({"probabilities": probabilities[i]} if probabilities else {})}
                    for i, (p, a, label, row) in enumerate(zip(prompts, answers, labels, rows))]
     scores = [p["score"] for p in predictions]
-    return Evaluation({"task_score": task_score(answers, rows, task), "task_score_ci": score_interval(scores)},
-                      per_class, predictions)
+    metrics = {"task_score": task_score(answers, rows, task), "task_score_ci": score_interval(scores)}
+    if task.check.type == "json_schema" and task.check.metric != "exact_match":
+        metrics["exact_match"] = whole_object_match(answers, labels, task)
+    return Evaluation(metrics, per_class, predictions)
+
+
+def whole_object_match(answers: list[str], labels: list[str], task: TaskConfig) -> float:
+    """The share of valid answers equal to their label as a whole object (beside field F1's partial credit)."""
+    return sum(checks.is_valid(a, task) and checks.exact_match(a, label) for a, label in zip(answers, labels)) \
+        / len(answers) if answers else 0.0
 
 
 def score_interval(scores: list[float]) -> list[float]:

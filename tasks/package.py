@@ -71,15 +71,24 @@ def chat_request(task: TaskConfig, row: dict, cfg: DeployConfig, constraint: dic
 
 
 def vllm_constraint(task: TaskConfig) -> dict:
-    """vLLM's structured outputs: the answer is one of the labels, as the evaluator scores it."""
-    return {"structured_outputs": {"choice": list(task.check.choices)}} if task.check.type == "choice" else {}
+    """vLLM's structured outputs: the answer is one of the labels, or JSON valid against the schema, as the
+    evaluator's check wants it."""
+    if task.check.type == "choice":
+        return {"structured_outputs": {"choice": list(task.check.choices)}}
+    if task.check.type == "json_schema":
+        return {"structured_outputs": {"json": task.check.json_schema}}
+    return {}
 
 
 def llama_cpp_constraint(task: TaskConfig) -> dict:
-    """llama-server's GBNF grammar with the same effect as vLLM's choice."""
-    if task.check.type != "choice":
-        return {}
-    return {"grammar": "root ::= " + " | ".join(json.dumps(choice) for choice in task.check.choices)}
+    """llama-server's constraint with the same effect as vLLM's: a GBNF grammar of the labels, or the JSON
+    schema itself, which the server turns into its grammar (a GBNF, or llguidance's where it is built with it:
+    sending the schema keeps request.json right for either build)."""
+    if task.check.type == "choice":
+        return {"grammar": "root ::= " + " | ".join(json.dumps(choice) for choice in task.check.choices)}
+    if task.check.type == "json_schema":
+        return {"json_schema": task.check.json_schema}
+    return {}
 
 
 def write_vllm_files(bundle: Path, task: TaskConfig, example: dict, cfg: DeployConfig, license: str | None) -> None:

@@ -124,7 +124,7 @@ def run(cfg: PrototypeConfig, ctx: StageContext) -> PrototypeOutput:
     if cfg.baseline != "none" and task.check.type == "choice":
         states += baseline_entries(pool_baseline, kept, task, ctx.evaluator, out)
     card = "\n".join(filter(None, [data_card(kept, rejected, examples, inputs, cfg, task, teacher), ensemble_card,
-                                    teacher_score_card(teacher_eval, task), baseline.card(states[1:])]))
+                                    teacher_score_card(teacher_eval, task), baseline.card(states[1:], task)]))
     (out / "data_card.md").write_text(card)
     teacher_card = package.teacher_card(cfg.teacher)
     (out / "teacher_card.json").write_text(json.dumps(teacher_card, indent=1))
@@ -359,6 +359,7 @@ def rejection_sample(rows: list[dict], answers: list[list[str]], task: TaskConfi
     """
     kept, rejected, seen = [], Counter(), set()
     for index, (row, samples) in enumerate(zip(rows, answers)):
+        samples = [checks.canonical(answer, task) for answer in samples]  # JSON answers vote and are kept as JSON
         valid = [answer for answer in samples if checks.is_valid(answer, task)]
         if len(valid) < len(samples):
             rejected["invalid"] += len(samples) - len(valid)

@@ -190,11 +190,13 @@ def measure_served(client: "Client", engine: Engine, workload: Workload, cfg: Se
             "answers": answers}
 
 
-def smoke(gguf_file: Path, rows: list[dict], task: TaskConfig, max_tokens: int, cfg: ServingConfig) -> list[str]:
-    """Answers of the GGUF through llama.cpp's server to ``rows`` by free greedy generation (no grammar)."""
+def smoke(gguf_file: Path, rows: list[dict], task: TaskConfig, max_tokens: int, cfg: ServingConfig,
+          constraint: dict | None = None) -> list[str]:
+    """Answers of the GGUF through llama.cpp's server to ``rows`` by greedy generation, free or under
+    ``constraint`` (``package.llama_cpp_constraint``)."""
     engine = Engine(LLAMA_CPP, "cpu", threads=cfg.threads or len(os.sched_getaffinity(0)))
     with serve(gguf_file, engine, cfg) as server:
-        requests = [{"messages": chat, "temperature": 0, "max_tokens": max_tokens}
+        requests = [{"messages": chat, "temperature": 0, "max_tokens": max_tokens, **(constraint or {})}
                     for chat in Workload(rows, task).chats(rows)]
         return Client(server.base_url, server.model).answers(requests, 1)
 

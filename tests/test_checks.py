@@ -74,6 +74,45 @@ def test_field_f1_compares_nested_fields_by_path():
     assert checks.field_f1('{"a": {"b": 1, "c": 2}}', '{"a": {"b": 1, "c": 3}}') == pytest.approx(0.5)
 
 
+def test_field_f1_counts_only_fields_with_a_value_a_correct_null_is_neither_hit_nor_miss():
+    reference = '{"queue": "bug", "order_id": null, "amount": null}'
+    assert checks.field_f1('{"queue": "bug", "order_id": null, "amount": null}', reference) == 1.0
+    # Extracting nothing gets no credit for the nulls it happens to share with the label.
+    assert checks.field_f1('{"queue": "payment", "order_id": null, "amount": null}', reference) == 0.0
+
+
+def test_field_f1_a_value_where_the_label_has_null_is_a_false_positive():
+    # 1 of 2 predicted pairs right, 1 of 1 reference pair found: F1 = 2/3.
+    assert checks.field_f1('{"queue": "bug", "amount": 49}', '{"queue": "bug", "amount": null}') \
+        == pytest.approx(2 / 3)
+
+
+def test_field_f1_a_null_where_the_label_has_a_value_is_a_false_negative():
+    assert checks.field_f1('{"queue": "bug", "amount": null}', '{"queue": "bug", "amount": 49}') \
+        == pytest.approx(2 / 3)
+
+
+def test_field_f1_compares_numbers_by_value_but_not_a_string_with_a_number():
+    assert checks.field_f1('{"amount": 49.0}', '{"amount": 49}') == 1.0
+    assert checks.field_f1('{"amount": "49"}', '{"amount": 49}') == 0.0
+
+
+def test_field_f1_an_extra_key_with_a_value_costs_precision_an_extra_null_costs_nothing():
+    assert checks.field_f1('{"queue": "bug", "city": "Lyon"}', '{"queue": "bug"}') == pytest.approx(2 / 3)
+    assert checks.field_f1('{"queue": "bug", "city": null}', '{"queue": "bug"}') == 1.0
+
+
+def test_field_f1_of_an_answer_that_is_not_json_is_zero():
+    assert checks.field_f1("the queue is bug", '{"queue": "bug"}') == 0.0
+
+
+def test_a_json_answer_is_canonical_as_labels_are_written():
+    task = task_with({"type": "json_schema", "json_schema": PERSON})
+    assert checks.canonical('```json\n{"name":"Ada",  "age": 36}\n```', task) == '{"name": "Ada", "age": 36}'
+    assert checks.canonical("not json", task) == "not json"
+    assert checks.canonical(" yes", CHOICE) == " yes"
+
+
 def test_json_exact_match_compares_parsed_values():
     task = task_with({"type": "json_schema", "json_schema": PERSON, "metric": "exact_match"})
     assert checks.score('{"age": 36, "name": "Ada"}', {"label": '{"name": "Ada", "age": 36}'}, task) == 1.0

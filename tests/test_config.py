@@ -38,7 +38,7 @@ def error_of(path, overrides=None) -> str:
     return str(caught.value)
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "tiny.yaml", "http-teacher.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "tiny.yaml", "http-teacher.yaml", "extract.yaml"])
 def test_shipped_configs_are_valid(name):
     cfg = load_config(REPO / "configs" / name)
     assert cfg.task.data.is_file()
@@ -467,7 +467,7 @@ def test_the_json_schema_lists_trls_and_pefts_fields_with_their_help(json_schema
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "tiny.yaml", "http-teacher.yaml", "recipe-study.yaml",
-                                  "compression-study.yaml"])
+                                  "compression-study.yaml", "extract.yaml"])
 def test_every_shipped_config_is_valid_by_the_json_schema(json_schema, name):
     validator = jsonschema.validators.validator_for(json_schema)(json_schema)
     problems = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"

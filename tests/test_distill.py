@@ -307,9 +307,30 @@ def test_task_check_reward_needs_no_gold_label_it_scores_against_the_teachers_an
     assert reward(completions, label=["", ""], answer=["bug", "bug"]) == [1.0, 0.0]
 
 
-def test_teacher_agreement_rewards_the_teachers_own_answer():
+def test_teacher_agreement_rewards_the_teachers_own_answer(tiny_cfg):
     completions = [[{"role": "assistant", "content": "bug"}], [{"role": "assistant", "content": "account"}]]
-    assert distill.teacher_agreement(completions, answer=["bug", "payment"]) == [1.0, 0.0]
+    assert distill.teacher_agreement_reward(tiny_cfg.task)(completions, answer=["bug", "payment"]) == [1.0, 0.0]
+
+
+def test_on_a_json_task_the_reward_is_field_f1_against_the_teachers_answer_and_0_for_an_invalid_one():
+    task = load_config(REPO / "configs" / "extract.yaml").task
+    teacher = '{"queue": "payment", "order_id": "#A1042", "amount": 49, "currency": "USD", "product": null}'
+    sampled = ['{"queue": "payment", "order_id": "#A1042", "amount": 49, "currency": "USD", "product": null}',
+               '{"queue": "payment", "order_id": null, "amount": 49, "currency": "EUR", "product": null}',
+               '{"queue": "payment", "order_id": "#A1042", "amount": "49", "currency": "USD", "product": null}',
+               '{"queue": "payment", "order_id": "#A1042"']
+    completions = [[{"role": "assistant", "content": text}] for text in sampled]
+    rewards = distill.task_check_reward(task)(completions, label=[""] * 4, answer=[teacher] * 4)
+    # 2 of 3 predicted fields right, 2 of 4 of the teacher's found: F1 = 4/7; "49" and a cut-off object fail the schema.
+    assert rewards == pytest.approx([1.0, 4 / 7, 0.0, 0.0])
+
+
+def test_teacher_agreement_on_a_json_task_compares_objects_not_their_spelling():
+    task = load_config(REPO / "configs" / "extract.yaml").task
+    teacher = '{"queue": "bug", "order_id": null, "amount": null, "currency": null, "product": "tablet"}'
+    spelled = '{"product":"tablet","queue":"bug","order_id":null,"amount":null,"currency":null}'
+    completions = [[{"role": "assistant", "content": spelled}]]
+    assert distill.teacher_agreement_reward(task)(completions, answer=[teacher]) == [1.0]
 
 
 def test_sampling_stops_at_the_chat_templates_end_of_turn(tiny_teacher):
@@ -333,6 +354,18 @@ def test_online_logit_kd_with_on_policy_steps_changes_the_student(tiny, tmp_path
     teacher, _ = load_model(TINY_TEACHER, torch.device("cpu"))
     trained = distill.logit_kd(student, tokenizer, dataset, cfg.distill, context(cfg, tmp_path), teacher=teacher)
     assert any(not torch.equal(before[k], v) for k, v in trained.state_dict().items())
+
+
+def test_grpo_weighs_the_teacher_agreement_bonus_beside_the_tasks_check(tiny, tmp_path):
+    cfg, dataset, _ = tiny
+    cfg = load_config(TINY_CONFIG, {"distill.grpo.max_steps": 1, "distill.grpo.teacher_agreement_bonus": 0.5})
+    from distilflow.tasks.models import load_model
+
+    student, tokenizer = load_model(TINY_TEACHER, torch.device("cpu"))
+    ctx = context(cfg, tmp_path)
+    distill.grpo(student, tokenizer, dataset, cfg.distill, ctx)
+    args = json.loads((ctx.checkpoint_dir / "effective_training_args.json").read_text())
+    assert args["reward_weights"] == [1.0, 0.5] and args["max_steps"] == 1
 
 
 @pytest.fixture(scope="module")

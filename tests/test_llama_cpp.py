@@ -103,6 +103,19 @@ def test_bundle_request_with_its_grammar_answers_with_a_label(tiny):
     assert answer in cfg.task.check.choices
 
 
+def test_bundle_request_with_the_json_schema_answers_json_valid_against_it(tiny):
+    from distilflow.tasks import checks
+
+    task = load_config(REPO / "configs" / "extract.yaml").task
+    server = tiny["served"]["q8_0"]
+    # The random tiny model writes whatever the schema allows, long runs of whitespace too (284 tokens here):
+    # room for it within its 512-token context.
+    request = package.chat_request(task, tiny["rows"][0], DeployConfig(model_name="tiny", max_new_tokens=400),
+                                   package.llama_cpp_constraint(task))
+    answer, _ = serving.Client(server.base_url, server.model).timed(request)
+    assert checks.problem(answer, task) is None, answer
+
+
 @pytest.fixture(scope="module")
 def teacher_gguf(tmp_path_factory):
     """The embedded teacher (SmolLM2-135M-Instruct) saved in bf16 by distilflow, then exported to GGUF."""

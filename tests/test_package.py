@@ -64,6 +64,12 @@ def test_llama_cpp_grammar_quotes_each_label(tiny_cfg):
     assert package.llama_cpp_constraint(task) == {"grammar": 'root ::= "say \\"yes\\"" | "no"'}
 
 
+def test_a_json_task_is_served_under_its_schema_by_either_engine():
+    task = load_config(REPO / "configs" / "extract.yaml").task
+    assert package.vllm_constraint(task) == {"structured_outputs": {"json": task.check.json_schema}}
+    assert package.llama_cpp_constraint(task) == {"json_schema": task.check.json_schema}
+
+
 def test_every_dockerfile_placeholder_must_be_filled():
     with pytest.raises(KeyError, match="port"):
         package.render_dockerfile("serve-vllm.Dockerfile", base_image="x:1", model_name="m", license="MIT",

@@ -24,7 +24,7 @@ from distilflow.tasks.judge import SCORES, judge_filter, judge_scores, parse_sco
 from distilflow.tasks.prototype import data_card, most_confident_per_label, rejection_sample
 from distilflow.tasks.stages import run_stage
 from distilflow.tasks.teachers import LocalTeacher
-from tests.conftest import TINY_CONFIG, TINY_TEACHER, free_port
+from tests.conftest import REPO, TINY_CONFIG, TINY_TEACHER, free_port
 
 KEY_ENV = "DISTILFLOW_TEST_TEACHER_KEY"
 # The tiny config, smaller still: these tests check what is produced, not how well.
@@ -58,6 +58,27 @@ def test_self_consistency_keeps_the_majority_answer_of_inputs_whose_samples_agre
     # c: 2 of 4 agree (invalid answers count against agreement)
     assert rejected == Counter(outvoted=1, duplicate=2, low_agreement=4 + 2, invalid=2)
     assert sum(rejected.values()) + len(kept) == 12
+
+
+def test_json_answers_vote_as_json_and_are_kept_as_labels_are_written():
+    task = load_config(REPO / "configs" / "extract.yaml").task
+    same = ['{"queue": "bug", "order_id": null, "amount": null, "currency": null, "product": null}',
+            '{"queue":"bug","order_id":null,"amount":null,"currency":null,"product":null}',
+            '```json\n{"queue": "bug", "order_id": null, "amount": null, "currency": null, "product": null}\n```']
+    other = '{"queue": "account", "order_id": null, "amount": null, "currency": null, "product": null}'
+    kept, rejected = rejection_sample([{"text": "a"}], [[*same, other]], task, min_score=0.0, min_agreement=0.75)
+    assert [(k["answer"], k["agreement"]) for k in kept] == [(same[0], 0.75)]
+    assert rejected == Counter(outvoted=1, duplicate=2)
+
+
+def test_a_json_task_whose_teacher_answers_do_not_parse_stops_and_counts_them(tmp_path):
+    extract = load_config(REPO / "configs" / "extract.yaml").task
+    # 8 tokens hold no whole object: every answer of the (random) teacher fails to parse.
+    cfg = load_config(TINY_CONFIG, {"run.workdir": str(tmp_path), **SMALL, "task.data": str(extract.data),
+                                    "task.check": extract.check.model_dump(), "task.max_answer_tokens": 8,
+                                    "prototype.num_samples": 1, "prototype.temperature": 0.0})
+    with pytest.raises(DistilflowError, match=r"no teacher answer was kept \(invalid: 12 of 12\)"):
+        run_stage("prototype", cfg)
 
 
 def test_teacher_confidence_drops_answers_it_gave_a_low_probability(tiny_cfg):

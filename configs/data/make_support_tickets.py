@@ -13,7 +13,9 @@ Deterministic (fixed seed), so the shipped file can always be regenerated and ch
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
+from string import Formatter
 
 QUEUES = ("payment", "delivery", "bug", "account")
 PER_QUEUE = 600
@@ -138,14 +140,21 @@ CLOSERS = ["", "", " Thanks.", " Thank you!", " Please help.", " This is frustra
            " I have been a customer for years."]
 
 
-def fill(template: str, rng: random.Random) -> str:
-    return template.format(**{name: rng.choice(values) for name, values in SLOTS.items()})
+Mentions = list[tuple[str, str]]  # (slot, value) pairs, as filled into a ticket
 
 
-def make_text(rng: random.Random, queue: str) -> str:
-    ask = fill(rng.choice(ASKS[queue]), rng)
+def fill(template: str, rng: random.Random) -> tuple[str, Mentions]:
+    """The template filled, and the (slot, value) pairs it mentions."""
+    values = {name: rng.choice(choices) for name, choices in SLOTS.items()}
+    return template.format(**values), [(name, values[name]) for _, name, _, _ in Formatter().parse(template) if name]
+
+
+def make_text(rng: random.Random, queue: str) -> tuple[str, Mentions]:
+    """A ticket asking for ``queue``, and every (slot, value) it mentions, the aside's included."""
+    ask, mentions = fill(rng.choice(ASKS[queue]), rng)
     if rng.random() < 1 / 3:
-        aside = fill(rng.choice(ASIDES[rng.choice([q for q in QUEUES if q != queue])]), rng)
+        aside, aside_mentions = fill(rng.choice(ASIDES[rng.choice([q for q in QUEUES if q != queue])]), rng)
+        mentions += aside_mentions
         aside = aside[0].upper() + aside[1:]
         ask = f"{aside} {ask}" if rng.random() < 0.5 else f"{ask} {aside}"
     opener = rng.choice(OPENERS)
@@ -154,7 +163,7 @@ def make_text(rng: random.Random, queue: str) -> str:
     text = (opener + ask + rng.choice(CLOSERS)).strip()
     if rng.random() < 0.1:  # typed in a hurry
         text = text.lower().rstrip(".!")
-    return text[0].upper() + text[1:] if text[0].isalpha() and rng.random() >= 0.1 else text
+    return (text[0].upper() + text[1:] if text[0].isalpha() and rng.random() >= 0.1 else text), mentions
 
 
 def normalized(text: str) -> str:
@@ -162,23 +171,23 @@ def normalized(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
-def make_tickets(seed: int = SEED) -> list[dict]:
-    """Every ticket with its queue (the truth, labelled or not), in file order."""
+def make_tickets(seed: int = SEED, accept: Callable[[Mentions], bool] = lambda mentions: True) -> list[dict]:
+    """Every ticket with its queue and the slots it mentions (the truth, labelled or not), in file order;
+    ``accept`` may refuse a ticket by its mentions (another one is drawn)."""
     rng = random.Random(seed)
     tickets, seen = [], set()
     for queue in QUEUES:
         made = 0
         while made < PER_QUEUE:
-            text = make_text(rng, queue)
-            if normalized(text) not in seen:
+            text, mentions = make_text(rng, queue)
+            if accept(mentions) and normalized(text) not in seen:
                 seen.add(normalized(text))
-                tickets.append({"text": text, "queue": queue})
+                tickets.append({"text": text, "queue": queue, "mentions": mentions})
                 made += 1
     rng.shuffle(tickets)
     labelled = {i for queue in QUEUES
                 for i in rng.sample([i for i, t in enumerate(tickets) if t["queue"] == queue], LABELLED_PER_QUEUE)}
-    return [{"id": i, "text": t["text"], "queue": t["queue"], "labelled": i in labelled}
-            for i, t in enumerate(tickets)]
+    return [{"id": i, **t, "labelled": i in labelled} for i, t in enumerate(tickets)]
 
 
 def published(ticket: dict) -> dict:
