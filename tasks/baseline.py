@@ -5,8 +5,7 @@ The journey shows it beside the teacher and the student (trained on the labelled
 labels), so a user sees whether the LLM route paid off; ``deploy.gate.min_margin_over_baseline`` can refuse a
 model that does not beat it. Its calibrated label probabilities can also join the teacher ensemble
 (``prototype.ensemble.baseline``): the labelled pool's signal, in the student's soft labels. Its TF-IDF features
-also choose a teacher's demonstrations (``prototype.demonstrations: knn``): each input's most similar labelled
-examples.
+(``text_features``) also choose a teacher's demonstrations (``prototype.demonstrations: knn``).
 """
 
 import time
@@ -14,13 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics.pairwise import cosine_similarity
-from sklearn.pipeline import FeatureUnion, Pipeline, make_pipeline, make_union
+from sklearn.pipeline import Pipeline, make_pipeline
 
 from distilflow.configs.schema import TaskConfig
 from distilflow.tasks import data
+from distilflow.tasks.text_features import features, texts
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.evaluate import Evaluation, Evaluator, score_answers
 from distilflow.tasks.journey import JourneyEntry
@@ -67,11 +65,6 @@ def cross_validated_probabilities(rows: list[dict], labels: list[str], task: Tas
     return np.stack(columns, axis=1), list(range(len(rows)))
 
 
-def texts(rows: list[dict], task: TaskConfig) -> list[str]:
-    """What the classifier reads of a row: the user message a model reads, without the system prompt."""
-    return [data.user_message(row, task) for row in rows]
-
-
 def trained(rows: list[dict], labels: list[str], task: TaskConfig, trained_on: str,
             weights: list[float] | None = None) -> Baseline:
     """TF-IDF of word 1-2 grams and character 2-5 grams (within words), then logistic regression, with
@@ -85,25 +78,6 @@ def trained(rows: list[dict], labels: list[str], task: TaskConfig, trained_on: s
     pipeline = make_pipeline(features(), LogisticRegression(max_iter=1000))
     pipeline.fit(texts(rows, task), labels, logisticregression__sample_weight=weights)
     return Baseline(pipeline, trained_on, len(rows))
-
-
-def features() -> FeatureUnion:
-    """TF-IDF of word 1-2 grams and of character 2-5 grams within words, sublinear term frequency."""
-    return make_union(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
-                      TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True))
-
-
-def nearest(pool: list[dict], rows: list[dict], k: int, task: TaskConfig) -> list[tuple[dict, ...]]:
-    """Each row's ``k`` most similar pool examples by the cosine of their TF-IDF features (fitted on the pool), the
-    most similar last, nearest the row it precedes in a prompt. A row that is itself in the pool is not its own
-    neighbour. Ties keep the pool's order."""
-    vectorizer = features().fit(texts(pool, task))
-    similarity = cosine_similarity(vectorizer.transform(texts(rows, task)), vectorizer.transform(texts(pool, task)))
-    chosen = []
-    for row, similarities in zip(rows, similarity):
-        candidates = [i for i in np.argsort(-similarities, kind="stable") if pool[i] != row][:k]
-        chosen.append(tuple(pool[i] for i in reversed(candidates)))
-    return chosen
 
 
 def evaluated(baseline: Baseline, rows: list[dict], task: TaskConfig, saved: Path) -> Evaluation:

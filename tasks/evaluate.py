@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from distilflow.configs.schema import EvalConfig, TaskConfig
-from distilflow.tasks import checks, data, decoding, fresh_process, journey
+from distilflow.tasks import checks, data, decoding, fresh_process, journey, text_features
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.journey import JourneyEntry
 from distilflow.tasks.models import load_model, parameter_count, resolve_device, size_on_disk
@@ -60,9 +60,7 @@ class Prompting:
         """The examples each row is shown."""
         if not self.nearest_of:
             return [self.shots] * len(rows)
-        from distilflow.tasks import baseline  # it imports this module: the TF-IDF features live there
-
-        return baseline.nearest(list(self.nearest_of), rows, len(self.shots), task)
+        return text_features.nearest(list(self.nearest_of), rows, len(self.shots), task)
 
     def chats(self, rows: list[dict], task: TaskConfig) -> list[list[dict]]:
         return [data.messages(row, task, shots) for row, shots in zip(rows, self.shots_for(rows, task))]

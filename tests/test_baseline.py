@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from distilflow.configs.schema import EvalConfig
-from distilflow.tasks import baseline
+from distilflow.tasks import baseline, text_features
 from distilflow.tasks.evaluate import Evaluator
 from distilflow.tasks.data import load_task_data
 from distilflow.tasks.errors import DistilflowError
@@ -52,12 +52,12 @@ def test_nearest_pool_examples_are_the_most_similar_by_tfidf_cosine_the_most_sim
             {"text": "the app crashes when I open settings", "label": "bug"},
             {"text": "my parcel never arrived", "label": "delivery"},
             {"text": "charged twice on my card, please refund", "label": "payment"}]
-    [shots] = baseline.nearest(pool, [{"text": "I was charged twice, refund my card"}], 2, task)
+    [shots] = text_features.nearest(pool, [{"text": "I was charged twice, refund my card"}], 2, task)
     assert [shot["text"] for shot in shots] == ["I was charged twice for my order",
                                                  "charged twice on my card, please refund"]
 
 
 def test_a_pool_row_is_never_its_own_nearest_example(examples):
     task, data = examples
-    neighbours = baseline.nearest(data.pool, data.pool[:10], 4, task)
+    neighbours = text_features.nearest(data.pool, data.pool[:10], 4, task)
     assert all(len(shots) == 4 and row not in shots for row, shots in zip(data.pool, neighbours))

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 from distilflow.configs.loader import load_config
 from distilflow.configs.schema import JudgeConfig, PythonCheck
-from distilflow.tasks import baseline, data, journey
+from distilflow.tasks import data, journey, text_features
 from distilflow.tasks.data import TaskData, load_task_data
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.evaluate import Prompting
@@ -425,7 +425,7 @@ def test_knn_demonstrations_score_each_input_as_a_prompt_with_its_own_nearest_ex
     rows = examples.train[:3]
     knn = Prompting(tuple(examples.pool[:2]), calibrate=True, nearest_of=tuple(examples.pool))
     scores = knn.choice_scores(model, tokenizer, rows, task)
-    for row, shots, row_scores in zip(rows, baseline.nearest(examples.pool, rows, 2, task), scores):
+    for row, shots, row_scores in zip(rows, text_features.nearest(examples.pool, rows, 2, task), scores):
         alone = Prompting(shots, calibrate=True).choice_scores(model, tokenizer, [row], task)[0]
         assert row_scores == pytest.approx(alone, abs=1e-4)  # calibrated on content-free inputs with the same shots
 
@@ -436,7 +436,7 @@ def test_prototype_with_knn_demonstrations_shows_each_input_its_most_similar_poo
     result = run_stage("prototype", cfg)
     rows = [json.loads(line) for line in result.dataset_jsonl.read_text().splitlines()]
     examples = load_task_data(cfg.task, cfg.run.seed)
-    nearest = baseline.nearest(examples.pool, examples.train, cfg.prototype.few_shot, cfg.task)
+    nearest = text_features.nearest(examples.pool, examples.train, cfg.prototype.few_shot, cfg.task)
     for row in rows:
         shown = [turn["content"] for turn in row["teacher_prompt"][1:-1:2]]
         assert shown == [data.user_message(shot, cfg.task) for shot in nearest[row["input_index"]]]
