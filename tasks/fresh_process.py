@@ -52,13 +52,15 @@ def end_with_parent(signal_number: int = signal.SIGKILL) -> None:
 
 
 def stop_when_this_process_dies(pid: int) -> None:
-    """On Linux, a guard that stops ``pid`` (SIGTERM) within a second of this process's death, SIGKILL included: for
+    """On Linux, a guard that stops ``pid`` within seconds of this process's death, SIGKILL included: for
     a child another library starts, which cannot be told to end with its parent. The guard ends with ``pid``."""
     if sys.platform != "linux":
         return
-    # sh runs the trap once the current `sleep 1` ends: the child is stopped at most a second after the parent dies.
-    guard = f"trap 'kill {pid} 2>/dev/null; exit 0' TERM; while kill -0 {pid} 2>/dev/null; do sleep 1; done"
-    _guards.append(subprocess.Popen(["sh", "-c", guard], stdin=subprocess.DEVNULL,
+    # sh runs the trap once the current `sleep 1` ends, so the child gets SIGTERM at most a second after the parent
+    # dies, and SIGKILL 3 s later if it is still shutting down (as Prefect's own stop does, with 5 s).
+    stop = f"kill {pid}; for i in 1 2 3; do sleep 1; kill -0 {pid} || exit 0; done; kill -9 {pid}; exit 0"
+    guard = f"trap '{stop}' TERM; while kill -0 {pid}; do sleep 1; done"
+    _guards.append(subprocess.Popen(["sh", "-c", guard], stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                     preexec_fn=functools.partial(end_with_parent, signal.SIGTERM)))
 
 
