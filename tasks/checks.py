@@ -84,6 +84,11 @@ def describe(task: TaskConfig) -> str:
     return f"free text scored by `{check.function}`"
 
 
+def same_answer(answer: str, reference: str, task: TaskConfig) -> bool:
+    """``answer`` is valid and equal to ``reference`` as a whole (as JSON: whatever its spacing and key order)."""
+    return is_valid(answer, task) and bool(exact_match(answer, reference))
+
+
 # ---- metrics: answer vs reference label, both strings ------------------------------------------------
 
 def accuracy(answer: str, reference: str) -> float:

@@ -528,7 +528,7 @@ def teacher_agreement_reward(task: TaskConfig):
     """1 where the student gives the teacher's own (kept) answer: a valid answer equal to it (as JSON, a whole
     object equal to the teacher's whatever its spacing and key order)."""
     def teacher_agreement(completions, answer, **_) -> list[float]:
-        return [float(checks.is_valid(_answer(c), task) and checks.exact_match(_answer(c), reference))
+        return [float(checks.same_answer(_answer(c), reference, task))
                 for c, reference in zip(completions, answer)]
     return teacher_agreement
 

@@ -155,7 +155,7 @@ def score_answers(answers: list[str], rows: list[dict], task: TaskConfig, prompt
 
 def whole_object_match(answers: list[str], labels: list[str], task: TaskConfig) -> float:
     """The share of valid answers equal to their label as a whole object (beside field F1's partial credit)."""
-    return sum(checks.is_valid(a, task) and checks.exact_match(a, label) for a, label in zip(answers, labels)) \
+    return sum(checks.same_answer(a, label, task) for a, label in zip(answers, labels)) \
         / len(answers) if answers else 0.0
 
 
