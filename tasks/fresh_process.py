@@ -4,6 +4,7 @@ A fresh process proves what is on disk (a saved model loads and answers without 
 objects in memory), and ``accelerate launch`` starts one per GPU to train on several.
 """
 
+import ctypes
 import functools
 import json
 import signal
@@ -25,7 +26,7 @@ def call(module: str, request: dict, *, launcher: Sequence[str] = (sys.executabl
         request_file, answer_file = Path(scratch) / "request.json", Path(scratch) / "answer.json"
         request_file.write_text(json.dumps(request))
         subprocess.run([*launcher, "-m", module, str(request_file), str(answer_file)], capture_output=True,
-                       text=True, env=env, timeout=timeout_s, check=True)
+                       text=True, env=env, timeout=timeout_s, check=True, preexec_fn=end_with_parent)
         return json.loads(answer_file.read_text()) if answer_file.is_file() else None
 
 
@@ -39,16 +40,19 @@ def main(function: Callable[[dict], dict | None]) -> None:
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# Looked up here, not in the child: a preexec_fn runs between fork and exec, where loading a library or importing
+# a module can deadlock on a lock another thread of the parent held at the fork.
+_libc = ctypes.CDLL(None) if sys.platform == "linux" else None
 
 
 def end_with_parent(signal_number: int = signal.SIGKILL) -> None:
     """This process gets ``signal_number`` when the one that started it dies (Linux): a run killed with SIGKILL
-    cannot stop its workers and servers itself, and nothing they do is of use without it."""
-    if sys.platform != "linux":
-        return
-    import ctypes
+    cannot stop its workers and servers itself, and nothing they do is of use without it.
 
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal_number)
+    Given as a child's ``preexec_fn`` it is set before the child runs any of its code (the signal is kept across
+    exec), so a parent killed while the child still imports its libraries ends the child too."""
+    if _libc is not None:
+        _libc.prctl(PR_SET_PDEATHSIG, signal_number)
 
 
 def stop_when_this_process_dies(pid: int) -> None:

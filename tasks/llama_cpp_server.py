@@ -14,10 +14,6 @@ import sys
 def main(settings_json: str) -> None:
     import xllamacpp
 
-    from distilflow.tasks.fresh_process import end_with_parent
-
-    end_with_parent()  # a closed stdin ends it too, but llama.cpp's threads do not always let it exit
-
     settings = json.loads(settings_json)
     params = xllamacpp.CommonParams()
     params.model.path = settings["model"]

@@ -9,10 +9,12 @@ and the task score on the whole held-out split with the constraint a client's re
 prices in `deploy.cost` turn the speeds into dollars per million output tokens.
 """
 
+import functools
 import importlib.util
 import json
 import logging
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distilflow.configs.schema import CostConfig, ServingConfig, TaskConfig
-from distilflow.tasks import data, package
+from distilflow.tasks import data, fresh_process, package
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.evaluate import task_score
 
@@ -292,7 +294,7 @@ def _llama_cpp_server(gguf_file: Path, engine: Engine, cfg: ServingConfig) -> It
     with tempfile.TemporaryFile("w+") as logs:
         process = subprocess.Popen([sys.executable, "-m", "distilflow.tasks.llama_cpp_server", json.dumps(settings)],
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=logs, text=True,
-                                   env=engine_environment())
+                                   env=engine_environment(), preexec_fn=fresh_process.end_with_parent)
         try:
             ready = _first_line(process, cfg.startup_timeout_s)
             if ready is None:
@@ -355,7 +357,9 @@ def _vllm_server(model_dir: Path, engine: Engine, cfg: ServingConfig) -> Iterato
     free, total = torch.cuda.mem_get_info()
     used_before = total - free
     with tempfile.TemporaryFile("w+") as logs:
-        process = subprocess.Popen(command, stdout=logs, stderr=subprocess.STDOUT, text=True, env=vllm_environment())
+        # SIGTERM, not SIGKILL: vLLM's API server stops its engine-core processes on the way out.
+        process = subprocess.Popen(command, stdout=logs, stderr=subprocess.STDOUT, text=True, env=vllm_environment(),
+                                   preexec_fn=functools.partial(fresh_process.end_with_parent, signal.SIGTERM))
         try:
             _wait_for_health(f"http://127.0.0.1:{port}/health", process, logs, model_dir, cfg.startup_timeout_s)
             server = Server(f"http://127.0.0.1:{port}/v1", model_dir.name, process.pid)

@@ -44,6 +44,42 @@ time.sleep(120)
             os.killpg(parent.pid, signal.SIGKILL)
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's")
+def test_a_worker_still_importing_when_its_parent_is_killed_9_ends_with_it():
+    """The worker's parent-death signal is set before its own code runs: a worker that never reaches
+    `fresh_process.main` (here it only sleeps, as one importing torch for seconds would) still ends."""
+    parent = subprocess.Popen([sys.executable, "-c", """
+import sys, threading, time
+from distilflow.tasks import fresh_process
+worker = [sys.executable, "-c", "import os, time; print(os.getpid(), flush=True); time.sleep(120)"]
+threading.Thread(target=fresh_process.call, args=("any.module", {}), kwargs={"launcher": worker}, daemon=True).start()
+time.sleep(120)
+"""], start_new_session=True)
+    try:
+        worker = _wait_for_child(parent.pid)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 5
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(worker)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(parent.pid, signal.SIGKILL)
+
+
+def _wait_for_child(pid: int, timeout_s: float = 30) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        for thread in Path(f"/proc/{pid}/task").iterdir():
+            children += (thread / "children").read_text().split()
+        if children:
+            return int(children[0])
+        time.sleep(0.1)
+    raise AssertionError(f"process {pid} started no worker in {timeout_s} s")
+
+
 def _alive(pid: int) -> bool:
     """Running, and not a zombie waiting for its (dead) parent's reaper."""
     try:
