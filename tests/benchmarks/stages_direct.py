@@ -31,6 +31,8 @@ def run_direct(config: str, overrides: dict, until: str = "deploy") -> dict:
         return {"stage_seconds": seconds, "journey": journey.to_json(prototype.journey),
                 "data_card": prototype.data_card.read_text(), "metrics": prototype.metrics}
     distill = timed("distill", prototype)
+    if until == "distill":
+        return {"stage_seconds": seconds, "journey": journey.to_json([*prototype.journey, *distill.journey])}
     compress = timed("compress", prototype, distill)
     deploy = timed("deploy", prototype, distill, compress)
     return {"bundle": str(deploy.bundle), "stage_seconds": seconds, "journey": journey.to_json(deploy.journey)}
@@ -41,7 +43,7 @@ if __name__ == "__main__":
     parser.add_argument("config")
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--out", type=Path, required=True, help="the result (JSON); stdout carries the trainers' logs")
-    parser.add_argument("--until", choices=("prototype", "deploy"), default="deploy", help="the last stage to run")
+    parser.add_argument("--until", choices=("prototype", "distill", "deploy"), default="deploy", help="the last stage to run")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     args.out.write_text(json.dumps(run_direct(args.config, parse_overrides(args.set), args.until)))
