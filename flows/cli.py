@@ -190,8 +190,9 @@ def _report(record: dict) -> str:
 
 def _start_temporary_prefect_server() -> None:
     """Without PREFECT_API_URL, Prefect starts a temporary server in a subprocess (and stops it at exit). Started
-    here first (Prefect then uses this one): if this process is killed with SIGKILL and cannot stop it, a guard does
-    (Linux), and its recorded pid lets the next run stop it where no guard could (or the guard was killed too)."""
+    here first (Prefect then uses this one), guarded from the moment its process exists: if this process is killed
+    with SIGKILL, even while the server still starts, a guard stops it (Linux), and its recorded pid lets the next run
+    stop it where no guard could (or the guard was killed too)."""
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import get_current_settings
 
@@ -199,14 +200,23 @@ def _start_temporary_prefect_server() -> None:
     from distilflow.tasks.fresh_process import stop_when_this_process_dies
     from distilflow.tasks.history import check_home, distilflow_home
 
+    class GuardedServer(SubprocessASGIServer):
+        def _run_uvicorn_command(self):  # Prefect's one place that starts the server's process
+            process = super()._run_uvicorn_command()
+            stop_when_this_process_dies(process.pid)
+            record = _servers_dir() / f"{process.pid}.json"
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps({"owner": os.getpid()}))
+            atexit.register(record.unlink, missing_ok=True)
+            return process
+
     settings = get_current_settings()
     if settings.api.url:
         return
     check_writable(Path(settings.home), "PREFECT_HOME", "the temporary Prefect server keeps its database there")
     check_home(distilflow_home())  # the server's pid is recorded there
-    server = SubprocessASGIServer()
     try:
-        server.start()
+        GuardedServer().start()
     except RuntimeError as err:  # Prefect's own words for a server that did not answer in time
         if "Timed out while attempting to connect to ephemeral Prefect API server" not in str(err):
             raise
@@ -214,11 +224,6 @@ def _start_temporary_prefect_server() -> None:
             f"the temporary Prefect server did not answer within {settings.server.ephemeral.startup_timeout_seconds} s "
             "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); on a busy machine raise it, or start a server "
             "(`prefect server start`) and set PREFECT_API_URL") from err
-    stop_when_this_process_dies(server.server_process.pid)
-    record = _servers_dir() / f"{server.server_process.pid}.json"
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"owner": os.getpid()}))
-    atexit.register(record.unlink, missing_ok=True)
 
 
 def _stop_orphaned_prefect_servers() -> None:

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -212,6 +213,46 @@ def test_the_next_run_stops_the_prefect_server_a_kill_9_left_behind(tmp_path):
     finally:
         if group_members(run.pid):
             os.killpg(run.pid, signal.SIGKILL)
+
+
+def test_a_kill_9_while_the_temporary_prefect_server_starts_leaves_no_server(tmp_path):
+    """The guard watches the server from the moment its process exists, not from when it first answers (seconds
+    later on a busy machine): the chaos test's SIGKILL once landed in between and the server outlived the run."""
+    run = start_run(tmp_path / "work")
+    try:
+        server = guarded_before_it_answers(run)
+        os.kill(run.pid, signal.SIGKILL)
+        run.wait()
+        deadline = time.monotonic() + 10
+        while server in group_pids(run.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert server not in group_pids(run.pid)
+    finally:
+        if group_members(run.pid):
+            os.killpg(run.pid, signal.SIGKILL)
+
+
+def guarded_before_it_answers(run: subprocess.Popen) -> int:
+    """The pid of ``run``'s temporary Prefect server, once a guard watches it and before it answers."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and run.poll() is None:
+        members = _group(run.pid)
+        for pid, command in members.items():
+            if "prefect.server.api.server:create_app" in command:
+                port = command.split("--port ")[1].split()[0]
+                assert not answers(f"http://127.0.0.1:{port}/api/health"), "the server answered before a guard watched it"
+                if any(f"kill -0 {pid}" in other for other in members.values()):
+                    return pid
+        time.sleep(0.02)
+    pytest.fail("the run started no temporary Prefect server")
+
+
+def answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=1).close()
+        return True
+    except OSError:
+        return False
 
 
 def test_a_prefect_home_where_nothing_can_be_written_is_named_before_the_server_starts(tmp_path):
