@@ -219,6 +219,18 @@ def check_model_files(cfg: ModelTrust, key: str) -> Path | None:
     return directory
 
 
+def architecture(cfg: ModelTrust, key: str) -> str | None:
+    """The family of a local model without loading it: a GGUF file's general.architecture, a Hugging Face
+    directory's model_type (None for a hub id)."""
+    from gguf import GGUFReader
+
+    path, gguf_file = teacher_source(cfg, key)
+    if gguf_file:
+        return GGUFReader(Path(path) / gguf_file).fields["general.architecture"].contents()
+    config = Path(path) / "config.json"
+    return json.loads(config.read_text(encoding="utf-8")).get("model_type") if config.is_file() else None
+
+
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"}
 
 

