@@ -34,6 +34,9 @@ def run_direct(config: str, overrides: dict, until: str = "deploy") -> dict:
     if until == "distill":
         return {"stage_seconds": seconds, "journey": journey.to_json([*prototype.journey, *distill.journey])}
     compress = timed("compress", prototype, distill)
+    if until == "compress":
+        return {"stage_seconds": seconds, "journey": journey.to_json([*prototype.journey, *distill.journey,
+                                                                       *compress.journey])}
     deploy = timed("deploy", prototype, distill, compress)
     return {"bundle": str(deploy.bundle), "stage_seconds": seconds, "journey": journey.to_json(deploy.journey)}
 
@@ -43,7 +46,7 @@ if __name__ == "__main__":
     parser.add_argument("config")
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--out", type=Path, required=True, help="the result (JSON); stdout carries the trainers' logs")
-    parser.add_argument("--until", choices=("prototype", "distill", "deploy"), default="deploy", help="the last stage to run")
+    parser.add_argument("--until", choices=("prototype", "distill", "compress", "deploy"), default="deploy", help="the last stage to run")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     args.out.write_text(json.dumps(run_direct(args.config, parse_overrides(args.set), args.until)))
