@@ -220,7 +220,7 @@ def smoke_gguf(gguf_file: Path, rows: list[dict], cfg: DeployConfig, ctx: StageC
     generation (what a client that sends no grammar gets), or for a json_schema task under the schema as
     request.json sends it (what could fail there is the server's grammar over this GGUF's vocabulary)."""
     task = ctx.evaluator.task
-    constraint = package.llama_cpp_constraint(task) if task.check.type == "json_schema" else {}
+    constraint = package.llama_cpp_constraint(task.check) if task.check.type == "json_schema" else {}
     answers = serving.smoke(gguf_file, rows, task, cfg.max_new_tokens, ctx.evaluator.settings.serving, constraint)
     deployed.gguf_smoke_pass_rate = sum(checks.is_valid(a, task) for a in answers) / len(rows)
     report["gguf_smoke"] = [{"input": data.user_message(row, task), "answer": a, "label": checks.label(row, task)}

@@ -100,9 +100,10 @@ def self_trained(members: list[Member], retrained: Callable[[Member, int], Membe
     return members, history
 
 
-def held_out_score(member: Member, rows: list[dict], task: TaskConfig) -> tuple[float, list[float]]:
-    """The member's accuracy on the held-out split (its most likely label against each row's), and its 95% interval."""
-    scores = [checks.score(task.check.choices[i], row, task) for i, row in zip(member.held_out.argmax(1), rows)]
+def held_out_score(probabilities: np.ndarray, rows: list[dict], task: TaskConfig) -> tuple[float, list[float]]:
+    """The accuracy of label ``probabilities`` on the held-out split (the most likely label against each row's), and
+    its 95% interval."""
+    scores = [checks.score(task.check.choices[i], row, task) for i, row in zip(probabilities.argmax(1), rows)]
     return sum(scores) / len(scores), score_interval(scores)
 
 
@@ -115,7 +116,7 @@ def card(members: list[Member], ensemble: Member, rows: list[dict], task: TaskCo
              "| label source | weight | temperature | held-out score | 95% CI |", "|---|---|---|---|---|"]
     total = sum(member.weight for member in members)
     for member in [*members, ensemble]:
-        score, (low, high) = held_out_score(member, rows, task)
+        score, (low, high) = held_out_score(member.held_out, rows, task)
         weight, temperature = (f"{member.weight / total:.2f}", f"{member.temperature:.2f}") \
             if member is not ensemble else ("–", "–")
         name = f"**{member.name}**" if member is ensemble else f"`{member.name}`"
@@ -133,7 +134,7 @@ def rounds_card(rounds: list[Round], dev_rows: int, rows: list[dict], task: Task
              "drop (prototype.ensemble.self_training_rounds).", "",
              "| round | dev score | held-out score | kept |", "|---|---|---|---|"]
     for r in rounds:
-        held_out = held_out_score(Member("", r.held_out, r.held_out, r.held_out), rows, task)[0]
+        held_out = held_out_score(r.held_out, rows, task)[0]
         lines.append(f"| {r.number or 'before'} | {r.dev_score:.3f} | {held_out:.3f} | {'yes' if r.kept else 'no'} |")
     if not rounds[-1].kept:
         lines += ["", f"Round {rounds[-1].number} made the dev score worse ({rounds[-2].dev_score:.3f} -> "

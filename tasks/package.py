@@ -14,7 +14,8 @@ from string import Template
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
-from distilflow.configs.schema import DeployConfig, HttpTeacherConfig, ServingConfig, TaskConfig, TeacherConfig
+from distilflow.configs.schema import (DeployConfig, HttpTeacherConfig, ServingConfig, TaskCheck, TaskConfig,
+                                       TeacherConfig)
 from distilflow.tasks import data
 from distilflow.tasks.journey import JourneyEntry, table
 from distilflow.tasks.models import gguf_package_file, joined_gguf
@@ -80,14 +81,14 @@ def vllm_constraint(task: TaskConfig) -> dict:
     return {}
 
 
-def llama_cpp_constraint(task: TaskConfig) -> dict:
+def llama_cpp_constraint(check: TaskCheck) -> dict:
     """llama-server's constraint with the same effect as vLLM's: a GBNF grammar of the labels, or the JSON
     schema itself, which the server turns into its grammar (a GBNF, or llguidance's where it is built with it:
     sending the schema keeps request.json right for either build)."""
-    if task.check.type == "choice":
-        return {"grammar": "root ::= " + " | ".join(json.dumps(choice) for choice in task.check.choices)}
-    if task.check.type == "json_schema":
-        return {"json_schema": task.check.json_schema}
+    if check.type == "choice":
+        return {"grammar": "root ::= " + " | ".join(json.dumps(choice) for choice in check.choices)}
+    if check.type == "json_schema":
+        return {"json_schema": check.json_schema}
     return {}
 
 
@@ -123,7 +124,7 @@ here="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
 exec llama-server --model "$here/{gguf_file}" --alias {cfg.model_name} --port {LLAMA_CPP_PORT} \\
     --ctx-size {context_length} --jinja "$@"
 """)
-    _write_json(gguf_dir / "request.json", chat_request(task, example, cfg, llama_cpp_constraint(task)))
+    _write_json(gguf_dir / "request.json", chat_request(task, example, cfg, llama_cpp_constraint(task.check)))
     (gguf_dir / "Dockerfile").write_text(render_dockerfile(
         "serve-llamacpp.Dockerfile", base_image=cfg.serve.llama_cpp_image, model_name=cfg.model_name,
         port=LLAMA_CPP_PORT, gguf_file=gguf_file, context_length=context_length, license=_spdx(license),

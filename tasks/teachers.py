@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from distilflow.configs.schema import HttpTeacherConfig, LocalTeacherConfig, TaskConfig
-from distilflow.tasks import data, decoding
+from distilflow.tasks import data, decoding, package
 from distilflow.tasks.environment import connection_problem
 from distilflow.tasks.errors import DistilflowError, ServiceError
 from distilflow.tasks.evaluate import Evaluation, Evaluator, Prompting, score_answers, score_choices
@@ -331,11 +331,14 @@ class HttpTeacher:
             pool.shutdown(cancel_futures=True)  # after a failure, do not send the requests still queued
 
     def _constraint(self, check) -> dict:
-        """Request fields that make the server answer in the check's form (vLLM's structured outputs)."""
+        """Request fields that make the server answer in the check's form: vLLM's structured outputs, and for a
+        choice llama.cpp's grammar beside them (each server ignores the other's field; llama.cpp reads
+        `response_format` as vLLM does)."""
         if not self.cfg.structured_outputs:
             return {}
         if check.type == "choice":
-            return {"extra_body": {"structured_outputs": {"choice": list(check.choices)}}}
+            return {"extra_body": {"structured_outputs": {"choice": list(check.choices)},
+                                   **package.llama_cpp_constraint(check)}}
         if check.type == "regex":
             return {"extra_body": {"structured_outputs": {"regex": check.pattern}}}
         if check.type == "json_schema":

@@ -29,7 +29,7 @@ def test_members_that_disagree_can_make_a_right_answer_neither_makes_alone(tiny_
     rows = [{"text": "x", "label": "c"}]
     first, second = member("first", [[0.5, 0.0, 0.45]]), member("second", [[0.0, 0.5, 0.45]])
     combined = ensemble.mean([first, second])
-    assert [ensemble.held_out_score(m, rows, task)[0] for m in (first, second, combined)] == [0.0, 0.0, 1.0]
+    assert [ensemble.held_out_score(m.held_out, rows, task)[0] for m in (first, second, combined)] == [0.0, 0.0, 1.0]
 
 
 def test_prototype_with_the_baseline_in_its_ensemble_labels_with_both_and_cards_each(tiny_cfg):

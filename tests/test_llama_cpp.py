@@ -97,7 +97,7 @@ def test_llama_cpp_generates_what_transformers_generates(tiny, kind):
 def test_bundle_request_with_its_grammar_answers_with_a_label(tiny):
     cfg = tiny["cfg"]
     request = package.chat_request(cfg.task, tiny["rows"][0], DeployConfig(model_name="tiny"),
-                                   package.llama_cpp_constraint(cfg.task))
+                                   package.llama_cpp_constraint(cfg.task.check))
     server = tiny["served"]["q8_0"]
     answer, _ = serving.Client(server.base_url, server.model).timed(request)
     assert answer in cfg.task.check.choices
@@ -111,7 +111,7 @@ def test_bundle_request_with_the_json_schema_answers_json_valid_against_it(tiny)
     # The random tiny model writes whatever the schema allows, long runs of whitespace too (284 tokens here):
     # room for it within its 512-token context.
     request = package.chat_request(task, tiny["rows"][0], DeployConfig(model_name="tiny", max_new_tokens=400),
-                                   package.llama_cpp_constraint(task))
+                                   package.llama_cpp_constraint(task.check))
     answer, _ = serving.Client(server.base_url, server.model).timed(request)
     assert checks.problem(answer, task) is None, answer
 

@@ -61,13 +61,13 @@ def test_generation_config_is_greedy_and_caps_no_clients_answer_length(tmp_path)
 def test_llama_cpp_grammar_quotes_each_label(tiny_cfg):
     task = tiny_cfg.task.model_copy(update={"check": tiny_cfg.task.check.model_copy(
         update={"choices": ['say "yes"', "no"]})})
-    assert package.llama_cpp_constraint(task) == {"grammar": 'root ::= "say \\"yes\\"" | "no"'}
+    assert package.llama_cpp_constraint(task.check) == {"grammar": 'root ::= "say \\"yes\\"" | "no"'}
 
 
 def test_a_json_task_is_served_under_its_schema_by_either_engine():
     task = load_config(REPO / "configs" / "extract.yaml").task
     assert package.vllm_constraint(task) == {"structured_outputs": {"json": task.check.json_schema}}
-    assert package.llama_cpp_constraint(task) == {"json_schema": task.check.json_schema}
+    assert package.llama_cpp_constraint(task.check) == {"json_schema": task.check.json_schema}
 
 
 def test_every_dockerfile_placeholder_must_be_filled():
