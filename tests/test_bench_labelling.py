@@ -22,6 +22,6 @@ def test_every_request_is_answered_at_each_level_with_its_own_server_slots(tiny_
         assert level["labels"] == level["requests"] == 4 and level["failures"] == 0 and level["error"] is None
         assert level["labels_per_s"] > 0 and level["seconds"] > 0
         assert level["hours_for_100000_tickets"] == pytest.approx(100_000 / level["labels_per_s"] / 3600, rel=0.01)
-        assert 0 <= level["valid_labels"] <= 4 and level["retries"] >= 0
+        assert level["valid_labels"] == 4 and level["retries"] >= 0  # llama.cpp reads the guided choice as a grammar
     assert set(result["hours_for_100000_tickets"]) == {"1", "2"}
     assert len(result["load_before"]) == len(result["load_after"]) == 3
