@@ -102,9 +102,11 @@ def quantize(model, tokenizer, cfg: QuantizeConfig, calibration_texts: list[str]
     log.info("quantizing: %s, group size %d, %d calibration samples", cfg.label, group_size,
              len(calibration) if calibration else 0)
     with _no_pinned_memory_without_accelerator():
+        # The texts are a seeded sample already; llm-compressor's own shuffle draws from torch's global generator,
+        # whose state depends on what ran before in the process, and quantized one model differently run to run.
         oneshot(model=model, recipe=recipe(cfg, group_size), dataset=calibration,
                 num_calibration_samples=len(calibration) if calibration else 0,
-                max_seq_length=cfg.calibration_max_length)
+                max_seq_length=cfg.calibration_max_length, shuffle_calibration_samples=False)
     if cfg.scheme == "qlr":
         save_error_factors(unquantized, model, cfg, out_dir)
     # Calibrate in the compute dtype (fp32 is 3x faster than bf16 on CPU); ship bf16 like any checkpoint.

@@ -178,3 +178,19 @@ def test_nf4_quantizes_on_load_and_saves_a_bitsandbytes_checkpoint(tmp_path):
     assert parameter_count(model) == parameter_count(AutoModelForCausalLM.from_pretrained(TINY_TEACHER))
     config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert (config["quant_method"], config["bnb_4bit_quant_type"]) == ("bitsandbytes", "nf4")
+
+
+def test_gptq_quantizes_the_same_model_and_calibration_texts_to_the_same_bytes_whatever_ran_before(tmp_path):
+    """llm-compressor shuffled the calibration samples with torch's global generator, whose state depends on what
+    ran before in the process: the demo's student, quantized twice with the same settings, scored 0.880 and 0.8975."""
+    texts = [f"Ticket: order {n} {word}<|im_end|>" for n, word in enumerate(["late", "refund", "crash", "login",
+                                                                              "parcel", "card", "password", "bug"])]
+    saved = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(TINY_TEACHER, dtype=torch.float32)
+        out = tmp_path / f"seed-{seed}"
+        quantize.quantize(model, AutoTokenizer.from_pretrained(TINY_TEACHER),
+                          QuantizeConfig(calibration_samples=len(texts)), texts, out)
+        saved.append((out / "model.safetensors").read_bytes())
+    assert saved[0] == saved[1]
