@@ -31,17 +31,8 @@ print(child.pid, flush=True)
 time.sleep(120)
 """], stdout=subprocess.PIPE, text=True, start_new_session=True)
     child = int(parent.stdout.readline())
-    try:
-        time.sleep(0.5)  # the guard has started
-        os.kill(parent.pid, signal.SIGKILL)
-        parent.wait()
-        deadline = time.monotonic() + 5
-        while _alive(child) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not _alive(child)
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # nothing of its group left
-            os.killpg(parent.pid, signal.SIGKILL)
+    time.sleep(0.5)  # the guard has started
+    assert ends_within_seconds_of_its_parent_s_kill_9(child, parent)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's")
@@ -55,29 +46,33 @@ worker = [sys.executable, "-c", "import os, time; print(os.getpid(), flush=True)
 threading.Thread(target=fresh_process.call, args=("any.module", {}), kwargs={"launcher": worker}, daemon=True).start()
 time.sleep(120)
 """], start_new_session=True)
+    assert ends_within_seconds_of_its_parent_s_kill_9(_first_child(parent.pid), parent)
+
+
+def ends_within_seconds_of_its_parent_s_kill_9(pid: int, parent: subprocess.Popen, seconds: float = 5) -> bool:
+    """kill -9 of ``parent`` (in a session of its own), then whether ``pid`` ended within ``seconds``."""
     try:
-        worker = _wait_for_child(parent.pid)
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait()
-        deadline = time.monotonic() + 5
-        while _alive(worker) and time.monotonic() < deadline:
+        deadline = time.monotonic() + seconds
+        while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _alive(worker)
+        return not _alive(pid)
     finally:
-        with contextlib.suppress(ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError):  # nothing of its group left
             os.killpg(parent.pid, signal.SIGKILL)
 
 
-def _wait_for_child(pid: int, timeout_s: float = 30) -> int:
+def _first_child(pid: int, timeout_s: float = 30) -> int:
+    """The first process started by any thread of ``pid``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        for thread in Path(f"/proc/{pid}/task").iterdir():
-            children += (thread / "children").read_text().split()
+        children = [child for thread in Path(f"/proc/{pid}/task").iterdir()
+                    for child in (thread / "children").read_text().split()]
         if children:
             return int(children[0])
         time.sleep(0.1)
-    raise AssertionError(f"process {pid} started no worker in {timeout_s} s")
+    raise AssertionError(f"process {pid} started no child in {timeout_s} s")
 
 
 def _alive(pid: int) -> bool:
