@@ -71,13 +71,13 @@ def chat_request(task: TaskConfig, row: dict, cfg: DeployConfig, constraint: dic
             "max_tokens": cfg.max_new_tokens, **constraint}
 
 
-def vllm_constraint(task: TaskConfig) -> dict:
+def vllm_constraint(check: TaskCheck) -> dict:
     """vLLM's structured outputs: the answer is one of the labels, or JSON valid against the schema, as the
     evaluator's check wants it."""
-    if task.check.type == "choice":
-        return {"structured_outputs": {"choice": list(task.check.choices)}}
-    if task.check.type == "json_schema":
-        return {"structured_outputs": {"json": task.check.json_schema}}
+    if check.type == "choice":
+        return {"structured_outputs": {"choice": list(check.choices)}}
+    if check.type == "json_schema":
+        return {"structured_outputs": {"json": check.json_schema}}
     return {}
 
 
@@ -107,7 +107,7 @@ set -euo pipefail
 bundle="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
 exec vllm serve "$bundle" --config "$bundle/serve.yaml" "$@"
 """)
-    _write_json(bundle / "request.json", chat_request(task, example, cfg, vllm_constraint(task)))
+    _write_json(bundle / "request.json", chat_request(task, example, cfg, vllm_constraint(task.check)))
     (bundle / "Dockerfile").write_text(render_dockerfile(
         "serve-vllm.Dockerfile", base_image=cfg.serve.vllm_image, model_name=cfg.model_name,
         port=cfg.serve.port, license=_spdx(license), description=_description(task)))

@@ -143,7 +143,7 @@ class Workload:
     def task_request(self, chat: list[dict], engine: str) -> dict:
         """A chat request as request.json writes it: greedy, constrained to the task's form where it has one."""
         constraint = package.llama_cpp_constraint(self.task.check) if engine == LLAMA_CPP \
-            else package.vllm_constraint(self.task)
+            else package.vllm_constraint(self.task.check)
         return {"messages": chat, "temperature": 0, "max_tokens": self.task.max_answer_tokens, **constraint}
 
 

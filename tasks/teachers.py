@@ -336,15 +336,13 @@ class HttpTeacher:
         `response_format` as vLLM does)."""
         if not self.cfg.structured_outputs:
             return {}
-        if check.type == "choice":
-            return {"extra_body": {"structured_outputs": {"choice": list(check.choices)},
-                                   **package.llama_cpp_constraint(check)}}
         if check.type == "regex":
             return {"extra_body": {"structured_outputs": {"regex": check.pattern}}}
-        if check.type == "json_schema":
+        if check.type == "json_schema":  # OpenAI's own field, which hosted APIs read too
             return {"response_format": {"type": "json_schema",
                                         "json_schema": {"name": "answer", "schema": check.json_schema}}}
-        return {}
+        body = {**package.vllm_constraint(check), **package.llama_cpp_constraint(check)}
+        return {"extra_body": body} if body else {}
 
     @contextmanager
     def explained_errors(self) -> Iterator[None]:

@@ -66,7 +66,7 @@ def test_llama_cpp_grammar_quotes_each_label(tiny_cfg):
 
 def test_a_json_task_is_served_under_its_schema_by_either_engine():
     task = load_config(REPO / "configs" / "extract.yaml").task
-    assert package.vllm_constraint(task) == {"structured_outputs": {"json": task.check.json_schema}}
+    assert package.vllm_constraint(task.check) == {"structured_outputs": {"json": task.check.json_schema}}
     assert package.llama_cpp_constraint(task.check) == {"json_schema": task.check.json_schema}
 
 
