@@ -5,8 +5,8 @@ objects in memory), and ``accelerate launch`` starts one per GPU to train on sev
 """
 
 import ctypes
-import functools
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -60,12 +60,12 @@ def stop_when_this_process_dies(pid: int) -> None:
     a child another library starts, which cannot be told to end with its parent. The guard ends with ``pid``."""
     if sys.platform != "linux":
         return
-    # sh runs the trap once the current `sleep 1` ends, so the child gets SIGTERM at most a second after the parent
-    # dies, and SIGKILL 3 s later if it is still shutting down (as Prefect's own stop does, with 5 s).
-    stop = f"kill {pid}; for i in 1 2 3; do sleep 1; kill -0 {pid} || exit 0; done; kill -9 {pid}; exit 0"
-    guard = f"trap '{stop}' TERM; while kill -0 {pid}; do sleep 1; done"
-    _guards.append(subprocess.Popen(["sh", "-c", guard], stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    preexec_fn=functools.partial(end_with_parent, signal.SIGTERM)))
+    # The guard polls its owner each second rather than waiting for a parent-death signal: a signal that came before
+    # sh had set its trap ended the guard and left the child (a run killed the moment its server started). Then
+    # SIGTERM, and SIGKILL 3 s later if the child is still shutting down (as Prefect's own stop does, with 5 s).
+    stop = f"kill {pid}; for i in 1 2 3; do sleep 1; kill -0 {pid} || exit 0; done; kill -9 {pid}"
+    guard = f"while kill -0 {os.getpid()} && kill -0 {pid}; do sleep 1; done 2>/dev/null; {stop}"
+    _guards.append(subprocess.Popen(["sh", "-c", guard], stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
 
 _guards: list[subprocess.Popen] = []  # held until exit: a collected Popen of a live process warns
