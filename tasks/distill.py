@@ -31,7 +31,8 @@ import torch
 from accelerate import PartialState
 from datasets import Dataset, load_from_disk
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainingArguments, set_seed
+from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback, TrainingArguments,
+                          set_seed)
 from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 from trl.experimental.gkd import GKDConfig
 from trl.experimental.gold import GOLDConfig, GOLDTrainer
@@ -48,13 +49,24 @@ from distilflow.tasks.models import (compute_dtype, explained_load_errors, load_
                                     loading_safeguards, save_model, trust_summary)
 from distilflow.tasks.prototype import PrototypeOutput, ServedTeacher
 from distilflow.tasks.teachers import HttpTeacher, api_key
-from distilflow.tasks.tracking import FileTracker, TrackerCallback
+from distilflow.tasks.tracking import FileTracker, Tracker
 
 log = logging.getLogger("distilflow")
 
 INFLUENCE_SAMPLES = 16
 # Token counts in the training logs give tokens/s per phase (GRPO logs its own num_tokens).
 COUNT_TOKENS = {"include_num_input_tokens_seen": "non_padding"}
+
+
+class TrackerCallback(TrainerCallback):
+    """Sends the trainer's logged losses and learning rates to the tracker, with their steps."""
+
+    def __init__(self, tracker: Tracker, prefix: str):
+        self.tracker, self.prefix = tracker, prefix
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            self.tracker.log_metrics({f"{self.prefix}.{k}": v for k, v in logs.items()}, step=state.global_step)
 
 
 @dataclass(kw_only=True)

@@ -19,8 +19,6 @@ from contextlib import closing, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Protocol
 
-from transformers import TrainerCallback
-
 from distilflow.configs.schema import check_tracking_uri
 from distilflow.tasks.artifacts import exclusive
 from distilflow.tasks.environment import connection_problem
@@ -437,14 +435,3 @@ def flatten(nested: dict, prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
-
-
-class TrackerCallback(TrainerCallback):
-    """Sends the trainer's logged losses and learning rates to the tracker, with their steps."""
-
-    def __init__(self, tracker: Tracker, prefix: str):
-        self.tracker, self.prefix = tracker, prefix
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            self.tracker.log_metrics({f"{self.prefix}.{k}": v for k, v in logs.items()}, step=state.global_step)

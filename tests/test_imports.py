@@ -36,3 +36,15 @@ def test_a_config_with_a_python_check_validates_without_the_tasks_package():
               "print(sorted(m for m in sys.modules if m.startswith('distilflow.tasks')))")
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_a_config_the_cli_cannot_load_is_named_before_the_ml_stack_is_imported():
+    """`distilflow run` loads the config before it imports Prefect's flow and the stages: a typo in the path or the
+    YAML costs a fraction of a second, not the ~10 s of torch, transformers and MLflow."""
+    script = ("import sys\n"
+              "from distilflow.flows.cli import main\n"
+              "code = main(['run', 'no-such-config.yaml'])\n"
+              "print(code, sorted({'torch', 'transformers', 'mlflow', 'prefect'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "2 []", done.stderr
+    assert "no-such-config.yaml" in done.stderr
