@@ -83,10 +83,11 @@ def run(args) -> int:
 def validate(args) -> int:
     from distilflow.configs.loader import load_config, parse_overrides
     from distilflow.tasks.data import load_task_data
-    from distilflow.tasks.stages import length_warnings, preflight
     from distilflow.tasks.tracking import tracking_uri
 
     cfg = load_config(args.config, parse_overrides(args.set))
+    from distilflow.tasks.stages import length_warnings, preflight  # the ML stack, once the config is known good
+
     preflight(cfg, tracking_uri(cfg.run.mlflow_tracking_uri, cfg.run.workdir))  # exactly what a run checks first
     examples = load_task_data(cfg.task, cfg.run.seed)
     for warning in length_warnings(cfg, examples):

@@ -5,6 +5,8 @@ import graphlib
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 PACKAGES = ("configs", "tasks", "flows")
@@ -38,12 +40,13 @@ def test_a_config_with_a_python_check_validates_without_the_tasks_package():
     assert done.stdout.strip() == "[]"
 
 
-def test_a_config_the_cli_cannot_load_is_named_before_the_ml_stack_is_imported():
-    """`distilflow run` loads the config before it imports Prefect's flow and the stages: a typo in the path or the
-    YAML costs a fraction of a second, not the ~10 s of torch, transformers and MLflow."""
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_a_config_the_cli_cannot_load_is_named_before_the_ml_stack_is_imported(command):
+    """`distilflow run` and `validate` load the config before they import Prefect's flow and the stages: a typo in
+    the path or the YAML costs a fraction of a second, not the ~10 s of torch, transformers and MLflow."""
     script = ("import sys\n"
               "from distilflow.flows.cli import main\n"
-              "code = main(['run', 'no-such-config.yaml'])\n"
+              f"code = main([{command!r}, 'no-such-config.yaml'])\n"
               "print(code, sorted({'torch', 'transformers', 'mlflow', 'prefect'} & set(sys.modules)))")
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "2 []", done.stderr
