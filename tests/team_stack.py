@@ -33,7 +33,8 @@ def start(command: list[str], log: Path, env: dict | None = None, user: str | No
 
 
 def stop(process: subprocess.Popen) -> None:
-    """SIGTERM by PID, a second one for a process that ignores the first while idle, then SIGKILL to its group."""
+    """SIGTERM by PID, a second one for a process that ignores the first while idle, then SIGKILL (to its group
+    when it leads one: its children, flow-run processes, too)."""
     for each in (signal.SIGTERM, signal.SIGTERM):
         if process.poll() is not None:
             break
@@ -43,7 +44,10 @@ def stop(process: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             pass
     try:
-        os.killpg(process.pid, signal.SIGKILL)  # its children (flow-run processes) too
+        if os.getpgid(process.pid) == process.pid:
+            os.killpg(process.pid, signal.SIGKILL)
+        else:
+            process.kill()
     except ProcessLookupError:
         pass
     process.wait()

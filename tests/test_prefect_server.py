@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,34 +32,17 @@ from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from distilflow.configs.loader import load_config
-from tests.conftest import REPO, TINY_CONFIG, TINY_TEACHER, with_stages
+from tests.conftest import REPO, TINY_CONFIG, TINY_TEACHER, free_port, with_stages
+from tests.team_stack import stop
 
 STARTUP_S = 180  # server and serve start in 10-40 s on a loaded 2-core machine
 RUN_S = 600
 POOL_TYPES = {"distilflow-process": "process", "distilflow-docker": "docker", "distilflow-k8s": "kubernetes"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(command: list[str], env: dict, log: Path) -> subprocess.Popen:
     with open(log, "w") as out:
         return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-
-
-def stop(process: subprocess.Popen) -> None:
-    """SIGTERM by PID, a second one for a process that ignores the first while idle, then SIGKILL."""
-    for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):
-        if process.poll() is not None:
-            return
-        process.send_signal(sig)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 def wait_for(condition, what: str, timeout_s: float, process: subprocess.Popen | None = None, log: Path | None = None):
