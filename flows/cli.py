@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args) -> int:
     from distilflow.configs.loader import load_config, parse_overrides
+    from distilflow.tasks.preflight import check_files_and_stores
     from distilflow.tasks.tracking import tracking_uri
 
     _stop_orphaned_prefect_servers()
@@ -67,6 +68,7 @@ def run(args) -> int:
     cfg = load_config(args.config, overrides)  # fail on a bad config before Prefect starts
     args.log_file = _log_to_file(cfg.run.workdir)
     args.mlflow_store = tracking_uri(cfg.run.mlflow_tracking_uri, cfg.run.workdir)  # named if its disk fills
+    check_files_and_stores(cfg, args.mlflow_store)  # in a second, before the ML stack and Prefect load
     _set_env_defaults()
     with _stopped_by(signal.SIGTERM, signal.SIGHUP):
         from distilflow.flows.deployments import check_pools_have_a_server, check_prefect_api
@@ -83,12 +85,15 @@ def run(args) -> int:
 def validate(args) -> int:
     from distilflow.configs.loader import load_config, parse_overrides
     from distilflow.tasks.data import load_task_data
+    from distilflow.tasks.preflight import check_files_and_stores
     from distilflow.tasks.tracking import tracking_uri
 
     cfg = load_config(args.config, parse_overrides(args.set))
-    from distilflow.tasks.stages import length_warnings, preflight  # the ML stack, once the config is known good
+    store = tracking_uri(cfg.run.mlflow_tracking_uri, cfg.run.workdir)
+    check_files_and_stores(cfg, store)  # in a second, before the ML stack loads
+    from distilflow.tasks.stages import length_warnings, preflight
 
-    preflight(cfg, tracking_uri(cfg.run.mlflow_tracking_uri, cfg.run.workdir))  # exactly what a run checks first
+    preflight(cfg, store)  # exactly what a run checks first
     examples = load_task_data(cfg.task, cfg.run.seed)
     for warning in length_warnings(cfg, examples):
         print(f"warning: {warning}", file=sys.stderr)

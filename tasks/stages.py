@@ -14,15 +14,16 @@ from pathlib import Path
 import torch
 
 from distilflow.configs.schema import HttpTeacherConfig, ModelTrust, PipelineConfig
-from distilflow.tasks import artifact_store, artifacts, compress, deploy, distill, history, prototype, serving
+from distilflow.tasks import artifact_store, artifacts, compress, deploy, distill, prototype, serving
 from distilflow.tasks.artifacts import StageOutput
 from distilflow.tasks.context import StageContext
-from distilflow.tasks.data import TaskData, check_few_shot_pool, load_task_data
+from distilflow.tasks.data import TaskData, load_task_data
 from distilflow.tasks.errors import DistilflowError
 from distilflow.tasks.evaluate import Evaluator
 from distilflow.tasks.models import architecture, check_model_files, layer_count, resolve_device, teacher_source
+from distilflow.tasks.preflight import check_files_and_stores
 from distilflow.tasks.teachers import check_endpoint, served_model
-from distilflow.tasks.tracking import LogTracker, Recorder, Tracker, check_tracking_store, tracking_source
+from distilflow.tasks.tracking import LogTracker, Recorder, Tracker
 
 log = logging.getLogger("distilflow")
 
@@ -34,25 +35,21 @@ STAGES = {"prototype": prototype.run, "distill": distill.run, "compress": compre
 
 def preflight(cfg: PipelineConfig, tracking_uri: str) -> None:
     """Every rule about the device, a server or files, checked before the first stage (the config's own rules
-    are its pydantic models'): task data (and its few-shot pool), workdir, run history, what needs a GPU, serving
-    engine and its price, tracking store, each HTTP teacher's endpoint (its key, the model served, prompt log-probs
+    are its pydantic models'): task data (and its few-shot pool), workdir, artifact store, run history and tracking
+    store (`preflight.check_files_and_stores`), what needs a GPU, serving engine and its price, each HTTP teacher's
+    endpoint (its key, the model served, prompt log-probs
     deep enough for logit KD, label probabilities where a setting reads them), local model files and hub ids,
     the student's model family where deploy.gguf exports it.
     `distilflow validate` runs exactly this.
 
     A run that would fail on its input fails here, in seconds, with nothing written.
     """
-    check_few_shot_pool(load_task_data(cfg.task, cfg.run.seed), cfg.task, cfg.prototype)
-    artifacts.check_writable(cfg.run.workdir)
-    if cfg.run.artifact_store:
-        artifact_store.check_store(cfg.run.artifact_store)
-    history.check_home(history.distilflow_home())
+    check_files_and_stores(cfg, tracking_uri)
     device = resolve_device(cfg.run.device)
     check_device(cfg, device, torch.cuda.device_count())
     engine = serving.choose_engine(cfg.eval.serving, device.type)
     if engine:
         serving.priced(engine, cfg.deploy.cost)  # a device kind with no price fails now, not after training
-    check_tracking_store(tracking_uri, tracking_source(cfg.run.mlflow_tracking_uri))
     for key, teacher in http_teachers(cfg).items():
         top_k = cfg.distill.logit_kd.top_k if key == "prototype.teacher" and "logit_kd" in cfg.distill.phases \
             else None

@@ -40,14 +40,20 @@ def test_a_config_with_a_python_check_validates_without_the_tasks_package():
     assert done.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("command", ["run", "validate"])
-def test_a_config_the_cli_cannot_load_is_named_before_the_ml_stack_is_imported(command):
-    """`distilflow run` and `validate` load the config before they import Prefect's flow and the stages: a typo in
-    the path or the YAML costs a fraction of a second, not the ~10 s of torch, transformers and MLflow."""
+@pytest.mark.parametrize("argv, named", [
+    (["run", "no-such-config.yaml"], "no-such-config.yaml"),
+    (["validate", "no-such-config.yaml"], "no-such-config.yaml"),
+    (["run", "configs/tiny.yaml", "--set", f"run.workdir={REPO / 'pyproject.toml' / 'work'}"], "pyproject.toml"),
+    (["validate", "configs/tiny.yaml", "--set", f"run.workdir={REPO / 'pyproject.toml' / 'work'}"], "pyproject.toml"),
+], ids=["run-no-config", "validate-no-config", "run-workdir-under-a-file", "validate-workdir-under-a-file"])
+def test_a_config_or_a_place_the_cli_cannot_use_is_named_before_the_ml_stack_is_imported(argv, named):
+    """`distilflow run` and `validate` load the config and check its files and stores before they import Prefect's
+    flow and the stages: a typo in a path costs a fraction of a second, not the ~10 s of torch, transformers and
+    MLflow."""
     script = ("import sys\n"
               "from distilflow.flows.cli import main\n"
-              f"code = main([{command!r}, 'no-such-config.yaml'])\n"
+              f"code = main({argv!r})\n"
               "print(code, sorted({'torch', 'transformers', 'mlflow', 'prefect'} & set(sys.modules)))")
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "2 []", done.stderr
-    assert "no-such-config.yaml" in done.stderr
+    assert named in done.stderr
