@@ -89,11 +89,11 @@ def validate(args) -> int:
     from distilflow.tasks.tracking import tracking_uri
 
     cfg = load_config(args.config, parse_overrides(args.set))
-    store = tracking_uri(cfg.run.mlflow_tracking_uri, cfg.run.workdir)
-    check_files_and_stores(cfg, store)  # in a second, before the ML stack loads
-    from distilflow.tasks.stages import length_warnings, preflight
+    # Exactly what a run checks first (stages.preflight), its files and stores before the ML stack loads.
+    check_files_and_stores(cfg, tracking_uri(cfg.run.mlflow_tracking_uri, cfg.run.workdir))
+    from distilflow.tasks.stages import check_devices_servers_and_models, length_warnings
 
-    preflight(cfg, store)  # exactly what a run checks first
+    check_devices_servers_and_models(cfg)
     examples = load_task_data(cfg.task, cfg.run.seed)
     for warning in length_warnings(cfg, examples):
         print(f"warning: {warning}", file=sys.stderr)

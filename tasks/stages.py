@@ -45,6 +45,11 @@ def preflight(cfg: PipelineConfig, tracking_uri: str) -> None:
     A run that would fail on its input fails here, in seconds, with nothing written.
     """
     check_files_and_stores(cfg, tracking_uri)
+    check_devices_servers_and_models(cfg)
+
+
+def check_devices_servers_and_models(cfg: PipelineConfig) -> None:
+    """The rest of preflight, after its files and stores: the rules that need the ML stack, a device or a server."""
     device = resolve_device(cfg.run.device)
     check_device(cfg, device, torch.cuda.device_count())
     engine = serving.choose_engine(cfg.eval.serving, device.type)
