@@ -72,10 +72,12 @@ def chat_request(task: TaskConfig, row: dict, cfg: DeployConfig, constraint: dic
 
 
 def vllm_constraint(check: TaskCheck) -> dict:
-    """vLLM's structured outputs: the answer is one of the labels, or JSON valid against the schema, as the
-    evaluator's check wants it."""
+    """vLLM's structured outputs: the answer is one of the labels, a match of the pattern, or JSON valid against the
+    schema, as the evaluator's check wants it."""
     if check.type == "choice":
         return {"structured_outputs": {"choice": list(check.choices)}}
+    if check.type == "regex":
+        return {"structured_outputs": {"regex": check.pattern}}
     if check.type == "json_schema":
         return {"structured_outputs": {"json": check.json_schema}}
     return {}

@@ -336,8 +336,6 @@ class HttpTeacher:
         `response_format` as vLLM does)."""
         if not self.cfg.structured_outputs:
             return {}
-        if check.type == "regex":
-            return {"extra_body": {"structured_outputs": {"regex": check.pattern}}}
         if check.type == "json_schema":  # OpenAI's own field, which hosted APIs read too
             return {"response_format": {"type": "json_schema",
                                         "json_schema": {"name": "answer", "schema": check.json_schema}}}

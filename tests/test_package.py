@@ -64,6 +64,13 @@ def test_llama_cpp_grammar_quotes_each_label(tiny_cfg):
     assert package.llama_cpp_constraint(task.check) == {"grammar": 'root ::= "say \\"yes\\"" | "no"'}
 
 
+def test_a_regex_task_is_served_under_its_pattern_by_vllm():
+    from distilflow.configs.schema import RegexCheck
+
+    check = RegexCheck(type="regex", pattern=r"\d{4}-\d{2}-\d{2}")
+    assert package.vllm_constraint(check) == {"structured_outputs": {"regex": check.pattern}}
+
+
 def test_a_json_task_is_served_under_its_schema_by_either_engine():
     task = load_config(REPO / "configs" / "extract.yaml").task
     assert package.vllm_constraint(task.check) == {"structured_outputs": {"json": task.check.json_schema}}
